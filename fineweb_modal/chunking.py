@@ -1,0 +1,201 @@
+"""Documents → token windows → chunks whose text is the exact source substring `text[char_start:char_end]`.
+
+A document of at most W = max_tokens − 2 tokens ([CLS] and [SEP] take the other two) is one chunk. A longer
+one is cut into windows of at most W tokens that start on word boundaries, overlap by `overlap × W` tokens,
+and each reach further than the one before; the last window ends at the document's end and starts at the
+first word boundary that lets it fit, so no chunk is pure overlap. Only a word longer than a window is cut
+inside (and such a chunk is re-tokenized to prove it still fits).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fineweb_modal.config import ChunkConfig
+from fineweb_modal.errors import BadDataError
+from fineweb_modal.models import load_tokenizer, model_info
+from fineweb_modal.storage import atomic_path, open_arrow_batches
+
+SPECIAL_TOKENS = 2  # [CLS] and [SEP]
+ENCODE_BATCH_DOCS = 512
+
+
+@dataclass
+class ChunkStats:
+    """Counts for one shard: what went in and what came out."""
+
+    docs: int = 0
+    empty_docs: int = 0
+    chunks: int = 0
+    source_tokens: int = 0
+    chunk_tokens: int = 0
+
+
+def plan_windows(n_tokens: int, word_starts: list[int], window: int, overlap_tokens: int) -> list[tuple[int, int]]:
+    """Token windows `[start, end)` over one document; `word_starts` are the sorted indices that begin a word."""
+    if n_tokens <= window:
+        return [(0, n_tokens)] if n_tokens else []
+    # Positions where a window may end on a whole word: every word start, and the end of the text.
+    ends = word_starts + [n_tokens] if word_starts[-1:] != [n_tokens] else word_starts
+
+    def last_boundary_at_or_before(position: int) -> int:
+        return ends[bisect.bisect_right(ends, position) - 1]
+
+    def first_boundary_at_or_after(position: int) -> int:
+        return ends[bisect.bisect_left(ends, position)]
+
+    windows: list[tuple[int, int]] = []
+    start, previous_end = 0, 0
+    while True:
+        end = last_boundary_at_or_before(start + window)
+        if end <= start + window // 2 or end <= previous_end:
+            end = start + window  # a long word follows: cut inside it rather than emit a stub
+        windows.append((start, end))
+        previous_end = end
+        target = max(end - overlap_tokens, start + 1)
+        after, before = first_boundary_at_or_after(target), last_boundary_at_or_before(target)
+        candidates = [after] if start < after <= end and after < n_tokens else []
+        if before > start and first_boundary_at_or_after(before + 1) - before <= window:
+            candidates.append(before)  # the word starting here fits a window
+        # The word boundary nearest the planned overlap; inside a word only when the word outgrows a window.
+        next_start = min(candidates, key=lambda b: (abs(b - target), b)) if candidates else target
+        if n_tokens - next_start <= window:
+            last_start = min(first_boundary_at_or_after(n_tokens - window), next_start)
+            windows.append((last_start, n_tokens))
+            return windows
+        start = next_start
+
+
+def _word_starts(word_ids: list[int | None]) -> list[int]:
+    ids = np.asarray([-1 if w is None else w for w in word_ids], dtype=np.int64)
+    return np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]).tolist()
+
+
+def chunk_texts(texts: list[str | None], cfg: ChunkConfig) -> tuple[list[tuple[int, int, int, int, int]], ChunkStats]:
+    """Chunk a batch of documents: rows of (doc offset in batch, chunk index, char start, char end, tokens)."""
+    tokenizer = load_tokenizer(model_info(cfg.model).path)
+    window = cfg.max_tokens - SPECIAL_TOKENS
+    overlap_tokens = int(cfg.overlap * window)
+    stats = ChunkStats(docs=len(texts))
+    cleaned = [t if isinstance(t, str) else "" for t in texts]
+    encodings = tokenizer.encode_batch(cleaned, add_special_tokens=False)
+    rows: list[tuple[int, int, int, int, int]] = []
+    for doc, (text, encoding) in enumerate(zip(cleaned, encodings)):
+        n_tokens = len(encoding.ids)
+        if n_tokens == 0:
+            stats.empty_docs += 1
+            continue
+        stats.source_tokens += n_tokens
+        offsets = encoding.offsets
+        if n_tokens <= window:
+            rows.append((doc, 0, offsets[0][0], offsets[-1][1], n_tokens + SPECIAL_TOKENS))
+            continue
+        word_starts = _word_starts(encoding.word_ids)
+        word_start_set = set(word_starts)
+        for chunk_index, (start, end) in enumerate(plan_windows(n_tokens, word_starts, window, overlap_tokens)):
+            count = end - start
+            if start not in word_start_set:
+                # Inside a word, WordPiece may split the tail differently on its own: measure, shrink to fit.
+                while True:
+                    count = len(tokenizer.encode(text[offsets[start][0] : offsets[end - 1][1]], add_special_tokens=False).ids)
+                    if count <= window:
+                        break
+                    end = max(start + 1, end - (count - window))
+            rows.append((doc, chunk_index, offsets[start][0], offsets[end - 1][1], count + SPECIAL_TOKENS))
+    stats.chunks = len(rows)
+    stats.chunk_tokens = sum(r[4] for r in rows)
+    return rows, stats
+
+
+def chunk_schema(source_schema: pa.Schema, cfg: ChunkConfig) -> pa.Schema:
+    """The chunk parquet's columns: keys, exact span, token count, then the kept source columns."""
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("doc_index", pa.int64()),
+        pa.field("chunk_index", pa.int32()),
+        pa.field("chunk_text", pa.large_string()),
+        pa.field("char_start", pa.int64()),
+        pa.field("char_end", pa.int64()),
+        pa.field("chunk_token_count", pa.int32()),
+    ]
+    fields += [source_schema.field(name) for name in cfg.keep_columns]
+    return pa.schema(fields, metadata={b"fineweb_modal.chunk_config": cfg.model_dump_json().encode()})
+
+
+def check_columns(source_schema: pa.Schema, cfg: ChunkConfig, path: object) -> None:
+    """Raise BadDataError naming the columns that exist when the text column or a kept column is missing."""
+    names = source_schema.names
+    missing = [c for c in (cfg.text_column, *cfg.keep_columns) if c not in names]
+    if missing:
+        raise BadDataError(f"{path}: column(s) {missing} not found; the shard has {names}")
+    text_type = source_schema.field(cfg.text_column).type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type) or pa.types.is_null(text_type)):
+        raise BadDataError(f"{path}: text column {cfg.text_column!r} has type {text_type}, expected a string")
+
+
+def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        for offset in range(0, batch.num_rows, size):
+            yield batch.slice(offset, size)
+
+
+def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkStats:
+    """Chunk one arrow shard into one parquet file, written under a temp name and renamed into place."""
+    source_schema, batches = open_arrow_batches(input_path)
+    check_columns(source_schema, cfg, input_path)
+    schema = chunk_schema(source_schema, cfg)
+    has_id = "id" in source_schema.names
+    total = ChunkStats()
+    row_offset = 0
+    with atomic_path(output_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        try:
+            for batch in _rebatch(batches, ENCODE_BATCH_DOCS):
+                texts = batch.column(cfg.text_column).to_pylist()
+                rows, stats = chunk_texts(texts, cfg)
+                total.docs += stats.docs
+                total.empty_docs += stats.empty_docs
+                total.chunks += stats.chunks
+                total.source_tokens += stats.source_tokens
+                total.chunk_tokens += stats.chunk_tokens
+                if rows:
+                    writer.write_table(_chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg))
+                row_offset += batch.num_rows
+        except pa.ArrowInvalid as exc:
+            raise BadDataError(f"{input_path}: unreadable after row {row_offset} ({exc})") from None
+        # The counts travel with the file, so summaries need nothing but the chunk parquet.
+        writer.add_key_value_metadata(
+            {
+                "fineweb_modal.docs": str(total.docs),
+                "fineweb_modal.empty_docs": str(total.empty_docs),
+                "fineweb_modal.source_tokens": str(total.source_tokens),
+            }
+        )
+    return total
+
+
+def _chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg) -> pa.Table:
+    doc, chunk_index, char_start, char_end, tokens = (np.asarray(col) for col in zip(*rows))
+    if has_id:
+        ids = pc.cast(batch.column("id"), pa.string()).take(pa.array(doc))
+        ids = pc.if_else(pc.is_null(ids), pa.array([f"{shard}:{row_offset + d}" for d in doc]), ids)
+    else:
+        ids = pa.array([f"{shard}:{row_offset + d}" for d in doc], pa.string())
+    chunk_text = pa.array([texts[d][s:e] for d, s, e in zip(doc.tolist(), char_start.tolist(), char_end.tolist())], pa.large_string())
+    columns = [
+        ids,
+        pa.array(doc + row_offset, pa.int64()),
+        pa.array(chunk_index, pa.int32()),
+        chunk_text,
+        pa.array(char_start, pa.int64()),
+        pa.array(char_end, pa.int64()),
+        pa.array(tokens, pa.int32()),
+    ]
+    columns += [batch.column(name).take(pa.array(doc)) for name in cfg.keep_columns]
+    return pa.Table.from_arrays(columns, schema=schema)

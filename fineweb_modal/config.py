@@ -1,0 +1,196 @@
+"""One config object per stage, built once from the flat run parameters and validated before any work."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, model_info, prefix_token_count
+
+STAGES = ("download", "chunk", "embed", "summarize")
+BACKENDS = ("local", "modal")
+ENGINES = ("transformers",)
+MIN_MAX_TOKENS = 16
+DEFAULT_KEEP_COLUMNS = ("url", "score", "dump")  # fineweb-edu's
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_NAME = re.compile(r"^[\w.-]+$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def fingerprint(self) -> str:
+        """A short stable hash of every field: what the ledger compares to decide 'done earlier'."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class DatasetConfig(_Frozen):
+    """Where a dataset's shards live: `data_dir/<name>/<split>/`."""
+
+    data_dir: str
+    name: str
+    split: str = "train"
+
+
+class DownloadConfig(_Frozen):
+    """Where the shards come from: a Hub dataset id or a local folder of parquet/arrow/jsonl files."""
+
+    source: str
+    source_kind: Literal["hub", "folder"]
+    subset: str | None = None
+
+
+class ChunkConfig(_Frozen):
+    """How documents become chunks; the tokenizer's hash makes a changed tokenizer a changed config."""
+
+    model: str
+    tokenizer_sha256: str
+    max_tokens: int
+    overlap: float
+    text_column: str = "text"
+    keep_columns: tuple[str, ...] = DEFAULT_KEEP_COLUMNS
+
+
+class EmbedConfig(_Frozen):
+    """How chunks become vectors."""
+
+    model: str
+    prefix: str = ""
+    engine: Literal["transformers"] = "transformers"
+    batch_tokens: int = 16_384
+
+
+class RunConfig(_Frozen):
+    """Everything one run needs, validated: the flows build it from their flat parameters."""
+
+    dataset: DatasetConfig
+    download: DownloadConfig | None
+    chunk: ChunkConfig
+    embed: EmbedConfig
+    stages: tuple[str, ...]
+    backend: Literal["local", "modal"]
+    shards: tuple[str, ...] = ()
+    num_proc: int = 4
+
+
+def split_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Accept `a,b`, `["a", "b"]` or nothing; the CLI passes strings, the Prefect UI lists."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def default_name(source: str, subset: str | None) -> str:
+    """`<folder name>` for a local folder, `<repo>-<subset>` for a Hub id."""
+    if Path(source).expanduser().exists():
+        return Path(source).expanduser().resolve().name
+    repo = source.rstrip("/").split("/")[-1]
+    return f"{repo}-{subset}" if subset else repo
+
+
+def resolve_max_tokens(max_tokens: int | str, model: str, prefix: str) -> int:
+    """`auto` → min(500, model limit − prefix tokens); an explicit value must fit the model."""
+    info = model_info(model)
+    room = info.sequence_limit - prefix_token_count(info.path, prefix)
+    if str(max_tokens).strip().lower() == "auto":
+        return min(DEFAULT_MAX_TOKENS, room)
+    try:
+        value = int(str(max_tokens).strip())
+    except ValueError:
+        raise ConfigError(f"max_tokens must be 'auto' or an integer, got {max_tokens!r}") from None
+    if value < MIN_MAX_TOKENS:
+        raise ConfigError(f"max_tokens={value} is below the minimum of {MIN_MAX_TOKENS}")
+    if value > room:
+        raise ConfigError(
+            f"max_tokens={value} does not fit {model}: its sequence limit is {info.sequence_limit} tokens"
+            + (f" and the prefix takes {info.sequence_limit - room}" if room != info.sequence_limit else "")
+            + f", so at most {room}"
+        )
+    return value
+
+
+def build_run_config(
+    *,
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    stages: str | list[str] = STAGES,
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    overlap: float = 0.1,
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    text_column: str = "text",
+    keep_columns: str | list[str] = DEFAULT_KEEP_COLUMNS,
+    shards: str | list[str] | None = None,
+    engine: str = "transformers",
+    num_proc: int = 4,
+) -> RunConfig:
+    """Validate the flat run parameters (CLI flags, flow parameters) into a RunConfig, or raise ConfigError."""
+    stage_list = split_list(stages)
+    unknown = [s for s in stage_list if s not in STAGES]
+    if unknown or not stage_list:
+        raise ConfigError(f"unknown stage(s) {unknown or stage_list}: choose from {', '.join(STAGES)}")
+    stage_list = tuple(s for s in STAGES if s in stage_list)  # run order is fixed, whatever the given order
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    try:
+        overlap = float(overlap)
+    except (TypeError, ValueError):
+        raise ConfigError(f"overlap must be a number in [0, 0.5], got {overlap!r}") from None
+    if not 0.0 <= overlap <= 0.5:
+        raise ConfigError(f"overlap={overlap} is outside [0, 0.5] (a fraction of the window)")
+    if not text_column:
+        raise ConfigError("text_column must not be empty")
+    if not split or not _NAME.match(split):
+        raise ConfigError(f"split {split!r} must be a plain name (letters, digits, '.', '_', '-')")
+
+    download = None
+    if source:
+        if Path(source).expanduser().exists():
+            if not Path(source).expanduser().is_dir():
+                raise ConfigError(f"source {source!r} is a file: pass the folder that holds the shard files")
+            download = DownloadConfig(source=str(Path(source).expanduser().resolve()), source_kind="folder")
+        elif _HUB_ID.match(source):
+            download = DownloadConfig(source=source, source_kind="hub", subset=subset or None)
+        else:
+            raise ConfigError(f"source {source!r} is neither an existing folder nor a Hub id like 'org/name'")
+    elif "download" in stage_list:
+        raise ConfigError("the download stage needs --source (a Hub id or a local folder)")
+    dataset_name = name or (default_name(source, subset) if source else None)
+    if not dataset_name:
+        raise ConfigError("give --name (or --source, from which the name is derived)")
+    if not _NAME.match(dataset_name):
+        raise ConfigError(f"name {dataset_name!r} must be a plain name (letters, digits, '.', '_', '-')")
+
+    info = model_info(model)  # raises ConfigError for an unknown model
+    chunk = ChunkConfig(
+        model=model,
+        tokenizer_sha256=info.tokenizer_sha256,
+        max_tokens=resolve_max_tokens(max_tokens, model, prefix),
+        overlap=overlap,
+        text_column=text_column,
+        keep_columns=split_list(keep_columns),
+    )
+    return RunConfig(
+        dataset=DatasetConfig(data_dir=str(Path(data_dir).expanduser()), name=dataset_name, split=split),
+        download=download,
+        chunk=chunk,
+        embed=EmbedConfig(model=model, prefix=prefix, engine=engine),
+        stages=stage_list,
+        backend=backend,
+        shards=split_list(shards),
+        num_proc=num_proc,
+    )

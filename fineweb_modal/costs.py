@@ -1,0 +1,67 @@
+"""The one module that owns money: container-seconds × Modal's per-second rates, from a dated price table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Modal's published per-second rates, read 2026-11 (third-party copies of modal.com/pricing). Override
+# with live rates (the modal backend reads `modal billing rates` when a token is set) or by hand.
+PRICE_TABLE_DATE = "2026-11"
+RATES_USD_PER_SECOND: dict[str, float] = {
+    "cpu_core": 0.0000131,
+    "memory_gib": 0.00000222,
+    "T4": 0.000164,
+    "L4": 0.000222,
+    "A10": 0.000306,
+    "A10G": 0.000306,
+    "L40S": 0.000542,
+    "A100-40GB": 0.000583,
+    "A100-80GB": 0.000694,
+    "H100": 0.001097,
+    "H200": 0.001261,
+    "B200": 0.001736,
+}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one container of a stage reserves; Modal bills CPU and memory at max(request, use)."""
+
+    cpu: float
+    memory_gib: float
+    gpu: str | None = None
+
+
+# The resources each stage's Modal function requests (deployments/modal_app.py reads these too).
+STAGE_RESOURCES: dict[str, Resources] = {
+    "download": Resources(cpu=2, memory_gib=4),
+    "chunk": Resources(cpu=4, memory_gib=8),
+    "embed": Resources(cpu=4, memory_gib=16, gpu="H100"),
+    "summarize": Resources(cpu=1, memory_gib=2),
+}
+
+
+def rate_per_second(resources: Resources, rates: dict[str, float] | None = None) -> float:
+    """Dollars per second for one container with these resources."""
+    table = {**RATES_USD_PER_SECOND, **(rates or {})}
+    rate = resources.cpu * table["cpu_core"] + resources.memory_gib * table["memory_gib"]
+    if resources.gpu:
+        gpu = resources.gpu.split(":")[0]
+        if gpu not in table:
+            raise KeyError(f"no price for GPU {gpu!r}; known: {sorted(k for k in table if k[0].isupper())}")
+        rate += table[gpu] * (int(resources.gpu.split(":")[1]) if ":" in resources.gpu else 1)
+    return rate
+
+
+def cost_usd(seconds: float, resources: Resources, rates: dict[str, float] | None = None) -> float:
+    """Dollars for `seconds` of one container with these resources."""
+    return seconds * rate_per_second(resources, rates)
+
+
+def format_usd(amount: float) -> str:
+    """`$0.012`, `$1.23`, `$0.00004`: enough digits to see a per-shard cost."""
+    if amount == 0:
+        return "$0"
+    if amount >= 1:
+        return f"${amount:,.2f}"
+    return f"${amount:.3g}" if amount >= 0.001 else f"${amount:.1e}"

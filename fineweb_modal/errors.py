@@ -1,0 +1,29 @@
+"""The two kinds of failure a shard can meet: ones a retry can pass, and ones it cannot."""
+
+from __future__ import annotations
+
+import errno
+
+
+class ConfigError(ValueError):
+    """A parameter or parameter combination is invalid; raised before any shard runs."""
+
+
+class BadDataError(Exception):
+    """The input itself is wrong (missing column, unreadable file): retrying cannot help."""
+
+
+# OSErrors whose cause is the data or the setup, not the moment: retrying them only wastes time.
+_PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOSPC}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that can pass on a retry (I/O hiccups, timeouts, lost connections)."""
+    if isinstance(exc, (BadDataError, ConfigError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno not in _PERMANENT_ERRNOS
+    # Exceptions re-raised across a process or Modal boundary keep their class name.
+    return type(exc).__name__ in {"ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ConnectionError"}

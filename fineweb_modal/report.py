@@ -1,0 +1,130 @@
+"""Words and tables for people: state messages, the per-shard table, the stage summary. No Prefect here."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel
+
+from fineweb_modal.config import RunConfig
+from fineweb_modal.costs import PRICE_TABLE_DATE, format_usd
+from fineweb_modal.shards import ShardResult
+
+
+class StageReport(BaseModel):
+    """The outcome of one stage over its shards."""
+
+    stage: str
+    name: str
+    backend: str
+    results: list[ShardResult] = []
+    failed: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+
+    @property
+    def succeeded(self) -> list[str]:
+        """Shards done now or earlier, in order."""
+        return [r.shard for r in self.results]
+
+    def totals(self) -> dict[str, float]:
+        """Sums over the shards that ran or were skipped."""
+        keys = ("docs", "empty_docs", "chunks", "tokens", "seconds", "cost_usd", "modal_estimate_usd")
+        totals: dict[str, float] = {k: sum(getattr(r, k) for r in self.results) for k in keys}
+        worked = [r for r in self.results if r.status == "done"]
+        work_seconds = sum(r.seconds for r in worked)
+        totals["tokens_per_second"] = sum(r.tokens for r in worked) / work_seconds if work_seconds else 0.0
+        return totals
+
+
+def group_digits(value: int | float) -> str:
+    """`1234567` → `1 234 567` (thin groups read well in tables and state messages)."""
+    return f"{int(value):,}".replace(",", " ")
+
+
+def state_message(result: ShardResult) -> str:
+    """A task run's state message: `1 234 567 tokens, $0.012` or `skipped: done earlier`."""
+    if result.status == "skipped":
+        return f"skipped: done earlier ({group_digits(result.tokens)} tokens)"
+    cost = format_usd(result.cost_usd) if result.where == "modal" else f"$0 local (≈{format_usd(result.modal_estimate_usd)} on Modal)"
+    return f"{group_digits(result.tokens)} tokens, {cost}"
+
+
+def artifact_key(stage: str, name: str, kind: str) -> str:
+    """A valid, stable artifact key: the lower-case slug of `<stage>-<name>-<kind>`."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{stage}-{name}-{kind}".lower())).strip("-")
+
+
+def shard_table(report: StageReport) -> list[dict[str, Any]]:
+    """One row per shard: status, docs, chunks, tokens, seconds, tokens/s, $ (and the error of a failed one)."""
+    rows = [
+        {
+            "shard": r.shard,
+            "status": r.status,
+            "docs": r.docs,
+            "chunks": r.chunks,
+            "tokens": r.tokens,
+            "seconds": round(r.seconds, 2),
+            "tokens/s": round(r.tokens_per_second),
+            "cost $": round(r.cost_usd, 6),
+            "modal estimate $": round(r.modal_estimate_usd, 6),
+            "error": "",
+        }
+        for r in report.results
+    ]
+    rows += [
+        {"shard": s, "status": "failed", "docs": 0, "chunks": 0, "tokens": 0, "seconds": 0, "tokens/s": 0, "cost $": 0, "modal estimate $": 0, "error": e[:300]}
+        for s, e in report.failed.items()
+    ]
+    return sorted(rows, key=lambda row: row["shard"])
+
+
+def stage_markdown(report: StageReport, resume_command: str) -> str:
+    """The stage's summary: totals, throughput, dollars, slowest shards, failures and how to resume."""
+    t = report.totals()
+    skipped = sum(r.status == "skipped" for r in report.results)
+    lines = [
+        f"# {report.stage}: {report.name}",
+        "",
+        f"**{len(report.results)} of {len(report.results) + len(report.failed)} shards succeeded** "
+        f"({skipped} skipped: done earlier), {len(report.failed)} failed · backend `{report.backend}`",
+        "",
+        "| docs | empty docs | chunks | tokens | work seconds | tokens/s | cost | Modal estimate |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {group_digits(t['docs'])} | {group_digits(t['empty_docs'])} | {group_digits(t['chunks'])} | {group_digits(t['tokens'])} "
+        f"| {t['seconds']:.1f} | {group_digits(t['tokens_per_second'])} | {format_usd(t['cost_usd'])} | {format_usd(t['modal_estimate_usd'])} |",
+        "",
+        f"Costs use Modal's published per-second rates ({PRICE_TABLE_DATE}); the local backend costs $0 and shows what Modal would charge.",
+    ]
+    slowest = sorted((r for r in report.results if r.status == "done"), key=lambda r: -r.seconds)[:3]
+    if slowest:
+        lines += ["", "Slowest shards: " + ", ".join(f"`{r.shard}` {r.seconds:.1f} s" for r in slowest)]
+    if report.failed:
+        lines += ["", "## Failed shards", ""]
+        lines += [f"- `{shard}`: {error[:500]}" for shard, error in report.failed.items()]
+        lines += ["", "Resume (done shards are skipped):", "", f"```\n{resume_command}\n```"]
+    return "\n".join(lines)
+
+
+def text_histogram(edges: list[int], counts: list[int], width: int = 40) -> str:
+    """A histogram in text, one bar per bin, for markdown artifacts and terminals."""
+    peak = max(counts) if counts and max(counts) else 1
+    lines = []
+    for low, high, count in zip(edges, edges[1:], counts):
+        bar = "█" * round(width * count / peak)
+        lines.append(f"{low:>5}–{high - 1:<5} {bar} {count}")
+    return "\n".join(lines)
+
+
+def resume_command(run: RunConfig, stage: str) -> str:
+    """The CLI command that reruns a stage; shards done with the same config are skipped."""
+    parts = ["fineweb-modal run"]
+    if run.download is not None:
+        parts.append(f"--source {run.download.source}" + (f" --subset {run.download.subset}" if run.download.subset else ""))
+    parts += [f"--name {run.dataset.name}", f"--data-dir {run.dataset.data_dir}", f"--split {run.dataset.split}", f"--stages {stage}"]
+    parts += [f"--backend {run.backend}", f"--model {run.chunk.model}", f"--max-tokens {run.chunk.max_tokens}"]
+    if stage == "chunk":
+        parts += [f"--overlap {run.chunk.overlap}", f"--text-column {run.chunk.text_column}", f"--keep-columns '{','.join(run.chunk.keep_columns)}'"]
+    if run.embed.prefix:
+        parts.append(f"--prefix '{run.embed.prefix}'")
+    return " ".join(parts)

@@ -1,0 +1,23 @@
+"""Choosing shards by index or name."""
+
+from __future__ import annotations
+
+from fineweb_modal.errors import ConfigError
+
+
+def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) -> list[str]:
+    """The shards named or indexed by `selectors` (all when empty), in `available`'s order."""
+    if not selectors:
+        return list(available)
+    chosen: set[str] = set()
+    for selector in selectors:
+        if selector in available:
+            chosen.add(selector)
+        elif selector.lstrip("-").isdigit() and -len(available) <= int(selector) < len(available):
+            chosen.add(available[int(selector)])
+        else:
+            raise ConfigError(
+                f"shard {selector!r} is neither a shard name nor an index below {len(available)}; "
+                f"shards: {', '.join(available[:10])}{' …' if len(available) > 10 else ''}"
+            )
+    return [s for s in available if s in chosen]

@@ -1,0 +1,219 @@
+"""One stage on one shard, start to finish: skip if done earlier, do the work, write the ledger, report stats.
+
+`run_shard` is the single body both backends execute: in-process (local) and inside a Modal function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from fineweb_modal import chunking, download, embedding, summary
+from fineweb_modal.config import RunConfig
+from fineweb_modal.costs import STAGE_RESOURCES, cost_usd
+from fineweb_modal.layout import Layout
+from fineweb_modal.ledger import Ledger, count_rows
+from fineweb_modal.models import model_info
+from fineweb_modal.storage import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+class ShardJob(BaseModel):
+    """What a backend needs to run one stage on one shard; small and serializable (it crosses into Modal)."""
+
+    stage: Literal["download", "chunk", "embed", "summarize"]
+    shard: str
+    run: RunConfig
+    source_file: str | None = None  # download from a local folder: the file that becomes this shard
+    attempt: int = 1
+    where: Literal["local", "modal"] = "local"
+
+    def layout(self) -> Layout:
+        """The paths this job reads and writes."""
+        return layout_for(self.run)
+
+
+class ShardResult(BaseModel):
+    """What one stage did to one shard: counts, seconds, resources and dollars."""
+
+    stage: str
+    shard: str
+    status: Literal["done", "skipped"]
+    rows_in: int = 0
+    rows_out: int = 0
+    docs: int = 0
+    empty_docs: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    bytes_out: int = 0
+    where: str = "local"
+    host: str = ""
+    cpu: float = 0.0
+    memory_gib: float = 0.0
+    gpu: str | None = None
+    cost_usd: float = 0.0
+    modal_estimate_usd: float = 0.0
+    extra: dict[str, Any] = {}
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Throughput of the work itself (0 for a skipped shard)."""
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def layout_for(run: RunConfig) -> Layout:
+    """The Layout of a run's dataset, with its chunk size and model in the folder names."""
+    return Layout(
+        data_dir=run.dataset.data_dir,
+        name=run.dataset.name,
+        split=run.dataset.split,
+        max_tokens=run.chunk.max_tokens,
+        model_slug=model_info(run.chunk.model).slug if run.chunk.model else "",
+    )
+
+
+def _file_identity(path: Path) -> str:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def _stage_config_fingerprint(job: ShardJob) -> str:
+    run = job.run
+    if job.stage == "download":
+        return run.download.fingerprint() if run.download else "none"
+    if job.stage == "chunk":
+        return run.chunk.fingerprint()
+    if job.stage == "embed":
+        return run.embed.fingerprint()
+    return f"summarize-{run.chunk.max_tokens}"
+
+
+def job_fingerprint(job: ShardJob, ledger: Ledger) -> str:
+    """Config fingerprint + the fingerprint of the input it reads: a re-chunk invalidates the embeddings."""
+    layout = job.layout()
+    if job.stage == "download":
+        upstream = f"{Path(job.source_file or '').name}:{_file_identity(Path(job.source_file or ''))}"
+    else:
+        record = ledger.read(layout.input_stage(job.stage), job.shard)
+        upstream = record.fingerprint if record and record.status == "done" else _file_identity(layout.input_path(job.stage, job.shard))
+    payload = f"{job.stage}|{_stage_config_fingerprint(job)}|{upstream}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _do_stage(job: ShardJob) -> dict[str, Any]:
+    layout = job.layout()
+    output = layout.output_path(job.stage, job.shard)
+    if job.stage == "download":
+        rows = download.convert_file(Path(job.source_file), output)
+        return {"rows_in": rows, "rows_out": rows, "docs": rows}
+    source = layout.input_path(job.stage, job.shard)
+    if job.stage == "chunk":
+        stats = chunking.chunk_shard(source, output, job.shard, job.run.chunk)
+        return {
+            "rows_in": stats.docs,
+            "rows_out": stats.chunks,
+            "docs": stats.docs,
+            "empty_docs": stats.empty_docs,
+            "chunks": stats.chunks,
+            "tokens": stats.source_tokens,
+            "extra": {"chunk_tokens": stats.chunk_tokens},
+        }
+    if job.stage == "embed":
+        stats = embedding.embed_shard(source, output, job.run.embed)
+        return {"rows_in": stats.chunks, "rows_out": stats.chunks, "chunks": stats.chunks, "tokens": stats.tokens, "extra": {"dims": stats.dims}}
+    shard_summary = summary.summarize_shard(source, output, job.run.chunk.max_tokens)
+    return {
+        "rows_in": shard_summary["chunks"],
+        "rows_out": 1,
+        "docs": shard_summary["docs"],
+        "empty_docs": shard_summary["empty_docs"],
+        "chunks": shard_summary["chunks"],
+        "tokens": shard_summary["tokens"],
+        "extra": {"summary": shard_summary},
+    }
+
+
+def run_shard(job: ShardJob) -> ShardResult:
+    """Run one stage on one shard: skip when the ledger says done with this config, else work and record."""
+    layout = job.layout()
+    ledger = Ledger(layout)
+    fingerprint = job_fingerprint(job, ledger)
+    resources = STAGE_RESOURCES[job.stage]
+    common = {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
+    record = ledger.done_record(job.stage, job.shard, fingerprint)
+    if record is not None:
+        earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
+        return ShardResult(**common, **earlier, status="skipped")
+    started = time.perf_counter()
+    try:
+        stats = _do_stage(job)
+    except BaseException as exc:
+        ledger.write_failed(job.stage, job.shard, fingerprint, exc, job.attempt)
+        raise
+    seconds = time.perf_counter() - started
+    output = layout.output_path(job.stage, job.shard)
+    estimate = cost_usd(seconds, resources)
+    result = ShardResult(
+        **common,
+        **stats,
+        status="done",
+        seconds=round(seconds, 3),
+        bytes_out=output.stat().st_size,
+        cost_usd=estimate if job.where == "modal" else 0.0,
+        modal_estimate_usd=estimate,
+    )
+    ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt)
+    return result
+
+
+def shard_status(run: RunConfig, stage: str, shard: str) -> str:
+    """`done`, `failed` or `missing` for one shard of one stage, as the ledger and the output files say."""
+    layout = layout_for(run)
+    record = Ledger(layout).read(stage, shard)
+    if record is None:
+        return "missing"
+    if record.status == "done" and count_rows(layout.output_path(stage, shard)) != record.rows_out:
+        return "missing"
+    return record.status
+
+
+def download_hub_shards(run: RunConfig) -> list[ShardResult]:
+    """The Hub path of the download stage: one call yields every shard; each gets its ledger record."""
+    assert run.download is not None and run.download.source_kind == "hub"
+    layout = layout_for(run)
+    started = time.perf_counter()
+    rows = download.download_hub(run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc)
+    seconds = time.perf_counter() - started
+    ledger = Ledger(layout)
+    results = []
+    for shard, count in rows.items():
+        result = ShardResult(stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(seconds / max(len(rows), 1), 3), host=os.uname().nodename)
+        fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
+        ledger.write_done("download", shard, fingerprint, count, result.model_dump(mode="json"), 1)
+        results.append(result)
+    return results
+
+
+def finalize_stage(run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Dataset-wide steps after every shard of a stage: the datasets index after download, totals after summarize."""
+    layout = layout_for(run)
+    if stage == "download":
+        return {"datasets_index": download.write_dataset_index(layout.shard_dir("download"), run.dataset.split)}
+    if stage == "summarize":
+        totals = summary.combine_summaries(summaries or [])
+        path = layout.summary_dir() / f"{run.dataset.split}.json"
+        write_json_atomic(path, {"totals": totals, "shards": summaries or []})
+        return {"totals": totals, "path": str(path)}
+    return {}

@@ -1,0 +1,70 @@
+"""Atomic writes and the few file formats the stages read: output appears under its final name whole, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fineweb_modal.errors import BadDataError
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; on success fsync and rename it into place, on failure remove it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write a JSON document so readers see the old one or the new one, never half of one."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def open_arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Stream record batches from an Arrow IPC file in either the stream format (`save_to_disk`) or the file format."""
+    if not path.is_file():
+        raise BadDataError(f"{path}: input shard does not exist")
+    source = pa.memory_map(str(path), "r")
+    try:
+        reader = pa.ipc.open_stream(source)
+        return reader.schema, iter(reader)
+    except pa.ArrowInvalid:
+        pass
+    try:
+        source.seek(0)
+        file_reader = pa.ipc.open_file(source)
+    except pa.ArrowInvalid as exc:
+        raise BadDataError(f"{path}: not an Arrow IPC file ({exc})") from None
+    return file_reader.schema, (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+
+
+def parquet_num_rows(path: Path) -> int | None:
+    """The row count from a parquet footer, or None when the file is missing or unreadable."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+def arrow_num_rows(path: Path) -> int | None:
+    """The row count of an Arrow IPC shard, or None when it is missing or unreadable."""
+    try:
+        _, batches = open_arrow_batches(path)
+        return sum(batch.num_rows for batch in batches)
+    except (OSError, pa.ArrowInvalid, BadDataError):
+        return None

@@ -1,0 +1,1 @@
+"""Prefect flows: one per stage, and `pipeline`, which runs them in order."""

@@ -1,0 +1,35 @@
+"""chunk: every shard's documents → chunks that are exact substrings of the source, with offsets."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+
+
+@flow(name="chunk", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+def chunk(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    overlap: float = 0.1,
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    text_column: str = "text",
+    keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
+    shards: list[str] | None = None,
+):
+    """Chunk `<name>/<split>/*.arrow` into `<name>-chunked-<max_tokens>/<split>/*.parquet`, one task per shard."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
+        max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column,
+        keep_columns=keep_columns, shards=shards,
+    )  # fmt: skip
+    return run_stage("chunk", run)

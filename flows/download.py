@@ -1,0 +1,27 @@
+"""download: a Hub dataset or a local folder of parquet/arrow/jsonl files → one Arrow shard per file."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import build_run_config
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+
+
+@flow(name="download", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+def download(
+    source: str,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    shards: list[str] | None = None,
+    num_proc: int = 4,
+):
+    """Copy a source into `data_dir/<name>/<split>/<shard>.arrow`, one task per shard."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, num_proc=num_proc
+    )
+    return run_stage("download", run)

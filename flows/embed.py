@@ -1,0 +1,32 @@
+"""embed: every shard's chunks → L2-normalized vectors, rows in the chunk file's order."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+
+
+@flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+def embed(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    engine: str = "transformers",
+    shards: list[str] | None = None,
+):
+    """Embed `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>-<model>/<split>/`, one task per shard."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
+        max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards,
+    )  # fmt: skip
+    return run_stage("embed", run)

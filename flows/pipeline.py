@@ -1,0 +1,63 @@
+"""pipeline: download → chunk → embed → summarize, each a subflow; a shard that fails a stage skips the later ones."""
+
+from __future__ import annotations
+
+import inspect
+
+from prefect import flow, get_run_logger
+from prefect.states import Completed, Failed
+
+from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.report import StageReport
+from flows.chunk import chunk
+from flows.download import download
+from flows.embed import embed
+from flows.summarize import summarize
+
+STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
+
+
+@flow(name="pipeline")
+def pipeline(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    stages: list[str] = list(STAGES),
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    overlap: float = 0.1,
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    text_column: str = "text",
+    keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
+    shards: list[str] | None = None,
+    engine: str = "transformers",
+):
+    """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
+    params = {k: v for k, v in locals().items() if k != "stages"}
+    run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
+    logger = get_run_logger()
+    failed: dict[str, list[str]] = {}
+    reports: dict[str, StageReport] = {}
+    for stage in run.stages:
+        stage_flow = STAGE_FLOWS[stage]
+        accepted = inspect.signature(stage_flow.fn).parameters
+        state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
+        report = state.result(raise_on_failure=False)
+        if not isinstance(report, StageReport):  # the stage could not start (no input, bad column): stop here
+            return Failed(message=f"{stage} could not run: {report}", data=reports)
+        reports[stage] = report
+        if report.failed:
+            failed[stage] = sorted(report.failed)
+        params["shards"] = report.succeeded  # later stages work on what this one finished
+        params["max_tokens"] = run.chunk.max_tokens
+        if not report.succeeded:
+            logger.error("%s: no shard succeeded; later stages have nothing to do", stage)
+            break
+    if failed:
+        listing = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed.items())
+        return Failed(message=f"failed shards — {listing}", data=reports)
+    return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)

@@ -1,0 +1,113 @@
+"""The shape every stage flow shares: choose shards, fan out one task per shard, gather, report, fail at the end."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed, State
+
+from fineweb_modal.chunking import check_columns
+from fineweb_modal.config import RunConfig
+from fineweb_modal.errors import BadDataError, ConfigError
+from fineweb_modal.layout import list_source_files
+from fineweb_modal.report import StageReport, group_digits, text_histogram
+from fineweb_modal.selection import select_shards
+from fineweb_modal.shards import layout_for
+from fineweb_modal.storage import open_arrow_batches
+from flows.reporting import StageProgress, publish_stage
+from tasks.backends import get_backend
+from tasks.shard_tasks import STAGE_TASKS, download_hub_task
+
+# Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: max_containers).
+MAX_SHARDS_IN_FLIGHT = 64
+
+
+def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
+    """The chosen shards of a stage, each with the extra task inputs it needs."""
+    if stage == "download":
+        files = list_source_files(run.download.source)
+        chosen = select_shards([f.stem for f in files], run.shards)
+        by_stem = {f.stem: str(f) for f in files}
+        return {shard: {"source_file": by_stem[shard]} for shard in chosen}
+    backend = get_backend(run.backend)
+    available = backend.list_shards(run, stage)
+    if not available:
+        where = layout_for(run).shard_dir(layout_for(run).input_stage(stage))
+        raise ConfigError(f"{stage}: no input shards in {where}; run the earlier stages first")
+    chosen = select_shards(available, run.shards)
+    if stage == "chunk" and run.backend == "local":
+        # A missing text or kept column is a config mistake: say so before any shard starts.
+        path = layout_for(run).input_path("chunk", chosen[0])
+        try:
+            check_columns(open_arrow_batches(path)[0], run.chunk, path)
+        except BadDataError as exc:
+            raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
+    return {shard: {} for shard in chosen}
+
+
+def run_stage(stage: str, run: RunConfig) -> State:
+    """Run one stage over its shards; Completed with a StageReport, or Failed listing the failed shards."""
+    logger = get_run_logger()
+    report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
+    if stage == "download" and run.download is not None and run.download.source_kind == "hub":
+        results = download_hub_task(run.dataset.name, run)
+        report.results = list(results)
+        get_backend(run.backend).finalize(run, stage)
+        publish_stage(report, run)
+        return Completed(message=f"download: {len(results)} shards", data=report)
+
+    inputs = _shards_and_inputs(stage, run)
+    logger.info("%s: %d shard(s) on the %s backend", stage, len(inputs), run.backend)
+    progress = StageProgress(stage, run.dataset.name, len(inputs))
+    task = STAGE_TASKS[stage]
+    futures = {task.submit(shard=shard, run=run, **extra): shard for shard, extra in inputs.items()}
+    for future in as_completed(list(futures)):
+        shard = futures[future]
+        future.wait()  # sets the final state locally; without it `.state` asks the API, which may lag
+        state = future.state
+        if state.is_completed():
+            report.results.append(state.result())
+        else:
+            error = state.result(raise_on_failure=False)
+            report.failed[shard] = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(state.message)
+            logger.error("%s-%s failed: %s", stage, shard, report.failed[shard])
+        progress.advance()
+    report.results.sort(key=lambda r: r.shard)
+
+    extra_markdown = ""
+    if report.results and stage in ("download", "summarize"):
+        # Skipped shards carry their summary too: the ledger kept the whole result.
+        summaries = [r.extra["summary"] for r in report.results if "summary" in r.extra]
+        report.extra = get_backend(run.backend).finalize(run, stage, summaries)
+        if stage == "summarize":
+            extra_markdown = _summary_markdown(report.extra.get("totals", {}))
+    publish_stage(report, run, extra_markdown)
+
+    totals = report.totals()
+    message = f"{stage}: {len(report.results)} shards, {group_digits(totals['tokens'])} tokens"
+    if report.failed:
+        return Failed(message=f"{stage}: {len(report.failed)} shard(s) failed: {', '.join(sorted(report.failed))}", data=report)
+    return Completed(message=message, data=report)
+
+
+def _summary_markdown(totals: dict) -> str:
+    if not totals:
+        return ""
+    hist = totals.get("histogram", {})
+    return "\n".join(
+        [
+            "## Chunks",
+            "",
+            "| rows | docs | empty docs | chunks | tokens | mean tokens/chunk | chunks < 10 tokens | chunks < 50 tokens |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {group_digits(totals['rows'])} | {group_digits(totals['docs'])} | {group_digits(totals['empty_docs'])} "
+            f"| {group_digits(totals['chunks'])} | {group_digits(totals['tokens'])} | {totals.get('mean_chunk_tokens', 0)} "
+            f"| {group_digits(totals['chunks_under_10'])} | {group_digits(totals['chunks_under_50'])} |",
+            "",
+            "Chunk token-length histogram ([CLS] and [SEP] included):",
+            "",
+            "```",
+            text_histogram(hist.get("edges", []), hist.get("counts", [])),
+            "```",
+        ]
+    )

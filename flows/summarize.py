@@ -1,0 +1,31 @@
+"""summarize: per shard and in total, docs, chunks, tokens, short chunks and the chunk-length histogram."""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+
+
+@flow(name="summarize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+def summarize(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    shards: list[str] | None = None,
+):
+    """Summarize `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>/_summary/`."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["summarize"], backend=backend,
+        max_tokens=max_tokens, model=model, prefix=prefix, shards=shards,
+    )  # fmt: skip
+    return run_stage("summarize", run)

@@ -1,0 +1,1 @@
+"""Prefect tasks: one stage on one shard, dispatched through a backend."""

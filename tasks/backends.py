@@ -1,0 +1,151 @@
+"""Where a shard's work runs: here (`local`) or in a Modal function (`modal`). Both call `run_shard`."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from fineweb_modal.config import RunConfig
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard
+
+MODAL_APP_NAME = "fineweb-modal"
+MODAL_VOLUME_NAME = "fineweb-modal-data"
+MODAL_DATA_DIR = "/data"
+MODAL_FUNCTIONS = {"download": "download_shard", "chunk": "chunk_shard", "embed": "embed_shard", "summarize": "summarize_shard"}
+
+
+class Backend(Protocol):
+    """Runs shard jobs and answers questions about the data where it lives."""
+
+    name: str
+
+    def run(self, job: ShardJob) -> ShardResult: ...
+
+    def list_shards(self, run: RunConfig, stage: str) -> list[str]: ...
+
+    def download_hub(self, run: RunConfig) -> list[ShardResult]: ...
+
+    def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
+
+
+class LocalBackend:
+    """In this machine: CPU stages in a process pool (one worker per core), embedding in-process, one at a time."""
+
+    name = "local"
+
+    def __init__(self, max_workers: int | None = None):
+        self.max_workers = max_workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        # torch already uses every core for one shard; two at once would only thrash.
+        self._embed_lock = threading.Lock()
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                # spawn, not fork: the parent runs Prefect's threads and event loops, which fork would copy mid-flight.
+                self._pool = ProcessPoolExecutor(self.max_workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def run(self, job: ShardJob) -> ShardResult:
+        """Run one shard job here and wait for it."""
+        job = job.model_copy(update={"where": "local"})
+        if job.stage == "embed":
+            with self._embed_lock:
+                return run_shard(job)
+        return self._executor().submit(run_shard, job).result()
+
+    def list_shards(self, run: RunConfig, stage: str) -> list[str]:
+        """The shards a stage can run on, from the local data dir."""
+        return layout_for(run).list_shards(stage)
+
+    def download_hub(self, run: RunConfig) -> list[ShardResult]:
+        """Download a Hub dataset into the local data dir."""
+        return download_hub_shards(run)
+
+    def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Dataset-wide step after a stage."""
+        return finalize_stage(run, stage, summaries)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(cancel_futures=True)
+                self._pool = None
+
+
+def modal_token_configured() -> bool:
+    """Whether a Modal token is set (env or ~/.modal.toml), decided without touching the network."""
+    import modal.config
+
+    return bool(modal.config.config.get("token_id")) and bool(modal.config.config.get("token_secret"))
+
+
+class ModalBackend:
+    """In the deployed Modal app: each shard job is one call of that stage's function; data lives on the Volume."""
+
+    name = "modal"
+
+    def __init__(self) -> None:
+        if not modal_token_configured():
+            raise ConfigError(
+                "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
+                "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
+            )
+        import modal
+
+        self._modal = modal
+        self._volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
+
+    def _on_volume(self, run: RunConfig) -> RunConfig:
+        return run.model_copy(update={"dataset": run.dataset.model_copy(update={"data_dir": MODAL_DATA_DIR})})
+
+    def _function(self, name: str):
+        return self._modal.Function.from_name(MODAL_APP_NAME, name)
+
+    def run(self, job: ShardJob) -> ShardResult:
+        """Call the stage's Modal function on one shard; a local source file is uploaded to the Volume first."""
+        update: dict[str, Any] = {"run": self._on_volume(job.run), "where": "modal"}
+        if job.stage == "download" and job.source_file and not job.source_file.startswith(MODAL_DATA_DIR + "/"):
+            remote = f"/_sources/{job.run.dataset.name}/{Path(job.source_file).name}"
+            with self._volume.batch_upload(force=True) as upload:
+                upload.put_file(job.source_file, remote)
+            update["source_file"] = MODAL_DATA_DIR + remote
+        payload = job.model_copy(update=update).model_dump(mode="json")
+        return ShardResult.model_validate(self._function(MODAL_FUNCTIONS[job.stage]).remote(payload))
+
+    def list_shards(self, run: RunConfig, stage: str) -> list[str]:
+        """The shards a stage can run on, as the Volume holds them."""
+        return self._function("list_shards").remote(self._on_volume(run).model_dump(mode="json"), stage)
+
+    def download_hub(self, run: RunConfig) -> list[ShardResult]:
+        """Download a Hub dataset straight onto the Volume."""
+        results = self._function("download_hub").remote(self._on_volume(run).model_dump(mode="json"))
+        return [ShardResult.model_validate(r) for r in results]
+
+    def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Dataset-wide step after a stage, on the Volume."""
+        return self._function("finalize_stage").remote(self._on_volume(run).model_dump(mode="json"), stage, summaries)
+
+
+_backends: dict[str, Backend] = {}
+_backends_lock = threading.Lock()
+
+
+def get_backend(name: str) -> Backend:
+    """The process-wide backend of that name (the local one keeps its warm worker processes between flow runs)."""
+    with _backends_lock:
+        if name not in _backends:
+            if name == "local":
+                _backends[name] = LocalBackend()
+            elif name == "modal":
+                _backends[name] = ModalBackend()
+            else:
+                raise ConfigError(f"unknown backend {name!r}: choose local or modal")
+        return _backends[name]

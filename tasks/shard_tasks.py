@@ -1,0 +1,77 @@
+"""One Prefect task per stage: a named, retryable run per shard whose state message carries tokens and dollars."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run as current_task_run
+from prefect.states import Completed
+from prefect.tasks import exponential_backoff
+
+from fineweb_modal.config import RunConfig
+from fineweb_modal.errors import is_transient
+from fineweb_modal.report import state_message
+from fineweb_modal.shards import ShardJob, ShardResult
+from tasks.backends import get_backend
+
+RETRIES = 3
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Retry I/O errors and timeouts; bad data and bad config fail at once."""
+    try:
+        state.result()
+    except Exception as exc:  # the state's exception, re-raised here so it can be classified
+        return is_transient(exc)
+    return False
+
+
+def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
+    """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state."""
+    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=current_task_run.run_count or 1)
+    result: ShardResult = get_backend(run.backend).run(job)
+    return Completed(message=state_message(result), data=result)
+
+
+_RETRYABLE = dict(
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_if_transient,
+    # Resume comes from the ledger (shard + config fingerprint), not from Prefect's result cache.
+    cache_policy=NO_CACHE,
+)
+
+
+@task(name="download", task_run_name="download-{shard}", **_RETRYABLE)
+def download_task(shard: str, run: RunConfig, source_file: str) -> ShardResult:
+    """Copy one source file into the data dir as an Arrow shard."""
+    return run_shard_task("download", shard, run, source_file)
+
+
+@task(name="chunk", task_run_name="chunk-{shard}", **_RETRYABLE)
+def chunk_task(shard: str, run: RunConfig) -> ShardResult:
+    """Chunk one shard."""
+    return run_shard_task("chunk", shard, run)
+
+
+@task(name="embed", task_run_name="embed-{shard}", **_RETRYABLE)
+def embed_task(shard: str, run: RunConfig) -> ShardResult:
+    """Embed one shard's chunks."""
+    return run_shard_task("embed", shard, run)
+
+
+@task(name="summarize", task_run_name="summarize-{shard}", **_RETRYABLE)
+def summarize_task(shard: str, run: RunConfig) -> ShardResult:
+    """Summarize one shard's chunks."""
+    return run_shard_task("summarize", shard, run)
+
+
+@task(name="download-hub", task_run_name="download-hub-{name}", **_RETRYABLE)
+def download_hub_task(name: str, run: RunConfig) -> list[ShardResult]:
+    """Download a whole Hub dataset (one `load_dataset` + `save_to_disk`, which yields the shards)."""
+    results = get_backend(run.backend).download_hub(run)
+    return Completed(message=f"{len(results)} shards, {sum(r.docs for r in results):,} docs", data=results)
+
+
+STAGE_TASKS = {"download": download_task, "chunk": chunk_task, "embed": embed_task, "summarize": summarize_task}
