@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.config import ChunkConfig
 from fineweb_modal.errors import BadDataError
 from fineweb_modal.models import load_tokenizer, model_info
-from fineweb_modal.storage import atomic_path, open_arrow_batches
+from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP]
 ENCODE_BATCH_DOCS = 512
@@ -155,7 +155,7 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
     total = ChunkStats()
     row_offset = 0
     with atomic_path(output_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        try:
+        with decoding(input_path, "read the input shard"):
             for batch in _rebatch(batches, ENCODE_BATCH_DOCS):
                 texts = batch.column(cfg.text_column).to_pylist()
                 rows, stats = chunk_texts(texts, cfg)
@@ -167,8 +167,6 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
                 if rows:
                     writer.write_table(_chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg))
                 row_offset += batch.num_rows
-        except pa.ArrowInvalid as exc:
-            raise BadDataError(f"{input_path}: unreadable after row {row_offset} ({exc})") from None
         # The counts travel with the file, so summaries need nothing but the chunk parquet.
         writer.add_key_value_metadata(
             {

@@ -13,13 +13,13 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from fineweb_modal.errors import BadDataError
-from fineweb_modal.storage import atomic_path, open_arrow_batches, write_json_atomic
+from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
 def _source_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    try:
+    with decoding(path, f"read as {path.suffix[1:]}"):
         if path.suffix == ".parquet":
             parquet = pq.ParquetFile(path)
             return parquet.schema_arrow, parquet.iter_batches(batch_size=8192)
@@ -28,24 +28,20 @@ def _source_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
         if path.suffix in (".jsonl", ".json"):
             table = pa_json.read_json(path)
             return table.schema, iter(table.to_batches(max_chunksize=8192))
-    except (pa.ArrowInvalid, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise BadDataError(f"{path}: cannot read as {path.suffix[1:]} ({exc})") from None
     raise BadDataError(f"{path}: unsupported file type {path.suffix!r} (parquet, arrow, jsonl)")
 
 
 def convert_file(source: Path, output: Path) -> int:
     """Copy one source file into an Arrow IPC stream file at `output` (atomically); returns its row count."""
+    if not source.is_file():
+        raise BadDataError(f"{source}: source file does not exist")
     schema, batches = _source_batches(source)
     rows = 0
     with atomic_path(output) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        try:
+        with decoding(source, f"read as {source.suffix[1:]} after row {rows}"):
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
-        except pa.ArrowInvalid as exc:
-            raise BadDataError(f"{source}: unreadable after row {rows} ({exc})") from None
     return rows
 
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.config import EmbedConfig
 from fineweb_modal.errors import BadDataError
 from fineweb_modal.models import ModelInfo, load_tokenizer, model_info
-from fineweb_modal.storage import atomic_path
+from fineweb_modal.storage import atomic_path, decoding
 
 READ_BLOCK_ROWS = 8192
 KEY_COLUMNS = ("id", "doc_index", "chunk_index")
@@ -121,10 +121,8 @@ def _revision(path: str) -> str:
 def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig) -> EmbedStats:
     """Embed one chunk parquet into one embedding parquet, rows in the same order, written atomically."""
     engine = get_engine(cfg.model, cfg.prefix, cfg.batch_tokens)
-    try:
+    with decoding(input_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(input_path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise BadDataError(f"{input_path}: not a readable chunk parquet ({exc})") from None
     missing = [c for c in (*KEY_COLUMNS, "chunk_text") if c not in chunks.schema_arrow.names]
     if missing:
         raise BadDataError(f"{input_path}: missing column(s) {missing}; is it a chunk file?")

@@ -35,6 +35,22 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+@contextlib.contextmanager
+def decoding(path: Path, what: str = "read") -> Iterator[None]:
+    """Turn format errors while decoding `path` into BadDataError; real OS errors (with an errno) pass through.
+
+    pyarrow reports a truncated or garbled file as ArrowInvalid or as an OSError without an errno.
+    """
+    try:
+        yield
+    except pa.ArrowInvalid as exc:
+        raise BadDataError(f"{path}: cannot {what} ({exc})") from None
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        raise BadDataError(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
+
+
 def open_arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     """Stream record batches from an Arrow IPC file in either the stream format (`save_to_disk`) or the file format."""
     if not path.is_file():
@@ -43,13 +59,10 @@ def open_arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]
     try:
         reader = pa.ipc.open_stream(source)
         return reader.schema, iter(reader)
-    except pa.ArrowInvalid:
-        pass
-    try:
+    except (pa.ArrowInvalid, OSError):
         source.seek(0)
+    with decoding(path, "open as an Arrow IPC stream or file"):
         file_reader = pa.ipc.open_file(source)
-    except pa.ArrowInvalid as exc:
-        raise BadDataError(f"{path}: not an Arrow IPC file ({exc})") from None
     return file_reader.schema, (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
 
 
@@ -67,4 +80,9 @@ def arrow_num_rows(path: Path) -> int | None:
         _, batches = open_arrow_batches(path)
         return sum(batch.num_rows for batch in batches)
     except (OSError, pa.ArrowInvalid, BadDataError):
-        return None
+        return None  # unreadable counts as missing: the ledger then redoes the shard
+
+
+def parquet_key_values(parquet: pq.ParquetFile) -> dict[str, str]:
+    """The file-level key-value metadata of a parquet file (schema metadata and what the writer added at close)."""
+    return {k.decode(): v.decode() for k, v in (parquet.metadata.metadata or {}).items() if k != b"ARROW:schema"}

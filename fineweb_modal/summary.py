@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from fineweb_modal.errors import BadDataError
-from fineweb_modal.storage import write_json_atomic
+from fineweb_modal.storage import decoding, parquet_key_values, write_json_atomic
 
 SHORT_CHUNK_LIMITS = (10, 50)
 COUNT_FIELDS = ("rows", "docs", "empty_docs", "chunks", "tokens", "chunks_under_10", "chunks_under_50")
@@ -24,11 +23,9 @@ def histogram_edges(max_tokens: int) -> list[int]:
 
 def summarize_shard(chunk_path: Path, output_path: Path, max_tokens: int) -> dict[str, Any]:
     """Read one chunk parquet's token counts and the doc counts its metadata carries; write the summary JSON."""
-    try:
+    with decoding(chunk_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(chunk_path)
-    except (OSError, ValueError) as exc:
-        raise BadDataError(f"{chunk_path}: not a readable chunk parquet ({exc})") from None
-    meta = {k.decode(): v.decode() for k, v in (chunks.schema_arrow.metadata or {}).items()}
+    meta = parquet_key_values(chunks)
     counts = chunks.read(columns=["chunk_token_count", "doc_index"])
     tokens = counts.column("chunk_token_count").to_numpy()
     edges = histogram_edges(max_tokens)

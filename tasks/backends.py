@@ -131,7 +131,7 @@ class ModalBackend:
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Dataset-wide step after a stage, on the Volume."""
-        return self._function("finalize_stage").remote(self._on_volume(run).model_dump(mode="json"), stage, summaries)
+        return self._function("finalize_stage_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, summaries)
 
 
 _backends: dict[str, Backend] = {}

@@ -1,0 +1,168 @@
+"""`fineweb-modal`: run the pipeline (or the demo) against a Prefect server, and manage a local one.
+
+Exit codes: 0 every shard of every stage succeeded; 1 some shard failed (the others finished);
+2 bad usage or config (nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.models import DEFAULT_MODEL
+from flows import server
+
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_CONFIG = 0, 1, 2
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="Hub dataset id (e.g. HuggingFaceFW/fineweb-edu) or a local folder of parquet/arrow/jsonl files")
+    parser.add_argument("--subset", help="Hub config name, e.g. sample-10BT")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--name", help="dataset name under the data dir (default: folder name, or <repo>-<subset>)")
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
+    parser.add_argument("--backend", default="local", choices=["local", "modal"])
+    parser.add_argument("--max-tokens", default="auto", help="tokens per chunk incl. [CLS]/[SEP]; auto = min(500, model limit - prefix)")
+    parser.add_argument("--overlap", default=0.1, type=float, help="fraction of the window shared by neighbouring chunks, 0-0.5")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--prefix", default="", help="text put before every chunk when embedding (nomic: 'search_document: ')")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--keep-columns", default=",".join(DEFAULT_KEEP_COLUMNS), help="source columns copied into the chunk files ('' for none)")
+    parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
+    parser.add_argument("--engine", default="transformers", help="embedding engine")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fineweb-modal", description="Chunk and embed a Hugging Face text dataset, shard by shard, with Prefect.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="build a small offline dataset and run the whole pipeline on it")
+    demo.add_argument("--data-dir", default="./data")
+    run = commands.add_parser("run", help="run the pipeline's stages")
+    _add_run_flags(run)
+    srv = commands.add_parser("server", help="a local Prefect server on 127.0.0.1")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    srv.add_argument("--port", type=int, default=server.DEFAULT_PORT)
+    return parser
+
+
+def _run_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "source": args.source,
+        "subset": args.subset,
+        "split": args.split,
+        "name": args.name,
+        "data_dir": args.data_dir,
+        "stages": args.stages.split(","),
+        "backend": args.backend,
+        "max_tokens": args.max_tokens,
+        "overlap": args.overlap,
+        "model": args.model,
+        "prefix": args.prefix,
+        "text_column": args.text_column,
+        "keep_columns": [c for c in args.keep_columns.split(",") if c],
+        "shards": args.shards.split(",") if args.shards else None,
+        "engine": args.engine,
+    }
+
+
+def _check_backend(run: RunConfig) -> None:
+    if run.backend == "modal":
+        from tasks.backends import modal_token_configured
+
+        if not modal_token_configured():
+            raise ConfigError(
+                "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
+                "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
+            )
+
+
+def _connect() -> str:
+    api_url, started = server.ensure_api()
+    info = server.status()
+    if started and info:
+        print(f"Started a local Prefect server: UI {info['ui_url']} (log {info['log']}); stop it with `fineweb-modal server stop`.")
+    elif info:
+        print(f"Using the local Prefect server: UI {info['ui_url']}")
+    else:
+        print(f"Using the Prefect API at {api_url}")
+    return api_url
+
+
+def run_pipeline(kwargs: dict) -> int:
+    """Validate, connect to Prefect, run the pipeline flow, print where things are; return the exit code."""
+    try:
+        run = build_run_config(**kwargs)
+        _check_backend(run)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    _connect()
+    from flows.pipeline import pipeline
+
+    state = pipeline(**kwargs, return_state=True)
+    reports = state.result(raise_on_failure=False)
+    _print_outcome(run, reports if isinstance(reports, dict) else {})
+    if state.is_completed():
+        print(f"\nDone: {state.message}")
+        return EXIT_OK
+    print(f"\nFailed: {state.message}", file=sys.stderr)
+    return EXIT_FAILED_SHARDS
+
+
+def _print_outcome(run: RunConfig, reports: dict) -> None:
+    from fineweb_modal.report import group_digits
+    from fineweb_modal.shards import layout_for
+
+    layout = layout_for(run)
+    print()
+    for stage, report in reports.items():
+        totals = report.totals()
+        skipped = sum(r.status == "skipped" for r in report.results)
+        print(
+            f"{stage:<10} {len(report.results)} ok ({skipped} skipped), {len(report.failed)} failed · "
+            f"{group_digits(totals['tokens'])} tokens · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
+        )
+        for shard, error in report.failed.items():
+            print(f"           {shard}: {error[:200]}")
+
+
+def demo(data_dir: str) -> int:
+    """Build the offline demo dataset (4 shards, 200 documents of Python's docs) and run every stage on it."""
+    from fineweb_modal.demo import DEMO_NAME, write_demo_source
+
+    source = write_demo_source(Path(data_dir) / "_sources" / DEMO_NAME)
+    print(f"Demo source: {source} (4 parquet shards of CPython's bundled documentation, fineweb-edu's columns)")
+    kwargs = dict(source=str(source), data_dir=data_dir, stages=list(STAGES), backend="local")
+    code = run_pipeline(kwargs)
+    if code == EXIT_OK:
+        print(f"Ledger records: {Path(data_dir).resolve()}/<dataset>/_ledger/<stage>/train/<shard>.json")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `fineweb-modal` console script."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = _parser().parse_args(argv)
+    if args.command == "server":
+        if args.action == "start":
+            info = server.start(port=args.port)
+            print(f"Prefect server on {info['ui_url']} (API {info['api_url']}, pid {info['pid']}, log {info['log']})")
+            print(f"Use it from other shells: export PREFECT_API_URL={info['api_url']}")
+        elif args.action == "stop":
+            print("stopped" if server.stop() else "no server was running")
+        else:
+            info = server.status()
+            print(f"running: {info['ui_url']} (pid {info['pid']})" if info else "not running")
+        return EXIT_OK
+    if args.command == "demo":
+        return demo(args.data_dir)
+    return run_pipeline(_run_kwargs(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Shared fixtures: small real datasets, a session-scoped Prefect test server with its own results dir."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import pytest  # noqa: E402
+
+from fineweb_modal.config import build_run_config  # noqa: E402
+from fineweb_modal.demo import build_documents, write_demo_source  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A Prefect test server for the whole session (~15 s to start), with results kept out of ~/.prefect."""
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
+        with prefect_test_harness(server_startup_timeout=120):
+            from prefect.settings import PREFECT_API_URL
+
+            yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def demo_source(tmp_path) -> Path:
+    """A 3-shard folder of parquet files (36 documents of CPython's docs, fineweb-edu's columns)."""
+    return write_demo_source(tmp_path / "source" / "demo", n_docs=36, n_shards=3)
+
+
+@pytest.fixture
+def run_config_for(tmp_path):
+    """Build a RunConfig over `tmp_path/data` with small chunks."""
+
+    def build(source: Path | None = None, **overrides):
+        params = dict(source=str(source) if source else None, name=None if source else "demo", data_dir=str(tmp_path / "data"), max_tokens=64)
+        params.update(overrides)
+        return build_run_config(**params)
+
+    return build
+
+
+def write_arrow_shard(path: Path, rows: list[dict]) -> Path:
+    """Write rows as an Arrow IPC stream file (the format `save_to_disk` writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return path
+
+
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    """Write rows as a parquet file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_documents() -> list[dict]:
+    """Twenty real documents with fineweb-edu's columns."""
+    return build_documents(20, seed=1)

@@ -1,0 +1,54 @@
+"""Money and words: per-second rates, state messages, artifact keys, the summary markdown."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from fineweb_modal.costs import RATES_USD_PER_SECOND, Resources, cost_usd, format_usd
+from fineweb_modal.report import StageReport, artifact_key, shard_table, stage_markdown, state_message, text_histogram
+from fineweb_modal.shards import ShardResult
+
+
+def test_cost_is_seconds_times_the_rates():
+    h100_hour = cost_usd(3600, Resources(cpu=4, memory_gib=16, gpu="H100"))
+    expected = 3600 * (4 * RATES_USD_PER_SECOND["cpu_core"] + 16 * RATES_USD_PER_SECOND["memory_gib"] + RATES_USD_PER_SECOND["H100"])
+    assert h100_hour == pytest.approx(expected) and 4.0 < h100_hour < 4.3
+    assert cost_usd(10, Resources(cpu=1, memory_gib=1), rates={"cpu_core": 1.0, "memory_gib": 0.0}) == 10.0
+    with pytest.raises(KeyError, match="no price for GPU 'Z9'"):
+        cost_usd(1, Resources(cpu=1, memory_gib=1, gpu="Z9"))
+
+
+def test_state_message_shows_tokens_and_dollars():
+    local = ShardResult(stage="chunk", shard="s", status="done", tokens=1234567, modal_estimate_usd=0.0123)
+    assert state_message(local) == "1 234 567 tokens, $0 local (≈$0.0123 on Modal)"
+    remote = local.model_copy(update={"where": "modal", "cost_usd": 0.012})
+    assert state_message(remote) == "1 234 567 tokens, $0.012"
+    assert state_message(local.model_copy(update={"status": "skipped"})).startswith("skipped: done earlier")
+    assert format_usd(2.5) == "$2.50" and format_usd(0) == "$0"
+
+
+def test_artifact_keys_are_valid_slugs():
+    key = artifact_key("chunk", "FineWeb_Edu.sample 10BT", "shards")
+    assert re.fullmatch(r"[a-z0-9-]*", key) and key == "chunk-fineweb-edu-sample-10bt-shards"
+
+
+def test_table_and_markdown_list_failures_and_resume():
+    report = StageReport(
+        stage="chunk",
+        name="d",
+        backend="local",
+        results=[ShardResult(stage="chunk", shard="a", status="done", tokens=100, seconds=2.0, chunks=3)],
+        failed={"b": "BadDataError: b.arrow is truncated"},
+    )
+    rows = shard_table(report)
+    assert [(r["shard"], r["status"]) for r in rows] == [("a", "done"), ("b", "failed")]
+    assert rows[0]["tokens/s"] == 50 and "truncated" in rows[1]["error"]
+    markdown = stage_markdown(report, "fineweb-modal run --stages chunk")
+    assert "1 of 2 shards succeeded" in markdown and "`b`: BadDataError" in markdown and "fineweb-modal run --stages chunk" in markdown
+
+
+def test_text_histogram_scales_bars():
+    lines = text_histogram([0, 10, 50], [5, 10], width=10).splitlines()
+    assert lines[1].count("█") == 10 and lines[0].count("█") == 5

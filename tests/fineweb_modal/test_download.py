@@ -1,0 +1,61 @@
+"""Source files of every supported type become Arrow stream shards that `datasets.load_from_disk` reads."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal.download import convert_file, write_dataset_index
+from fineweb_modal.errors import BadDataError
+from fineweb_modal.storage import open_arrow_batches
+from tests.conftest import write_arrow_shard, write_parquet
+
+ROWS = [{"text": f"document {i}", "id": str(i), "score": i / 10} for i in range(5)]
+
+
+def test_parquet_jsonl_and_arrow_sources_convert(tmp_path):
+    sources = [
+        write_parquet(tmp_path / "src" / "a.parquet", ROWS),
+        write_arrow_shard(tmp_path / "src" / "b.arrow", ROWS),
+    ]
+    jsonl = tmp_path / "src" / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in ROWS))
+    sources.append(jsonl)
+    out = tmp_path / "data" / "d" / "train"
+    for source in sources:
+        assert convert_file(source, out / f"{source.stem}.arrow") == 5
+        schema, batches = open_arrow_batches(out / f"{source.stem}.arrow")
+        assert pa.Table.from_batches(list(batches), schema).to_pylist() == ROWS
+    assert write_dataset_index(out, "train")
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(out))
+    assert dataset.num_rows == 15 and dataset[7]["text"] == "document 2"
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow", ".jsonl"])
+def test_corrupt_source_is_bad_data_naming_the_file(tmp_path, suffix):
+    good = tmp_path / f"good{suffix}"
+    if suffix == ".parquet":
+        write_parquet(good, ROWS * 100)
+    elif suffix == ".arrow":
+        write_arrow_shard(good, ROWS * 100)
+    else:
+        good.write_text("\n".join(json.dumps(r) for r in ROWS * 100))
+    bad = tmp_path / f"bad{suffix}"
+    data = good.read_bytes()
+    bad.write_bytes(data[: len(data) // 2] if suffix != ".jsonl" else data[: len(data) // 2] + b"{{{")
+    with pytest.raises(BadDataError, match=str(bad)):
+        convert_file(bad, tmp_path / "out" / "bad.arrow")
+    assert not (tmp_path / "out" / "bad.arrow").exists()
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "out").glob("*")) if (tmp_path / "out").exists() else True
+
+
+def test_parquet_read_back_is_identical(tmp_path):
+    source = write_parquet(tmp_path / "a.parquet", ROWS)
+    convert_file(source, tmp_path / "a.arrow")
+    schema, batches = open_arrow_batches(tmp_path / "a.arrow")
+    assert pa.Table.from_batches(list(batches), schema).equals(pq.read_table(source))

@@ -1,0 +1,69 @@
+"""run_shard: work once, skip when done with the same config, redo when the config or the input changed."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal.errors import BadDataError
+from fineweb_modal.ledger import Ledger
+from fineweb_modal.shards import ShardJob, finalize_stage, layout_for, run_shard, shard_status
+
+
+def run_stages(run, shard, stages=("download", "chunk", "embed", "summarize"), source_file=None):
+    return [run_shard(ShardJob(stage=s, shard=shard, run=run, source_file=source_file if s == "download" else None)) for s in stages]
+
+
+def test_stages_chain_and_rerun_skips(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    source_file = str(sorted(demo_source.glob("*.parquet"))[0])
+    shard = "data-00000-of-00003"
+    first = run_stages(run, shard, source_file=source_file)
+    assert [r.status for r in first] == ["done"] * 4
+    download, chunk, embed, summary = first
+    assert download.rows_out == 12 and chunk.docs == 12 and chunk.chunks == embed.chunks > 12
+    assert embed.rows_out == chunk.rows_out and summary.extra["summary"]["chunks"] == chunk.chunks
+    assert chunk.cost_usd == 0 and chunk.modal_estimate_usd > 0 and chunk.seconds > 0
+    again = run_stages(run, shard, source_file=source_file)
+    assert [r.status for r in again] == ["skipped"] * 4
+    assert again[1].tokens == chunk.tokens and again[1].seconds == 0
+    layout = layout_for(run)
+    assert pq.read_table(layout.output_path("embed", shard)).num_rows == chunk.chunks
+    assert shard_status(run, "embed", shard) == "done"
+
+
+def test_rechunking_with_another_config_invalidates_embeddings(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    source_file = str(sorted(demo_source.glob("*.parquet"))[0])
+    shard = "data-00000-of-00003"
+    run_stages(run, shard, source_file=source_file)
+    other = run_config_for(demo_source, overlap=0.3)  # same max_tokens → same folders, new chunks
+    rechunk, reembed = run_stages(other, shard, stages=("chunk", "embed"))
+    assert rechunk.status == "done" and reembed.status == "done"
+    assert rechunk.chunks == reembed.chunks
+
+
+def test_failure_writes_a_failed_record_and_leaves_no_output(tmp_path, run_config_for):
+    source = tmp_path / "src"
+    source.mkdir()
+    bad = source / "broken.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    run = run_config_for(source)
+    with pytest.raises(BadDataError, match="broken.parquet"):
+        run_shard(ShardJob(stage="download", shard="broken", run=run, source_file=str(bad), attempt=1))
+    record = Ledger(layout_for(run)).read("download", "broken")
+    assert record.status == "failed" and record.error_type == "BadDataError" and "broken.parquet" in record.error
+    assert not layout_for(run).output_path("download", "broken").exists()
+    assert shard_status(run, "download", "broken") == "failed"
+
+
+def test_summarize_totals_combine_shards(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    results = []
+    for path in sorted(demo_source.glob("*.parquet")):
+        results.append(run_stages(run, path.stem, stages=("download", "chunk", "summarize"), source_file=str(path))[-1])
+    outcome = finalize_stage(run, "summarize", [r.extra["summary"] for r in results])
+    totals = outcome["totals"]
+    assert totals["shards"] == 3 and totals["rows"] == 36
+    assert totals["chunks"] == sum(r.chunks for r in results) == sum(totals["histogram"]["counts"])
+    assert totals["chunks_under_50"] >= totals["chunks_under_10"]

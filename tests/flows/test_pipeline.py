@@ -1,0 +1,105 @@
+"""End to end through Prefect: one named task run per shard per stage, artifacts, skip on rerun, failures isolated."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal.ledger import Ledger
+from fineweb_modal.shards import layout_for
+from tests.flows.helpers import child_flow_run_ids, latest_artifact, task_runs_of
+
+STAGES = ("download", "chunk", "embed", "summarize")
+
+
+@pytest.fixture
+def pipeline_flow(prefect_api):
+    from flows.pipeline import pipeline
+
+    return pipeline
+
+
+def run_pipeline(pipeline_flow, source, data_dir, **extra):
+    state = pipeline_flow(source=str(source), data_dir=str(data_dir), max_tokens=64, return_state=True, **extra)
+    return state, state.result(raise_on_failure=False)
+
+
+def test_pipeline_end_to_end_then_skip_on_rerun(pipeline_flow, demo_source, tmp_path, run_config_for):
+    data_dir = tmp_path / "data"
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    assert state.is_completed(), state.message
+    shards = [p.stem for p in sorted(demo_source.glob("*.parquet"))]
+    assert all(reports[s].succeeded == shards for s in STAGES)
+
+    run = run_config_for(demo_source)
+    layout, ledger = layout_for(run), Ledger(layout_for(run))
+    for shard in shards:
+        chunks = pq.read_table(layout.output_path("chunk", shard))
+        embeddings = pq.read_table(layout.output_path("embed", shard))
+        assert embeddings.column("doc_index").equals(chunks.column("doc_index"))
+        assert embeddings.column("chunk_index").equals(chunks.column("chunk_index"))
+        for stage in STAGES:
+            record = ledger.read(stage, shard)
+            assert record.status == "done" and record.rows_out >= 1
+    summary = json.loads((layout.summary_dir() / "train.json").read_text())
+    assert summary["totals"]["rows"] == 36 and summary["totals"]["chunks"] == reports["chunk"].totals()["chunks"]
+
+    # One named task run per shard per stage, each with its token count in the state message.
+    stage_runs = child_flow_run_ids(state.state_details.flow_run_id)
+    runs = task_runs_of(stage_runs, expected=len(STAGES) * len(shards))
+    names = sorted(r.name for r in runs)
+    assert names == sorted(f"{stage}-{shard}" for stage in STAGES for shard in shards)
+    chunk_runs = [r for r in runs if r.name.startswith("chunk-")]
+    assert all(r.state.is_completed() and "tokens" in r.state.message and "$" in r.state.message for r in chunk_runs)
+
+    table = latest_artifact("chunk-demo-shards")
+    rows = json.loads(table.data)
+    assert [r["shard"] for r in rows] == shards and all(r["tokens"] > 0 and r["status"] == "done" for r in rows)
+    assert "modal estimate $" in rows[0]
+    assert float(latest_artifact("embed-demo-progress").data) == 100.0
+    markdown = latest_artifact("summarize-demo-summary").data
+    assert "3 of 3 shards succeeded" in markdown and "histogram" in markdown
+
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    assert state.is_completed()
+    assert all(r.status == "skipped" for s in STAGES for r in reports[s].results)
+    rerun_runs = task_runs_of(child_flow_run_ids(state.state_details.flow_run_id), expected=len(STAGES) * len(shards))
+    assert all(r.state.message.startswith("skipped: done earlier") for r in rerun_runs)
+
+
+def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, demo_source, tmp_path):
+    data_dir = tmp_path / "data"
+    good = demo_source / "data-00001-of-00003.parquet"
+    backup = tmp_path / "backup.parquet"
+    shutil.copy(good, backup)
+    good.write_bytes(good.read_bytes()[:200])  # truncated
+
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    assert state.is_failed() and "data-00001-of-00003" in state.message
+    assert list(reports["download"].failed) == ["data-00001-of-00003"]
+    assert "data-00001-of-00003.parquet" in reports["download"].failed["data-00001-of-00003"]
+    assert reports["embed"].succeeded == ["data-00000-of-00003", "data-00002-of-00003"]
+    markdown = latest_artifact("download-demo-summary").data
+    assert "data-00001-of-00003" in markdown and "fineweb-modal run" in markdown
+
+    shutil.copy(backup, good)
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    assert state.is_completed(), state.message
+    for stage in STAGES:
+        statuses = {r.shard: r.status for r in reports[stage].results}
+        assert statuses == {"data-00000-of-00003": "skipped", "data-00001-of-00003": "done", "data-00002-of-00003": "skipped"}
+
+
+def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path):
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", overlap=0.9)
+    assert state.is_failed() and "overlap=0.9" in state.message
+    assert not (tmp_path / "data").exists()
+
+
+def test_missing_kept_column_is_a_config_error_before_chunking(pipeline_flow, demo_source, tmp_path):
+    state, reports = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", keep_columns=["url", "nope"])
+    assert state.is_failed() and "['nope'] not found" in state.message
+    assert not (tmp_path / "data" / "demo-chunked-64").exists()
