@@ -43,11 +43,12 @@ def group_digits(value: int | float) -> str:
 
 
 def state_message(result: ShardResult) -> str:
-    """A task run's state message: `1 234 567 tokens, $0.012` or `skipped: done earlier`."""
+    """A task run's state message: `1 234 567 tokens, $0.012` (docs for download) or `skipped: done earlier (…)`."""
+    amount = f"{group_digits(result.docs)} docs" if result.stage == "download" else f"{group_digits(result.tokens)} tokens"
     if result.status == "skipped":
-        return f"skipped: done earlier ({group_digits(result.tokens)} tokens)"
+        return f"skipped: done earlier ({amount})"
     cost = format_usd(result.cost_usd) if result.where == "modal" else f"$0 local (≈{format_usd(result.modal_estimate_usd)} on Modal)"
-    return f"{group_digits(result.tokens)} tokens, {cost}"
+    return f"{amount}, {cost}"
 
 
 def artifact_key(stage: str, name: str, kind: str) -> str:

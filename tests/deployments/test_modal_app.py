@@ -1,0 +1,47 @@
+"""The Modal functions' bodies, run offline through `.local()` on a local data dir: same code as the local backend."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal.shards import ShardJob, ShardResult, layout_for
+from tasks.backends import MODAL_FUNCTIONS
+
+
+@pytest.fixture(scope="module")
+def modal_app():
+    from deployments import modal_app
+
+    return modal_app
+
+
+def test_every_stage_has_a_function_with_its_resources(modal_app):
+    for stage, name in MODAL_FUNCTIONS.items():
+        assert hasattr(modal_app, name), f"{stage} has no Modal function {name}"
+    for name in ("list_shards", "download_hub", "finalize_stage_fn"):
+        assert hasattr(modal_app, name)
+    assert modal_app.app.name == "fineweb-modal"
+
+
+def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    source_file = sorted(demo_source.glob("*.parquet"))[0]
+    shard = source_file.stem
+    results = {}
+    for stage, name in MODAL_FUNCTIONS.items():
+        job = ShardJob(stage=stage, shard=shard, run=run, source_file=str(source_file) if stage == "download" else None, where="modal")
+        results[stage] = ShardResult.model_validate(getattr(modal_app, name).local(job.model_dump(mode="json")))
+    assert all(r.status == "done" and r.where == "modal" for r in results.values())
+    assert results["embed"].cost_usd > 0 and results["embed"].gpu == "H100"
+    layout = layout_for(run)
+    chunks = pq.read_table(layout.output_path("chunk", shard))
+    assert pq.read_table(layout.output_path("embed", shard)).num_rows == chunks.num_rows == results["chunk"].chunks
+
+    run_json = run.model_dump(mode="json")
+    assert modal_app.list_shards.local(run_json, "embed") == [shard]
+    outcome = modal_app.finalize_stage_fn.local(run_json, "summarize", [results["summarize"].extra["summary"]])
+    assert outcome["totals"]["chunks"] == chunks.num_rows
+
+    again = ShardJob(stage="chunk", shard=shard, run=run, where="modal").model_dump(mode="json")
+    assert modal_app.chunk_shard.local(again)["status"] == "skipped"

@@ -1,0 +1,63 @@
+"""The `fineweb-modal` CLI: exit 2 for bad usage or config with nothing run, 0 when all shards pass, 1 when some fail."""
+
+from __future__ import annotations
+
+import pytest
+
+from flows import server
+from flows.cli import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--name", "d", "--stages", "chunk", "--overlap", "0.9"], "overlap=0.9 is outside"),
+        (["run", "--name", "d", "--stages", "chunk,embedd"], "unknown stage"),
+        (["run", "--name", "d", "--stages", "chunk", "--max-tokens", "9999"], "at most 256"),
+        (["run", "--name", "d", "--stages", "chunk", "--model", "/nowhere/model"], "unknown model"),
+        (["run", "--stages", "download"], "download stage needs --source"),
+    ],
+)
+def test_bad_config_exits_2_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_modal_backend_without_token_exits_2(capsys, monkeypatch, tmp_path):
+    import modal.config
+
+    monkeypatch.setattr(modal.config.config, "get", lambda key, *a, **k: None)
+    assert main(["run", "--name", "d", "--stages", "chunk", "--backend", "modal", "--data-dir", str(tmp_path)]) == 2
+    assert "modal token new" in capsys.readouterr().err
+
+
+def test_bad_usage_exits_2():
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--backend", "cloud"])
+    assert exit_info.value.code == 2
+
+
+def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    argv = ["run", "--source", str(demo_source), "--data-dir", str(tmp_path / "data"), "--stages", "download,chunk", "--max-tokens", "64"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "chunk      3 ok (0 skipped), 0 failed" in out
+    (demo_source / "data-00003-of-00003.jsonl").write_text('{"text": "fine"}\n{"text": broken')
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "download   3 ok (3 skipped), 1 failed" in captured.out and "data-00003-of-00003" in captured.err
+
+
+def test_local_server_starts_answers_and_stops(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINEWEB_MODAL_HOME", str(tmp_path))
+    info = server.start(port=server._free_port(4290))
+    try:
+        assert info["api_url"].startswith("http://127.0.0.1:") and server.healthy(info["api_url"])
+        assert server.status()["pid"] == info["pid"]
+        assert server.start()["pid"] == info["pid"], "a second start finds the running server"
+    finally:
+        assert server.stop()
+    assert server.status() is None and not server.healthy(info["api_url"], timeout=0.5)
