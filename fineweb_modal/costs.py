@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 # Modal's published per-second rates, read 2026-11 (third-party copies of modal.com/pricing). Override
@@ -41,9 +43,15 @@ STAGE_RESOURCES: dict[str, Resources] = {
 }
 
 
+def current_rates(overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """The price table, updated by `FINEWEB_MODAL_RATES` (a JSON object, e.g. `{"H100": 0.00095}`) and `overrides`."""
+    from_env = json.loads(os.environ.get("FINEWEB_MODAL_RATES") or "{}")
+    return {**RATES_USD_PER_SECOND, **from_env, **(overrides or {})}
+
+
 def rate_per_second(resources: Resources, rates: dict[str, float] | None = None) -> float:
     """Dollars per second for one container with these resources."""
-    table = {**RATES_USD_PER_SECOND, **(rates or {})}
+    table = current_rates(rates)
     rate = resources.cpu * table["cpu_core"] + resources.memory_gib * table["memory_gib"]
     if resources.gpu:
         gpu = resources.gpu.split(":")[0]

@@ -95,7 +95,7 @@ def stage_markdown(report: StageReport, resume_command: str) -> str:
         f"| {group_digits(t['docs'])} | {group_digits(t['empty_docs'])} | {group_digits(t['chunks'])} | {group_digits(t['tokens'])} "
         f"| {t['seconds']:.1f} | {group_digits(t['tokens_per_second'])} | {format_usd(t['cost_usd'])} | {format_usd(t['modal_estimate_usd'])} |",
         "",
-        f"Costs use Modal's published per-second rates ({PRICE_TABLE_DATE}); the local backend costs $0 and shows what Modal would charge.",
+        f"Costs use Modal's published per-second rates ({PRICE_TABLE_DATE}; override with FINEWEB_MODAL_RATES); the local backend costs $0 and shows what Modal would charge.",
     ]
     slowest = sorted((r for r in report.results if r.status == "done"), key=lambda r: -r.seconds)[:3]
     if slowest:

@@ -123,9 +123,10 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
     for stage, report in reports.items():
         totals = report.totals()
         skipped = sum(r.status == "skipped" for r in report.results)
+        amount = f"{group_digits(totals['docs'])} docs" if stage == "download" else f"{group_digits(totals['tokens'])} tokens"
         print(
             f"{stage:<10} {len(report.results)} ok ({skipped} skipped), {len(report.failed)} failed · "
-            f"{group_digits(totals['tokens'])} tokens · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
+            f"{amount} · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
         )
         for shard, error in report.failed.items():
             print(f"           {shard}: {error[:200]}")

@@ -16,6 +16,12 @@ def test_cost_is_seconds_times_the_rates():
     expected = 3600 * (4 * RATES_USD_PER_SECOND["cpu_core"] + 16 * RATES_USD_PER_SECOND["memory_gib"] + RATES_USD_PER_SECOND["H100"])
     assert h100_hour == pytest.approx(expected) and 4.0 < h100_hour < 4.3
     assert cost_usd(10, Resources(cpu=1, memory_gib=1), rates={"cpu_core": 1.0, "memory_gib": 0.0}) == 10.0
+    assert cost_usd(10, Resources(cpu=0, memory_gib=0, gpu="H100"), rates={"H100": 0.5}) == 5.0
+
+
+def test_rates_can_be_overridden_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FINEWEB_MODAL_RATES", '{"H100": 0.002}')
+    assert cost_usd(100, Resources(cpu=0, memory_gib=0, gpu="H100")) == pytest.approx(0.2)
     with pytest.raises(KeyError, match="no price for GPU 'Z9'"):
         cost_usd(1, Resources(cpu=1, memory_gib=1, gpu="Z9"))
 
