@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -15,7 +15,8 @@ from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, model_info, 
 
 STAGES = ("download", "chunk", "embed", "summarize")
 BACKENDS = ("local", "modal")
-ENGINES = ("transformers",)
+ENGINES = ("transformers", "tei")
+EMBEDDING_DTYPES = ("float32", "float16")
 MIN_MAX_TOKENS = 16
 DEFAULT_KEEP_COLUMNS = ("url", "score", "dump")  # fineweb-edu's
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -24,10 +25,12 @@ _NAME = re.compile(r"^[\w.-]+$")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset()
 
     def fingerprint(self) -> str:
-        """A short stable hash of every field: what the ledger compares to decide 'done earlier'."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A short stable hash of the fields that shape the output: what the ledger compares to decide 'done earlier'."""
+        fields = self.model_dump(mode="json", exclude=set(self.not_fingerprinted))
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
@@ -59,12 +62,16 @@ class ChunkConfig(_Frozen):
 
 
 class EmbedConfig(_Frozen):
-    """How chunks become vectors."""
+    """How chunks become vectors. Where the engine runs (URL) and its batch size do not change the vectors."""
 
     model: str
     prefix: str = ""
-    engine: Literal["transformers"] = "transformers"
+    engine: Literal["transformers", "tei"] = "transformers"
+    tei_url: str | None = None
+    dimensions: int | None = None
+    embedding_dtype: Literal["float32", "float16"] = "float32"
     batch_tokens: int = 16_384
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "batch_tokens"})
 
 
 class RunConfig(_Frozen):
@@ -134,6 +141,9 @@ def build_run_config(
     keep_columns: str | list[str] = DEFAULT_KEEP_COLUMNS,
     shards: str | list[str] | None = None,
     engine: str = "transformers",
+    tei_url: str | None = None,
+    dimensions: int | None = None,
+    embedding_dtype: str = "float32",
     num_proc: int = 4,
 ) -> RunConfig:
     """Validate the flat run parameters (CLI flags, flow parameters) into a RunConfig, or raise ConfigError."""
@@ -146,6 +156,16 @@ def build_run_config(
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "tei" and backend == "local" and not tei_url:
+        raise ConfigError("--engine tei with the local backend needs --tei-url (a running TEI); on Modal the app starts TEI")
+    if tei_url and not re.match(r"^https?://[^\s/]+", tei_url):
+        raise ConfigError(f"tei_url {tei_url!r} must be an http(s) URL like http://127.0.0.1:8080")
+    if tei_url and engine != "tei":
+        raise ConfigError("--tei-url is only used with --engine tei")
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ConfigError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
+    if dimensions is not None and (not str(dimensions).isdigit() or int(dimensions) < 1):
+        raise ConfigError(f"dimensions must be a positive integer, got {dimensions!r}")
     try:
         overlap = float(overlap)
     except (TypeError, ValueError):
@@ -188,7 +208,14 @@ def build_run_config(
         dataset=DatasetConfig(data_dir=str(Path(data_dir).expanduser()), name=dataset_name, split=split),
         download=download,
         chunk=chunk,
-        embed=EmbedConfig(model=model, prefix=prefix, engine=engine),
+        embed=EmbedConfig(
+            model=model,
+            prefix=prefix,
+            engine=engine,
+            tei_url=tei_url or None,
+            dimensions=int(dimensions) if dimensions is not None else None,
+            embedding_dtype=embedding_dtype,
+        ),
         stages=stage_list,
         backend=backend,
         shards=split_list(shards),

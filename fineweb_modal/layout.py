@@ -5,6 +5,7 @@
     <data_dir>/<name>-chunked-<T>-<model>/<split>/<shard>.parquet        embed
     <data_dir>/<name>-chunked-<T>/_summary/<split>/<shard>.json          summarize
     <data_dir>/<dataset>/_ledger/<stage>/<split>/<shard>.json            ledger (written last)
+    <data_dir>/<dataset>/<split>/.parts/<shard>-<fingerprint>/           embed parts, until joined
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ class Layout:
     def output_path(self, stage: str, shard: str) -> Path:
         """Where a stage writes one shard's result."""
         return self.shard_dir(stage) / f"{shard}{_OUTPUT_SUFFIX[stage]}"
+
+    def parts_dir(self, stage: str, shard: str, fingerprint: str) -> Path:
+        """Where a stage keeps one shard's finished parts until they are joined (per config, so stale parts never mix in)."""
+        return self.shard_dir(stage) / ".parts" / f"{shard}-{fingerprint}"
 
     def input_path(self, stage: str, shard: str) -> Path:
         """Where a stage reads one shard from (the previous stage's output)."""

@@ -112,7 +112,7 @@ def job_fingerprint(job: ShardJob, ledger: Ledger) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _do_stage(job: ShardJob) -> dict[str, Any]:
+def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
     layout = job.layout()
     output = layout.output_path(job.stage, job.shard)
     if job.stage == "download":
@@ -131,7 +131,7 @@ def _do_stage(job: ShardJob) -> dict[str, Any]:
             "extra": {"chunk_tokens": stats.chunk_tokens},
         }
     if job.stage == "embed":
-        stats = embedding.embed_shard(source, output, job.run.embed)
+        stats = embedding.embed_shard(source, output, job.run.embed, layout.parts_dir("embed", job.shard, fingerprint))
         return {"rows_in": stats.chunks, "rows_out": stats.chunks, "chunks": stats.chunks, "tokens": stats.tokens, "extra": {"dims": stats.dims}}
     shard_summary = summary.summarize_shard(source, output, job.run.chunk.max_tokens)
     return {
@@ -158,7 +158,7 @@ def run_shard(job: ShardJob) -> ShardResult:
         return ShardResult(**common, **earlier, status="skipped")
     started = time.perf_counter()
     try:
-        stats = _do_stage(job)
+        stats = _do_stage(job, fingerprint)
     except BaseException as exc:
         ledger.write_failed(job.stage, job.shard, fingerprint, exc, job.attempt)
         raise

@@ -32,7 +32,12 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"name": "a/b"}, "must be a plain name"),
         ({"source": "not-a-folder-or-hub-id"}, "neither an existing folder nor a Hub id"),
         ({"name": None, "stages": "download"}, "download stage needs --source"),
-        ({"engine": "tei"}, "engine must be one of"),
+        ({"engine": "onnx"}, "engine must be one of"),
+        ({"engine": "tei"}, "needs --tei-url"),
+        ({"engine": "tei", "tei_url": "localhost:8080"}, "must be an http"),
+        ({"tei_url": "http://127.0.0.1:8080"}, "only used with --engine tei"),
+        ({"embedding_dtype": "int8"}, "embedding_dtype must be one of"),
+        ({"dimensions": 0}, "dimensions must be a positive integer"),
     ],
 )
 def test_bad_config_is_rejected_with_the_reason(overrides, message):
@@ -56,6 +61,14 @@ def test_fingerprint_changes_with_what_shapes_the_output():
     assert base.fingerprint() != build_run_config(name="d", stages="chunk", overlap=0.2).chunk.fingerprint()
     assert base.fingerprint() != build_run_config(name="d", stages="chunk", max_tokens=128).chunk.fingerprint()
     assert base.tokenizer_sha256 == model_info(DEFAULT_MODEL).tokenizer_sha256
+
+
+def test_embed_fingerprint_ignores_where_tei_runs():
+    a = build_run_config(name="d", stages="embed", engine="tei", tei_url="http://127.0.0.1:1").embed
+    b = build_run_config(name="d", stages="embed", engine="tei", tei_url="http://10.0.0.2:8080").embed
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != build_run_config(name="d", stages="embed").embed.fingerprint()
+    assert a.fingerprint() != build_run_config(name="d", stages="embed", engine="tei", tei_url="http://x:1", dimensions=64).embed.fingerprint()
 
 
 def test_model_slug_is_the_last_path_component():

@@ -33,7 +33,7 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_matches_sentence_transformers(sentence_transformer):
-    ours = get_engine(DEFAULT_MODEL, "", 512).embed(TEXTS)  # a small budget: several batches of mixed lengths
+    ours = get_engine(EmbedConfig(model=DEFAULT_MODEL, batch_tokens=512)).embed(TEXTS)  # a small budget: several batches of mixed lengths
     reference = sentence_transformer.encode(TEXTS, normalize_embeddings=True)
     assert ours.shape == (len(TEXTS), 384) and ours.dtype == np.float32
     assert cosine_rows(ours, reference).min() >= 0.999
@@ -51,7 +51,7 @@ def test_prefix_is_embedded_with_the_text(sentence_transformer):
 
 def test_chunk_over_the_model_limit_is_reported():
     with pytest.raises(BadDataError, match="chunk 1 has .* tokens"):
-        get_engine(DEFAULT_MODEL, "", 16_384).embed(["fine", "word " * 400])
+        get_engine(EmbedConfig(model=DEFAULT_MODEL)).embed(["fine", "word " * 400])
 
 
 def test_embed_shard_keeps_row_order_and_records_metadata(tmp_path, sentence_transformer):
@@ -65,7 +65,7 @@ def test_embed_shard_keeps_row_order_and_records_metadata(tmp_path, sentence_tra
         }
     )
     pq.write_table(chunks, tmp_path / "c.parquet")
-    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL, batch_tokens=256))
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL, batch_tokens=256), tmp_path / "parts")
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.column_names == ["id", "doc_index", "chunk_index", "embedding"]
     assert table.column("id").to_pylist() == chunks.column("id").to_pylist()
@@ -78,3 +78,57 @@ def test_embed_shard_keeps_row_order_and_records_metadata(tmp_path, sentence_tra
     assert metadata[b"fineweb_modal.dims"] == b"384" and metadata[b"fineweb_modal.pooling"] == b"mean"
     assert metadata[b"fineweb_modal.model"] == DEFAULT_MODEL.encode() and metadata[b"fineweb_modal.normalized"] == b"true"
     assert stats.chunks == 23 and stats.tokens > 23 * 3
+
+
+def test_dimensions_and_float16_storage(tmp_path, sentence_transformer):
+    texts = TEXTS * 3
+    chunks = pa.table(
+        {"id": [str(i) for i in range(15)], "doc_index": pa.array(range(15), pa.int64()), "chunk_index": pa.array([0] * 15, pa.int32()), "chunk_text": texts}
+    )
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL, dimensions=128, embedding_dtype="float16")
+    embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts")
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 128)
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+    full = sentence_transformer.encode(texts, normalize_embeddings=True)[:, :128]
+    assert cosine_rows(vectors, full).min() >= 0.999
+    assert table.schema.metadata[b"fineweb_modal.dtype"] == b"float16"
+
+
+def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypatch):
+    import fineweb_modal.embedding as embedding
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 4)
+    n = 10
+    chunks = pa.table(
+        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()),
+         "chunk_text": [f"text number {i}" for i in range(n)]}
+    )  # fmt: skip
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL)
+    engine = get_engine(cfg)
+    calls, preempt = [], [True]
+    real_embed = engine.embed
+
+    def failing_embed(texts, *args):
+        calls.append(len(texts))
+        if len(calls) == 2 and preempt:
+            preempt.clear()
+            raise ConnectionError("preempted")
+        return real_embed(texts, *args)
+
+    monkeypatch.setattr(engine, "embed", failing_embed)
+    with pytest.raises(ConnectionError):
+        embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts")
+    assert not (tmp_path / "e.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["part-00000.parquet"]
+    calls.clear()
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts")
+    assert calls == [4, 2], "the first part is reused, only the rest is embedded"
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column("id").to_pylist() == [str(i) for i in range(n)] and stats.chunks == n
+    assert not (tmp_path / "parts").exists()
+    reference = real_embed(chunks.column("chunk_text").to_pylist())
+    assert cosine_rows(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), reference).min() > 0.9999

@@ -1,0 +1,246 @@
+"""A client for Text Embeddings Inference's HTTP API that keeps the server fed and never loses or repeats a row.
+
+TEI batches inputs from every request in flight up to `max_batch_tokens` of *real* tokens (its flash models
+are unpadded), so the client packs requests by real token counts (chunk + prefix, no padding), by item
+count (≤ `max_client_batch_size`) and by JSON size (≤ the payload limit), and keeps several requests in
+flight while the inputs in flight stay within `max_concurrent_requests` (TEI counts permits per input).
+
+429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter;
+413 splits the request; 422 is bisected down to the chunk that caused it and reported by row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fineweb_modal.errors import BadDataError, ConfigError
+
+DEFAULT_PAYLOAD_LIMIT = 2_000_000  # TEI's --payload-limit default, in bytes
+RETRY_STATUSES = {429, 500, 502, 503, 504}  # overloaded, or a server going down or coming up
+_JSON_OVERHEAD_PER_INPUT = 8  # quotes, comma, and room for escapes beyond the measured text
+
+
+class TEIUnavailable(ConnectionError):
+    """TEI kept failing (overloaded, down, resetting) after every retry: a transient failure of the shard."""
+
+
+class TEIRequestError(BadDataError):
+    """TEI rejected a chunk (validation): retrying the same input cannot help."""
+
+
+@dataclass(frozen=True)
+class TEIInfo:
+    """The limits TEI's `GET /info` reports, and what model it serves."""
+
+    model_id: str
+    max_input_length: int
+    max_batch_tokens: int
+    max_client_batch_size: int
+    max_concurrent_requests: int
+    model_sha: str | None = None
+    model_dtype: str | None = None
+    model_pooling: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def from_json(cls, payload: dict) -> TEIInfo:
+        """Parse `/info`, keeping the fields this client uses."""
+        return cls(**{k: payload.get(k) for k in cls.__dataclass_fields__ if k in payload})
+
+
+@dataclass
+class TEIStats:
+    """What one `embed` call cost in requests and retries (for logs and tests)."""
+
+    requests: int = 0
+    retries: int = 0
+    splits: int = 0
+    max_inputs_in_flight: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+def pack_requests(token_counts: list[int], text_bytes: list[int], token_budget: int, max_items: int, max_payload: int) -> list[list[int]]:
+    """Group row indices into requests, longest first, each within the token, item and payload limits."""
+    order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
+    requests: list[list[int]] = []
+    current: list[int] = []
+    tokens = payload = 0
+    for index in order:
+        size = text_bytes[index] + _JSON_OVERHEAD_PER_INPUT
+        if current and (tokens + token_counts[index] > token_budget or len(current) >= max_items or payload + size > max_payload):
+            requests.append(current)
+            current, tokens, payload = [], 0, 0
+        current.append(index)
+        tokens += token_counts[index]
+        payload += size
+    if current:
+        requests.append(current)
+    return requests
+
+
+class _InputPermits:
+    """At most `limit` inputs in flight across requests (TEI's concurrency permits are per input)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_use, self.peak = limit, 0, 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_use + count <= self.limit or self.in_use == 0)
+            self.in_use += count
+            self.peak = max(self.peak, self.in_use)
+
+    async def release(self, count: int) -> None:
+        async with self._changed:
+            self.in_use -= count
+            self._changed.notify_all()
+
+
+class TEIClient:
+    """Async client for one TEI server; the API key is sent as a bearer token and never shown."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 8,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        payload_limit: int = DEFAULT_PAYLOAD_LIMIT,
+    ):
+        self.url = url.rstrip("/")
+        self._api_key = api_key
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.payload_limit = payload_limit
+        self.stats = TEIStats()
+
+    def __repr__(self) -> str:
+        return f"TEIClient(url={self.url!r}, api_key={'set' if self._api_key else 'none'})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+
+    def _client(self):
+        import httpx
+
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        return httpx.AsyncClient(base_url=self.url, headers=self._headers(), timeout=self.timeout_s, limits=limits)
+
+    async def info(self) -> TEIInfo:
+        """`GET /info`, retried like any request."""
+        async with self._client() as client:
+            response = await self._send(client, "GET", "/info", None)
+            return TEIInfo.from_json(response.json())
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
+
+    async def _send(self, client, method: str, path: str, body: bytes | None):
+        """One HTTP call with retries for the statuses and transport errors that can pass."""
+        import httpx
+
+        last_error = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await asyncio.sleep(self._backoff(attempt - 1))
+            try:
+                response = await client.request(method, path, content=body, headers={"Content-Type": "application/json"} if body else None)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                continue
+            self.stats.statuses[response.status_code] = self.stats.statuses.get(response.status_code, 0) + 1
+            if response.status_code in RETRY_STATUSES:
+                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            return response
+        raise TEIUnavailable(f"TEI at {self.url} failed {self.max_retries + 1} times; last: {last_error}")
+
+    async def embed(
+        self,
+        texts: list[str],
+        token_counts: list[int],
+        info: TEIInfo,
+        dimensions: int | None = None,
+        row_names: list[str] | None = None,
+    ) -> np.ndarray:
+        """Embed texts (prefix already added) whose real token counts are given; rows come back in input order."""
+        import orjson
+
+        if not texts:
+            return np.zeros((0, dimensions or 0), dtype=np.float32)
+        over = [i for i, n in enumerate(token_counts) if n > info.max_input_length]
+        if over:
+            name = row_names[over[0]] if row_names else f"row {over[0]}"
+            raise TEIRequestError(f"chunk {name} has {token_counts[over[0]]} tokens, over TEI's max_input_length {info.max_input_length}")
+        encoded = [orjson.dumps(t) for t in texts]
+        # Half a server batch per request: two requests fill a batch, more keep the next one queued.
+        token_budget = max(max(token_counts), info.max_batch_tokens // 2)
+        max_items = max(1, min(info.max_client_batch_size, info.max_concurrent_requests))
+        requests = pack_requests(token_counts, [len(e) for e in encoded], token_budget, max_items, int(self.payload_limit * 0.9))
+        tokens_per_request = sum(token_counts) / len(requests)
+        in_flight = max(2, math.ceil(3 * info.max_batch_tokens / max(tokens_per_request, 1)))
+        slots = asyncio.Semaphore(in_flight)
+        permits = _InputPermits(info.max_concurrent_requests)
+        out: np.ndarray | None = None
+        filled = np.zeros(len(texts), dtype=bool)
+
+        async def run(client, indices: list[int]) -> None:
+            nonlocal out
+            body = b'{"inputs":[' + b",".join(encoded[i] for i in indices) + b'],"truncate":false,"normalize":true'
+            body += (b',"dimensions":%d' % dimensions if dimensions else b"") + b"}"
+            async with slots:
+                await permits.acquire(len(indices))
+                try:
+                    self.stats.requests += 1
+                    response = await self._send(client, "POST", "/embed", body)
+                finally:
+                    await permits.release(len(indices))
+            if response.status_code in (413, 422) and len(indices) > 1:
+                self.stats.splits += 1  # too big, or one bad input: halve until the culprit stands alone
+                half = len(indices) // 2
+                await asyncio.gather(run(client, indices[:half]), run(client, indices[half:]))
+                return
+            if response.status_code != 200:
+                name = row_names[indices[0]] if row_names else f"row {indices[0]}"
+                detail = response.text[:300]
+                if response.status_code in (413, 422):
+                    raise TEIRequestError(f"TEI rejected chunk {name} ({token_counts[indices[0]]} tokens): HTTP {response.status_code} {detail}")
+                raise TEIUnavailable(f"TEI answered HTTP {response.status_code} for {len(indices)} chunks: {detail}")
+            vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)
+            if vectors.shape[0] != len(indices):
+                raise TEIUnavailable(f"TEI returned {vectors.shape[0]} vectors for {len(indices)} inputs")
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            if filled[indices].any():
+                raise AssertionError("a row was embedded twice")  # cannot happen: each index is in one request
+            out[indices] = vectors
+            filled[indices] = True
+
+        async with self._client() as client:
+            await asyncio.gather(*(run(client, r) for r in requests))
+        self.stats.max_inputs_in_flight = max(self.stats.max_inputs_in_flight, permits.peak)
+        if out is None or not filled.all():
+            raise TEIUnavailable(f"{int((~filled).sum())} rows came back without a vector")
+        return out
+
+
+def check_served_model(info: TEIInfo, model_id: str) -> None:
+    """The chunks were cut with `model_id`'s tokenizer: the server must serve the same model."""
+    from fineweb_modal.models import model_slug
+
+    if model_slug(info.model_id).lower() != model_slug(model_id).lower():
+        raise ConfigError(
+            f"TEI serves {info.model_id!r} but the run's --model is {model_id!r}: chunks are cut with the model's "
+            "tokenizer, so they must match (pass --model with the served model)"
+        )

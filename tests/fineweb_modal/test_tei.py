@@ -1,0 +1,158 @@
+"""The TEI client against a test double of TEI's API: right vectors, every limit kept, every fault survived."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fineweb_modal.embedding import TEIEngine, TransformersEngine
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.tei import TEIClient, TEIRequestError, TEIUnavailable, pack_requests
+from tests.tei_double import TEITestDouble
+
+TEXTS = [f"Document {i}: " + "words and more words " * (1 + i % 17) for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def reference() -> np.ndarray:
+    return TransformersEngine(DEFAULT_MODEL).embed(TEXTS)
+
+
+@pytest.fixture
+def double():
+    server = TEITestDouble(max_batch_tokens=2048, max_client_batch_size=16, max_concurrent_requests=64, compute_delay_s=0.02).start()
+    yield server
+    server.stop()
+
+
+def fast_engine(url: str, **client_options) -> TEIEngine:
+    engine = TEIEngine(url, DEFAULT_MODEL)
+    engine.client = TEIClient(url, backoff_base_s=0.01, backoff_cap_s=0.2, **client_options)
+    return engine
+
+
+def assert_same_rows(vectors: np.ndarray, reference: np.ndarray) -> None:
+    assert vectors.shape == reference.shape
+    cosine = (vectors * reference).sum(axis=1)
+    assert cosine.min() >= 0.999, "every row holds its own text's vector: none lost, none swapped"
+
+
+@given(
+    counts=st.lists(st.integers(3, 300), min_size=1, max_size=300),
+    budget=st.integers(300, 5000),
+    max_items=st.integers(1, 64),
+    max_payload=st.integers(2000, 50_000),
+)
+@settings(max_examples=200, deadline=None)
+def test_packing_respects_every_limit_and_covers_each_row_once(counts, budget, max_items, max_payload):
+    sizes = [n * 4 for n in counts]
+    requests = pack_requests(counts, sizes, budget, max_items, max_payload)
+    flat = [i for r in requests for i in r]
+    assert sorted(flat) == list(range(len(counts)))
+    for request in requests:
+        assert len(request) <= max_items
+        if len(request) > 1:
+            assert sum(counts[i] for i in request) <= budget
+            assert sum(sizes[i] + 8 for i in request) <= max_payload
+
+
+def test_vectors_match_the_in_process_engine_and_limits_hold(double, reference):
+    engine = fast_engine(double.url)
+    vectors = engine.embed(TEXTS)
+    assert_same_rows(vectors, reference)
+    m = double.metrics
+    assert m.embedded_inputs == len(TEXTS) and set(m.statuses) == {200}
+    assert m.max_request_inputs <= 16 and m.max_inputs_in_flight <= 64 and m.max_payload_bytes <= 2_000_000
+    assert m.max_request_tokens <= 2048 // 2 + 300
+    # Several requests in flight: the server had more queued than one request can hold.
+    assert m.max_inputs_in_flight > 16 and m.max_tokens_in_flight >= 2048
+    assert engine.tokens_embedded == sum(len(e.ids) for e in engine_tokenizer().encode_batch(TEXTS))
+    assert engine.metadata()["engine"] == "tei test-double"
+
+
+def engine_tokenizer():
+    from fineweb_modal.models import load_tokenizer, model_info
+
+    return load_tokenizer(model_info(DEFAULT_MODEL).path)
+
+
+def test_429_503_resets_and_slow_answers_are_survived(double, reference):
+    double.faults = ["429"] * 4 + ["503"] * 3 + ["reset"] * 2 + ["slow"] * 2 + ["429", "reset", "503"]
+    double.slow_s = 1.5
+    engine = fast_engine(double.url, timeout_s=0.7, max_retries=10)
+    vectors = engine.embed(TEXTS)
+    assert_same_rows(vectors, reference)
+    assert double.faults == []
+    assert engine.client.stats.retries >= 14
+    assert double.metrics.statuses[429] >= 5 and double.metrics.statuses[503] >= 4
+
+
+def test_a_server_that_dies_mid_shard_and_comes_back(double, reference):
+    engine = fast_engine(double.url, max_retries=25)
+    engine.client.backoff_cap_s = 0.5
+    double.compute_delay_s = 0.2
+
+    async def embed_while_restarting():
+        task = asyncio.get_running_loop().run_in_executor(None, engine.embed, TEXTS)
+        await asyncio.sleep(0.3)
+        double.restart_after(1.0)
+        return await task
+
+    vectors = asyncio.run(embed_while_restarting())
+    assert_same_rows(vectors, reference)
+    assert engine.client.stats.retries >= 1
+
+
+def test_payload_over_the_limit_is_split(reference):
+    server = TEITestDouble(max_client_batch_size=64, payload_limit=3000).start()
+    try:
+        engine = fast_engine(server.url)
+        vectors = engine.embed(TEXTS)
+        assert_same_rows(vectors, reference)
+        assert server.metrics.statuses[413] >= 1 and engine.client.stats.splits >= 1
+    finally:
+        server.stop()
+
+
+def test_a_rejected_chunk_is_named(double):
+    double.poison = "Document 37:"
+    engine = fast_engine(double.url)
+    names = [f"(doc_index={i}, chunk_index=0)" for i in range(len(TEXTS))]
+    with pytest.raises(TEIRequestError, match=r"doc_index=37, chunk_index=0"):
+        engine.embed(TEXTS, row_names=names)
+
+
+def test_a_dead_server_is_a_transient_failure():
+    client = TEIClient("http://127.0.0.1:9", max_retries=2, backoff_base_s=0.01, timeout_s=1)
+    with pytest.raises(TEIUnavailable, match="failed 3 times"):
+        asyncio.run(client.info())
+
+
+def test_a_server_with_another_model_is_refused(double):
+    double.served_model_id = "nomic-ai/nomic-embed-text-v1.5"
+    with pytest.raises(ConfigError, match="TEI serves 'nomic-ai/nomic-embed-text-v1.5'"):
+        TEIEngine(double.url, DEFAULT_MODEL)
+
+
+def test_api_key_is_sent_as_bearer_and_never_shown(reference, monkeypatch, caplog):
+    secret = "tei-secret-0123456789"
+    server = TEITestDouble(api_key=secret).start()
+    monkeypatch.setenv("TEI_API_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    try:
+        engine = TEIEngine(server.url, DEFAULT_MODEL)
+        assert_same_rows(engine.embed(TEXTS[:10]), reference[:10])
+        assert set(server.metrics.auth_headers) == {f"Bearer {secret}"}
+        assert secret not in repr(engine.client) and secret not in caplog.text
+        monkeypatch.setenv("TEI_API_KEY", "wrong")
+        with pytest.raises(TEIUnavailable) as failure:
+            TEIEngine(server.url, DEFAULT_MODEL).embed(TEXTS[:2])
+        assert "wrong" not in str(failure.value)
+    finally:
+        server.stop()

@@ -1,0 +1,213 @@
+"""A test double of Text Embeddings Inference's HTTP API — not TEI.
+
+It speaks TEI's `/info`, `/health` and `/embed` on 127.0.0.1 with TEI's limits and status codes (413 over
+the payload limit, 422 over the batch size or input length, 429 when more inputs are in flight than
+allowed, 401 without the API key), computes real embeddings with the in-process engine, records what it
+saw (peak inputs and tokens in flight, largest request), and injects faults on demand: 429 and 503
+answers, connections reset mid-response, answers slower than the client's timeout, and going down and
+coming back. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from fineweb_modal.embedding import TransformersEngine
+from fineweb_modal.models import DEFAULT_MODEL
+
+
+@dataclass
+class DoubleMetrics:
+    """What the double saw, for assertions about the client's behaviour."""
+
+    requests: int = 0
+    embedded_inputs: int = 0
+    inputs_in_flight: int = 0
+    tokens_in_flight: int = 0
+    max_inputs_in_flight: int = 0
+    max_tokens_in_flight: int = 0
+    max_request_inputs: int = 0
+    max_request_tokens: int = 0
+    max_payload_bytes: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    auth_headers: list[str] = field(default_factory=list)
+
+
+class TEITestDouble:
+    """Serve TEI's API on 127.0.0.1 with real embeddings from the in-process engine."""
+
+    def __init__(
+        self,
+        model_id: str = DEFAULT_MODEL,
+        served_model_id: str | None = None,
+        max_batch_tokens: int = 2048,
+        max_client_batch_size: int = 32,
+        max_input_length: int = 256,
+        max_concurrent_requests: int = 128,
+        payload_limit: int = 2_000_000,
+        api_key: str | None = None,
+        compute_delay_s: float = 0.0,
+    ):
+        self.engine = TransformersEngine(model_id)
+        self.served_model_id = served_model_id or model_id
+        self.limits = dict(
+            max_batch_tokens=max_batch_tokens,
+            max_client_batch_size=max_client_batch_size,
+            max_input_length=max_input_length,
+            max_concurrent_requests=max_concurrent_requests,
+        )
+        self.payload_limit = payload_limit
+        self.api_key = api_key
+        self.compute_delay_s = compute_delay_s
+        self.faults: list[str] = []  # consumed one per /embed request: "429", "503", "reset", "slow"
+        self.poison: str | None = None  # any request with an input containing this text gets a 422
+        self.slow_s = 2.0
+        self.metrics = DoubleMetrics()
+        self._compute = threading.Lock()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+        self.app = Starlette(routes=[Route("/info", self._info), Route("/health", self._health), Route("/embed", self._embed, methods=["POST"])])
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, port: int = 0) -> TEITestDouble:
+        """Serve in a background thread (on `port`, or a free one) and wait until it accepts connections."""
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the TEI test double did not start")
+            time.sleep(0.02)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (connections in flight are dropped)."""
+        if self._server is not None:
+            self._server.should_exit = True
+            self._server.force_exit = True
+            self._thread.join(timeout=10)
+            self._server = None
+
+    def restart_after(self, seconds: float) -> threading.Thread:
+        """Go down now and come back on the same port after `seconds` (a server dying mid-shard)."""
+        port = self.port
+        self.stop()
+
+        def come_back():
+            time.sleep(seconds)
+            self.start(port)
+
+        thread = threading.Thread(target=come_back, daemon=True)
+        thread.start()
+        return thread
+
+    def _status(self, response: Response) -> Response:
+        self.metrics.statuses[response.status_code] += 1
+        return response
+
+    async def _health(self, request: Request) -> Response:
+        return PlainTextResponse("")
+
+    async def _info(self, request: Request) -> Response:
+        return JSONResponse(
+            {
+                "model_id": self.served_model_id,
+                "model_sha": "test-double",
+                "model_dtype": "float32",
+                "model_pooling": self.engine.info.pooling,
+                "max_batch_requests": None,
+                "auto_truncate": False,
+                "tokenization_workers": 1,
+                "version": "test-double",
+                **self.limits,
+            }
+        )
+
+    async def _embed(self, request: Request) -> Response:
+        self.metrics.requests += 1
+        if self.api_key is not None:
+            header = request.headers.get("authorization", "")
+            self.metrics.auth_headers.append(header)
+            if header != f"Bearer {self.api_key}":
+                return self._status(JSONResponse({"error": "Unauthorized", "error_type": "Unauthorized"}, status_code=401))
+        body = await request.body()
+        self.metrics.max_payload_bytes = max(self.metrics.max_payload_bytes, len(body))
+        if len(body) > self.payload_limit:
+            return self._status(PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413))
+        payload = orjson.loads(body)
+        inputs = payload["inputs"] if isinstance(payload["inputs"], list) else [payload["inputs"]]
+        fault = self.faults.pop(0) if self.faults else None
+        if fault in ("429", "503"):
+            message = "Model is overloaded" if fault == "429" else "unhealthy"
+            return self._status(JSONResponse({"error": message, "error_type": "Overloaded"}, status_code=int(fault)))
+        if fault == "slow":
+            await asyncio.sleep(self.slow_s)
+        if self.poison and any(self.poison in text for text in inputs):
+            return self._status(JSONResponse({"error": "Input validation error: poisoned input", "error_type": "Validation"}, status_code=422))
+        if len(inputs) > self.limits["max_client_batch_size"]:
+            error = f"batch size {len(inputs)} > maximum allowed batch size {self.limits['max_client_batch_size']}"
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=422))
+        lengths = [len(e.ids) for e in self.engine.tokenizer.encode_batch(inputs, add_special_tokens=True)]
+        if max(lengths) > self.limits["max_input_length"] and not payload.get("truncate", False):
+            error = f"Input validation error: `inputs` must have less than {self.limits['max_input_length']} tokens. Given: {max(lengths)}"
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=422))
+        if self.metrics.inputs_in_flight + len(inputs) > self.limits["max_concurrent_requests"]:
+            return self._status(JSONResponse({"error": "Model is overloaded", "error_type": "Overloaded"}, status_code=429))
+        m = self.metrics
+        m.inputs_in_flight += len(inputs)
+        m.tokens_in_flight += sum(lengths)
+        m.max_inputs_in_flight = max(m.max_inputs_in_flight, m.inputs_in_flight)
+        m.max_tokens_in_flight = max(m.max_tokens_in_flight, m.tokens_in_flight)
+        m.max_request_inputs = max(m.max_request_inputs, len(inputs))
+        m.max_request_tokens = max(m.max_request_tokens, sum(lengths))
+        try:
+            vectors = await run_in_threadpool(self._vectors, inputs, payload.get("dimensions"), payload.get("normalize", True))
+        finally:
+            m.inputs_in_flight -= len(inputs)
+            m.tokens_in_flight -= sum(lengths)
+        m.embedded_inputs += len(inputs)
+        content = orjson.dumps(vectors.tolist())
+        if fault == "reset":
+            return self._status(_CutOffResponse(content, media_type="application/json"))
+        return self._status(Response(content, media_type="application/json"))
+
+    def _vectors(self, inputs: list[str], dimensions: int | None, normalize: bool) -> np.ndarray:
+        if self.compute_delay_s:
+            time.sleep(self.compute_delay_s)  # lets requests overlap, as on a busy GPU
+        with self._compute:
+            vectors = self.engine.embed(inputs)
+        if dimensions:
+            vectors = vectors[:, :dimensions]
+        if normalize:
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
+
+
+class _CutOffResponse(Response):
+    """Send the headers and half the body, then drop the connection (a reset mid-response)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
+        raise ConnectionResetError("test double: connection reset mid-response")
