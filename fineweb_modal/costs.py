@@ -43,6 +43,15 @@ STAGE_RESOURCES: dict[str, Resources] = {
 }
 
 
+def stage_resources(stage: str) -> Resources:
+    """A stage's resources; `FINEWEB_MODAL_GPU` (set at deploy time, e.g. `A10G`) replaces the GPU type."""
+    resources = STAGE_RESOURCES[stage]
+    gpu = os.environ.get("FINEWEB_MODAL_GPU")
+    if resources.gpu and gpu:
+        return Resources(cpu=resources.cpu, memory_gib=resources.memory_gib, gpu=gpu)
+    return resources
+
+
 def current_rates(overrides: dict[str, float] | None = None) -> dict[str, float]:
     """The price table, updated by `FINEWEB_MODAL_RATES` (a JSON object, e.g. `{"H100": 0.00095}`) and `overrides`."""
     from_env = json.loads(os.environ.get("FINEWEB_MODAL_RATES") or "{}")

@@ -128,4 +128,10 @@ def resume_command(run: RunConfig, stage: str) -> str:
         parts += [f"--overlap {run.chunk.overlap}", f"--text-column {run.chunk.text_column}", f"--keep-columns '{','.join(run.chunk.keep_columns)}'"]
     if run.embed.prefix:
         parts.append(f"--prefix '{run.embed.prefix}'")
+    if stage == "embed":
+        parts.append(f"--engine {run.embed.engine}" + (f" --tei-url {run.embed.tei_url}" if run.embed.tei_url else ""))
+        if run.embed.dimensions:
+            parts.append(f"--dimensions {run.embed.dimensions}")
+        if run.embed.embedding_dtype != "float32":
+            parts.append(f"--embedding-dtype {run.embed.embedding_dtype}")
     return " ".join(parts)

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import STAGE_RESOURCES, cost_usd
+from fineweb_modal.costs import cost_usd, stage_resources
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, count_rows
 from fineweb_modal.models import model_info
@@ -150,7 +150,7 @@ def run_shard(job: ShardJob) -> ShardResult:
     layout = job.layout()
     ledger = Ledger(layout)
     fingerprint = job_fingerprint(job, ledger)
-    resources = STAGE_RESOURCES[job.stage]
+    resources = stage_resources(job.stage)
     common = {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
     record = ledger.done_record(job.stage, job.shard, fingerprint)
     if record is not None:

@@ -244,3 +244,22 @@ def check_served_model(info: TEIInfo, model_id: str) -> None:
             f"TEI serves {info.model_id!r} but the run's --model is {model_id!r}: chunks are cut with the model's "
             "tokenizer, so they must match (pass --model with the served model)"
         )
+
+
+def wait_until_healthy(url: str, timeout_s: float = 600.0, process=None) -> None:
+    """Poll `GET /health` until TEI answers 200 (model downloaded and warmed up), or fail with what happened."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"text-embeddings-router exited with code {process.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"TEI at {url} was not healthy after {timeout_s:.0f} s")

@@ -34,7 +34,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--keep-columns", default=",".join(DEFAULT_KEEP_COLUMNS), help="source columns copied into the chunk files ('' for none)")
     parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
-    parser.add_argument("--engine", default="transformers", help="embedding engine")
+    parser.add_argument("--engine", default="transformers", choices=["transformers", "tei"], help="embedding engine")
+    parser.add_argument("--tei-url", help="a running TEI server for --engine tei (the API key comes from TEI_API_KEY or the Prefect Secret 'tei-api-key')")
+    parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
+    parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="how vectors are stored")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,6 +70,9 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "keep_columns": [c for c in args.keep_columns.split(",") if c],
         "shards": args.shards.split(",") if args.shards else None,
         "engine": args.engine,
+        "tei_url": args.tei_url,
+        "dimensions": args.dimensions,
+        "embedding_dtype": args.embedding_dtype,
     }
 
 

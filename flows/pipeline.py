@@ -35,6 +35,9 @@ def pipeline(
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
     shards: list[str] | None = None,
     engine: str = "transformers",
+    tei_url: str | None = None,
+    dimensions: int | None = None,
+    embedding_dtype: str = "float32",
 ):
     """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
     params = {k: v for k, v in locals().items() if k != "stages"}

@@ -16,6 +16,7 @@ from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, fin
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
 MODAL_DATA_DIR = "/data"
+MODAL_TEI_CLASS = "TEIEmbedder"
 MODAL_FUNCTIONS = {"download": "download_shard", "chunk": "chunk_shard", "embed": "embed_shard", "summarize": "summarize_shard"}
 
 
@@ -118,6 +119,9 @@ class ModalBackend:
                 upload.put_file(job.source_file, remote)
             update["source_file"] = MODAL_DATA_DIR + remote
         payload = job.model_copy(update=update).model_dump(mode="json")
+        if job.stage == "embed" and job.run.embed.engine == "tei":
+            embedder = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)()
+            return ShardResult.model_validate(embedder.embed_shard.remote(payload))
         return ShardResult.model_validate(self._function(MODAL_FUNCTIONS[job.stage]).remote(payload))
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:

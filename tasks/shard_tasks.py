@@ -13,6 +13,7 @@ from fineweb_modal.errors import is_transient
 from fineweb_modal.report import state_message
 from fineweb_modal.shards import ShardJob, ShardResult
 from tasks.backends import get_backend
+from tasks.secrets import load_tei_api_key
 
 RETRIES = 3
 
@@ -58,6 +59,8 @@ def chunk_task(shard: str, run: RunConfig) -> ShardResult:
 @task(name="embed", task_run_name="embed-{shard}", **_RETRYABLE)
 def embed_task(shard: str, run: RunConfig) -> ShardResult:
     """Embed one shard's chunks."""
+    if run.embed.engine == "tei" and run.backend == "local":
+        load_tei_api_key()
     return run_shard_task("embed", shard, run)
 
 

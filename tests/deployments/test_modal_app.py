@@ -45,3 +45,30 @@ def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config
 
     again = ShardJob(stage="chunk", shard=shard, run=run, where="modal").model_dump(mode="json")
     assert modal_app.chunk_shard.local(again)["status"] == "skipped"
+
+
+def test_gpu_picks_the_matching_tei_image(modal_app):
+    assert modal_app.tei_image_tag("H100") == "hopper-1.9"
+    assert modal_app.tei_image_tag("A10G") == "86-1.9"
+    assert modal_app.tei_image_tag("L4") == "89-1.9"
+    assert modal_app.tei_image_tag("T4") == "cuda-1.9"
+
+
+def test_tei_class_embeds_a_shard_through_the_server_it_is_given(modal_app, demo_source, run_config_for):
+    from tests.tei_double import TEITestDouble
+
+    double = TEITestDouble().start()
+    try:
+        run = run_config_for(demo_source, backend="modal", engine="tei")
+        source_file = sorted(demo_source.glob("*.parquet"))[0]
+        shard = source_file.stem
+        for stage in ("download", "chunk"):
+            job = ShardJob(stage=stage, shard=shard, run=run, source_file=str(source_file) if stage == "download" else None)
+            getattr(modal_app, MODAL_FUNCTIONS[stage]).local(job.model_dump(mode="json"))
+        job = ShardJob(stage="embed", shard=shard, run=run, where="modal").model_dump(mode="json")
+        result = ShardResult.model_validate(modal_app.TEIEmbedder(tei_url=double.url).embed_shard.local(job))
+        assert result.status == "done" and result.chunks == double.metrics.embedded_inputs
+        table = pq.read_table(layout_for(run).output_path("embed", shard))
+        assert table.num_rows == result.chunks and table.schema.metadata[b"fineweb_modal.engine"] == b"tei test-double"
+    finally:
+        double.stop()

@@ -103,3 +103,28 @@ def test_missing_kept_column_is_a_config_error_before_chunking(pipeline_flow, de
     state, reports = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", keep_columns=["url", "nope"])
     assert state.is_failed() and "['nope'] not found" in state.message
     assert not (tmp_path / "data" / "demo-chunked-64").exists()
+
+
+def test_tei_engine_through_the_flows_matches_the_in_process_engine(pipeline_flow, demo_source, tmp_path):
+    import numpy as np
+
+    from tests.tei_double import TEITestDouble
+
+    double = TEITestDouble(max_client_batch_size=8).start()
+    try:
+        tei_dir, local_dir = tmp_path / "tei", tmp_path / "local"
+        stages = ["download", "chunk", "embed"]
+        state, reports = run_pipeline(pipeline_flow, demo_source, tei_dir, stages=stages, engine="tei", tei_url=double.url)
+        assert state.is_completed(), state.message
+        state, _ = run_pipeline(pipeline_flow, demo_source, local_dir, stages=stages)
+        assert state.is_completed()
+        for shard in reports["embed"].succeeded:
+            path = f"demo-chunked-64-all-MiniLM-L6-v2/train/{shard}.parquet"
+            via_tei, in_process = pq.read_table(tei_dir / path), pq.read_table(local_dir / path)
+            assert via_tei.column("chunk_index").equals(in_process.column("chunk_index"))
+            a = np.stack(via_tei.column("embedding").to_numpy(zero_copy_only=False))
+            b = np.stack(in_process.column("embedding").to_numpy(zero_copy_only=False))
+            assert (a * b).sum(axis=1).min() >= 0.999
+        assert double.metrics.max_request_inputs <= 8
+    finally:
+        double.stop()
