@@ -19,6 +19,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -46,10 +47,20 @@ class Engine(Protocol):
 
 
 class TransformersEngine:
-    """A transformers encoder with sentence-transformers pooling and normalization, fed token-budget batches."""
+    """A transformers encoder with sentence-transformers pooling and normalization, fed token-budget batches.
+
+    `model` replaces loading the weights from `model_id` (benchmarks use random weights of another
+    architecture); the tokenizer, limit and pooling still come from `model_id`.
+    """
 
     def __init__(
-        self, model_id: str, prefix: str = "", batch_tokens: int = 16_384, device: str | None = None, dimensions: int | None = None
+        self,
+        model_id: str,
+        prefix: str = "",
+        batch_tokens: int = 16_384,
+        device: str | None = None,
+        dimensions: int | None = None,
+        model=None,
     ):
         import torch
         from transformers import AutoModel
@@ -60,7 +71,7 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(self.info.path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = AutoModel.from_pretrained(self.info.path, dtype=self.dtype, attn_implementation="sdpa")
+        self.model = model if model is not None else AutoModel.from_pretrained(self.info.path, dtype=self.dtype, attn_implementation="sdpa")
         self.model.to(self.device).eval()
         hidden = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > hidden:
@@ -73,6 +84,21 @@ class TransformersEngine:
         """What the embedding parquet records about the model that made it."""
         return {"model": self.info.model_id, "revision": _revision(self.info.path), "pooling": self.info.pooling, "engine": "transformers"}
 
+    def _padded_batches(self, encodings, lengths: np.ndarray, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Length-sorted batches filled to `batch_tokens` padded tokens: (rows, token ids, attention mask)."""
+        start = 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            batch = order[start : start + max(1, self.batch_tokens // max(longest, 1))]
+            ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), longest), dtype=np.int64)
+            for row, index in enumerate(batch):
+                token_ids = encodings[index].ids
+                ids[row, : len(token_ids)] = token_ids
+                mask[row, : len(token_ids)] = 1
+            yield batch, ids, mask
+            start += len(batch)
+
     def embed(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> np.ndarray:
         """Embed texts (the prefix is added here) into an (n, dims) float32 array in the given order."""
         import torch
@@ -82,30 +108,30 @@ class TransformersEngine:
         too_long = np.flatnonzero(lengths > self.info.sequence_limit)
         if too_long.size:
             row = int(too_long[0])
+            name = row_names[row] if row_names else f"row {row}"
             raise BadDataError(
-                f"chunk {row} has {lengths[row]} tokens with the prefix, over {self.info.model_id}'s limit of "
+                f"chunk {name} has {lengths[row]} tokens with the prefix, over {self.info.model_id}'s limit of "
                 f"{self.info.sequence_limit}: it was chunked for another model or max_tokens"
             )
         self.tokens_embedded += int(lengths.sum())
-        out = np.empty((len(texts), self.dims), dtype=np.float32)
         order = np.argsort(-lengths, kind="stable")
-        start = 0
+        batches = self._padded_batches(encodings, lengths, order)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            batches = _prefetch(batches, depth=2)  # pad the next batch on the CPU while the GPU runs this one
+        pooled = []
         with torch.inference_mode():
-            while start < len(order):
-                longest = int(lengths[order[start]])
-                count = max(1, self.batch_tokens // max(longest, 1))
-                batch = order[start : start + count]
-                ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
-                mask = np.zeros((len(batch), longest), dtype=np.int64)
-                for row, index in enumerate(batch):
-                    token_ids = encodings[index].ids
-                    ids[row, : len(token_ids)] = token_ids
-                    mask[row, : len(token_ids)] = 1
-                input_ids = torch.from_numpy(ids).to(self.device)
-                attention = torch.from_numpy(mask).to(self.device)
+            for _, ids, mask in batches:
+                input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
+                if on_gpu:
+                    input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
+                    attention = attention.pin_memory().to(self.device, non_blocking=True)
                 hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-                out[batch] = self._pool(hidden, attention).float().cpu().numpy()
-                start += len(batch)
+                pooled.append(self._pool(hidden, attention))
+            # One device→host copy per call, not one per batch: the GPU never waits for the host.
+            vectors = torch.cat(pooled).cpu().numpy() if pooled else np.zeros((0, self.dims), np.float32)
+        out = np.empty((len(texts), self.dims), dtype=np.float32)
+        out[order] = vectors
         return out
 
     def _pool(self, hidden, attention):
@@ -161,6 +187,31 @@ class TEIEngine:
         self.dims = vectors.shape[1]
         self.tokens_embedded += sum(counts)
         return vectors
+
+
+def _prefetch(items: Iterator, depth: int) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead of the consumer."""
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for item in items:
+                buffer.put(item)
+        except BaseException as exc:  # handed to the consumer: a silent stop would drop rows
+            failure.append(exc)
+        finally:
+            buffer.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := buffer.get()) is not done:
+        yield item
+    if failure:
+        raise failure[0]
 
 
 @functools.lru_cache(maxsize=2)

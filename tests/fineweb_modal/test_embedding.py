@@ -50,7 +50,7 @@ def test_prefix_is_embedded_with_the_text(sentence_transformer):
 
 
 def test_chunk_over_the_model_limit_is_reported():
-    with pytest.raises(BadDataError, match="chunk 1 has .* tokens"):
+    with pytest.raises(BadDataError, match="chunk row 1 has 402 tokens"):
         get_engine(EmbedConfig(model=DEFAULT_MODEL)).embed(["fine", "word " * 400])
 
 
@@ -132,3 +132,16 @@ def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypat
     assert not (tmp_path / "parts").exists()
     reference = real_embed(chunks.column("chunk_text").to_pylist())
     assert cosine_rows(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), reference).min() > 0.9999
+
+
+def test_prefetch_keeps_order_and_passes_errors_on():
+    from fineweb_modal.embedding import _prefetch
+
+    assert list(_prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("producer broke")
+
+    with pytest.raises(ValueError, match="producer broke"):
+        list(_prefetch(failing(), depth=2))
