@@ -28,6 +28,9 @@ demo: install
 test: install
 	$(PY) -m pytest
 
+bench: install
+	$(PY) -m benchmarks.embed
+
 server-stop: install
 	$(VENV)/bin/fineweb-modal server stop
 
