@@ -13,7 +13,7 @@ import modal
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import stage_resources
-from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard
+from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
 
@@ -113,6 +113,14 @@ def list_shards(run: dict, stage: str) -> list[str]:
     if not modal.is_local():
         volume.reload()
     return layout_for(RunConfig.model_validate(run)).list_shards(stage)
+
+
+@app.function(image=cpu_image, **common)
+def shard_statuses_fn(run: dict, stage: str, shards: list[str]) -> dict[str, str]:
+    """done / failed / missing per shard, from the ledger on the Volume."""
+    if not modal.is_local():
+        volume.reload()
+    return shard_statuses(RunConfig.model_validate(run), stage, shards)
 
 
 @app.function(image=cpu_image, **common)

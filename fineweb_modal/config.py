@@ -84,6 +84,7 @@ class RunConfig(_Frozen):
     stages: tuple[str, ...]
     backend: Literal["local", "modal"]
     shards: tuple[str, ...] = ()
+    only: Literal["failed"] | None = None
     num_proc: int = 4
 
 
@@ -144,6 +145,7 @@ def build_run_config(
     tei_url: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
+    only: str | None = None,
     num_proc: int = 4,
 ) -> RunConfig:
     """Validate the flat run parameters (CLI flags, flow parameters) into a RunConfig, or raise ConfigError."""
@@ -162,6 +164,8 @@ def build_run_config(
         raise ConfigError(f"tei_url {tei_url!r} must be an http(s) URL like http://127.0.0.1:8080")
     if tei_url and engine != "tei":
         raise ConfigError("--tei-url is only used with --engine tei")
+    if only not in (None, "", "failed"):
+        raise ConfigError(f"only must be 'failed' (or unset), got {only!r}")
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ConfigError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
     if dimensions is not None and (not str(dimensions).isdigit() or int(dimensions) < 1):
@@ -219,5 +223,6 @@ def build_run_config(
         stages=stage_list,
         backend=backend,
         shards=split_list(shards),
+        only=only or None,
         num_proc=num_proc,
     )

@@ -178,6 +178,11 @@ def run_shard(job: ShardJob) -> ShardResult:
     return result
 
 
+def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
+    """`shard_status` of many shards at once (one Modal call for the modal backend)."""
+    return {shard: shard_status(run, stage, shard) for shard in shards}
+
+
 def shard_status(run: RunConfig, stage: str, shard: str) -> str:
     """`done`, `failed` or `missing` for one shard of one stage, as the ledger and the output files say."""
     layout = layout_for(run)

@@ -86,3 +86,8 @@ def arrow_num_rows(path: Path) -> int | None:
 def parquet_key_values(parquet: pq.ParquetFile) -> dict[str, str]:
     """The file-level key-value metadata of a parquet file (schema metadata and what the writer added at close)."""
     return {k.decode(): v.decode() for k, v in (parquet.metadata.metadata or {}).items() if k != b"ARROW:schema"}
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON document."""
+    return json.loads(Path(path).read_text())

@@ -34,6 +34,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--keep-columns", default=",".join(DEFAULT_KEEP_COLUMNS), help="source columns copied into the chunk files ('' for none)")
     parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
+    parser.add_argument("--only", choices=["failed"], help="run only the shards whose last attempt failed")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "tei"], help="embedding engine")
     parser.add_argument("--tei-url", help="a running TEI server for --engine tei (the API key comes from TEI_API_KEY or the Prefect Secret 'tei-api-key')")
     parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
@@ -47,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default="./data")
     run = commands.add_parser("run", help="run the pipeline's stages")
     _add_run_flags(run)
+    status = commands.add_parser("status", help="per dataset and stage: shards done, failed and missing, from the ledger")
+    status.add_argument("--data-dir", default="./data")
+    status.add_argument("--name", help="only this dataset (and the ones derived from it)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     srv = commands.add_parser("server", help="a local Prefect server on 127.0.0.1")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=server.DEFAULT_PORT)
@@ -73,6 +78,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "tei_url": args.tei_url,
         "dimensions": args.dimensions,
         "embedding_dtype": args.embedding_dtype,
+        "only": args.only,
     }
 
 
@@ -138,6 +144,33 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
             print(f"           {shard}: {error[:200]}")
 
 
+def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
+    """Print the ledger's view of a data dir; exit 1 when any shard is failed or missing."""
+    import json
+
+    from fineweb_modal.costs import format_usd
+    from fineweb_modal.report import group_digits
+    from fineweb_modal.status import ledger_status
+
+    statuses = ledger_status(data_dir, name)
+    if as_json:
+        print(json.dumps([s.as_dict() for s in statuses], indent=2))
+    elif not statuses:
+        print(f"no ledger records under {data_dir}" + (f" for {name}" if name else ""))
+    else:
+        print(f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'tokens':>14} {'seconds':>9} {'cost':>9}")
+        for s in statuses:
+            print(
+                f"{s.dataset:<48} {s.stage:<10} {s.split:<6} {len(s.done):>5} {len(s.failed):>6} {len(s.missing):>7} "
+                f"{group_digits(s.tokens):>14} {s.seconds:>9.1f} {format_usd(s.cost_usd):>9}"
+            )
+            for shard, error in s.failed.items():
+                print(f"    failed  {shard}: {error[:150]}")
+            for shard in s.missing[:10]:
+                print(f"    missing {shard}")
+    return EXIT_OK if all(not s.failed and not s.missing for s in statuses) else EXIT_FAILED_SHARDS
+
+
 def demo(data_dir: str) -> int:
     """Build the offline demo dataset (4 shards, 200 documents of Python's docs) and run every stage on it."""
     from fineweb_modal.demo import DEMO_NAME, write_demo_source
@@ -168,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "demo":
         return demo(args.data_dir)
+    if args.command == "status":
+        return print_status(args.data_dir, args.name, args.json)
     return run_pipeline(_run_kwargs(args))
 
 

@@ -18,10 +18,11 @@ def download(
     data_dir: str = "./data",
     backend: str = "local",
     shards: list[str] | None = None,
+    only: str | None = None,
     num_proc: int = 4,
 ):
     """Copy a source into `data_dir/<name>/<split>/<shard>.arrow`, one task per shard."""
     run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, num_proc=num_proc
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, only=only, num_proc=num_proc
     )
     return run_stage("download", run)

@@ -13,6 +13,7 @@ from fineweb_modal.report import StageReport
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
+from flows.stage import failed_shards
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
@@ -34,6 +35,7 @@ def pipeline(
     text_column: str = "text",
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
     shards: list[str] | None = None,
+    only: str | None = None,
     engine: str = "transformers",
     tei_url: str | None = None,
     dimensions: int | None = None,
@@ -43,6 +45,11 @@ def pipeline(
     params = {k: v for k, v in locals().items() if k != "stages"}
     run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
     logger = get_run_logger()
+    if run.only == "failed":
+        params.update(shards=failed_shards(run), only=None)
+        if not params["shards"]:
+            return Completed(message="no failed shards: nothing to rerun")
+        logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     failed: dict[str, list[str]] = {}
     reports: dict[str, StageReport] = {}
     for stage in run.stages:

@@ -27,6 +27,9 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
     if stage == "download":
         files = list_source_files(run.download.source)
         chosen = select_shards([f.stem for f in files], run.shards)
+        if run.only == "failed":
+            statuses = get_backend(run.backend).shard_statuses(run, stage, chosen)
+            chosen = [shard for shard in chosen if statuses[shard] == "failed"]
         by_stem = {f.stem: str(f) for f in files}
         return {shard: {"source_file": by_stem[shard]} for shard in chosen}
     backend = get_backend(run.backend)
@@ -35,6 +38,11 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
         where = layout_for(run).shard_dir(layout_for(run).input_stage(stage))
         raise ConfigError(f"{stage}: no input shards in {where}; run the earlier stages first")
     chosen = select_shards(available, run.shards)
+    if run.only == "failed":
+        statuses = backend.shard_statuses(run, stage, chosen)
+        chosen = [shard for shard in chosen if statuses[shard] == "failed"]
+        if not chosen:
+            return {}
     if stage == "chunk" and run.backend == "local":
         # A missing text or kept column is a config mistake: say so before any shard starts.
         path = layout_for(run).input_path("chunk", chosen[0])
@@ -43,6 +51,19 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
         except BadDataError as exc:
             raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
     return {shard: {} for shard in chosen}
+
+
+def failed_shards(run: RunConfig) -> list[str]:
+    """Shards with a `failed` ledger record in any of the run's stages (what `--only failed` reruns)."""
+    backend = get_backend(run.backend)
+    failed: set[str] = set()
+    for stage in run.stages:
+        if stage == "download":
+            candidates = [f.stem for f in list_source_files(run.download.source)] if run.download and run.download.source_kind == "folder" else []
+        else:
+            candidates = backend.list_shards(run, stage)
+        failed |= {shard for shard, status in backend.shard_statuses(run, stage, candidates).items() if status == "failed"}
+    return sorted(failed)
 
 
 def run_stage(stage: str, run: RunConfig) -> State:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard
+from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -30,6 +30,8 @@ class Backend(Protocol):
     def list_shards(self, run: RunConfig, stage: str) -> list[str]: ...
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]: ...
+
+    def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]: ...
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
 
@@ -64,6 +66,10 @@ class LocalBackend:
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, from the local data dir."""
         return layout_for(run).list_shards(stage)
+
+    def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
+        """done / failed / missing per shard, from the local ledger."""
+        return shard_statuses(run, stage, shards)
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset into the local data dir."""
@@ -127,6 +133,10 @@ class ModalBackend:
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, as the Volume holds them."""
         return self._function("list_shards").remote(self._on_volume(run).model_dump(mode="json"), stage)
+
+    def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
+        """done / failed / missing per shard, from the ledger on the Volume."""
+        return self._function("shard_statuses_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, shards)
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset straight onto the Volume."""

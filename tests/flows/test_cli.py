@@ -50,6 +50,16 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     captured = capsys.readouterr()
     assert "download   3 ok (3 skipped), 1 failed" in captured.out and "data-00003-of-00003" in captured.err
 
+    assert main(["status", "--data-dir", str(tmp_path / "data")]) == 1
+    out = capsys.readouterr().out
+    assert "failed  data-00003-of-00003: BadDataError" in out
+    assert main(["status", "--data-dir", str(tmp_path / "data"), "--json"]) == 1
+    import json
+
+    by_stage = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
+    assert by_stage["download"]["counts"] == {"done": 3, "failed": 1, "missing": 0}
+    assert by_stage["chunk"]["counts"] == {"done": 3, "failed": 0, "missing": 0} and by_stage["chunk"]["tokens"] > 0
+
 
 def test_local_server_starts_answers_and_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("FINEWEB_MODAL_HOME", str(tmp_path))

@@ -85,12 +85,21 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     markdown = latest_artifact("download-demo-summary").data
     assert "data-00001-of-00003" in markdown and "fineweb-modal run" in markdown
 
+    from fineweb_modal.status import ledger_status
+
+    download_status = next(s for s in ledger_status(data_dir, "demo") if s.stage == "download")
+    assert list(download_status.failed) == ["data-00001-of-00003"] and len(download_status.done) == 2
+
     shutil.copy(backup, good)
-    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, only="failed")
     assert state.is_completed(), state.message
     for stage in STAGES:
-        statuses = {r.shard: r.status for r in reports[stage].results}
-        assert statuses == {"data-00000-of-00003": "skipped", "data-00001-of-00003": "done", "data-00002-of-00003": "skipped"}
+        assert {r.shard: r.status for r in reports[stage].results} == {"data-00001-of-00003": "done"}, "only the failed shard ran"
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, only="failed")
+    assert state.is_completed() and state.message == "no failed shards: nothing to rerun"
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
+    assert all(r.status == "skipped" for stage in STAGES for r in reports[stage].results)
+    assert all(not s.failed and not s.missing for s in ledger_status(data_dir, "demo"))
 
 
 def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path):

@@ -1,0 +1,80 @@
+"""What the ledger says about a data dir: per dataset and stage, shards done, failed and missing, with totals."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fineweb_modal.ledger import ShardRecord, count_rows
+from fineweb_modal.storage import read_json
+
+_DERIVED = re.compile(r"^(?P<name>.+)-chunked-(?P<tokens>\d+)(?:-(?P<model>.+))?$")
+_INPUT_SUFFIX = {"download": None, "chunk": ".arrow", "embed": ".parquet", "summarize": ".parquet"}
+
+
+@dataclass
+class StageStatus:
+    """One stage of one dataset and split, as its ledger records and files say."""
+
+    dataset: str
+    stage: str
+    split: str
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    cost_usd: float = 0.0
+    modal_estimate_usd: float = 0.0
+
+    def as_dict(self) -> dict:
+        """A JSON-ready view (for `fineweb-modal status --json`)."""
+        return {**self.__dict__, "counts": {"done": len(self.done), "failed": len(self.failed), "missing": len(self.missing)}}
+
+
+def _input_dir(data_dir: Path, dataset: str, stage: str, split: str) -> Path | None:
+    match = _DERIVED.match(dataset)
+    if stage == "chunk" and match:
+        return data_dir / match["name"] / split
+    if stage == "embed" and match and match["model"]:
+        return data_dir / f"{match['name']}-chunked-{match['tokens']}" / split
+    if stage == "summarize":
+        return data_dir / dataset / split
+    return None
+
+
+def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageStatus]:
+    """Every (dataset, stage, split) with ledger records under `data_dir`, optionally only datasets of `name`."""
+    root = Path(data_dir)
+    statuses = []
+    for stage_dir in sorted(root.glob("*/_ledger/*/*")):
+        dataset, stage, split = stage_dir.parts[-4], stage_dir.parts[-2], stage_dir.parts[-1]
+        if name and dataset != name and not dataset.startswith(f"{name}-chunked-"):
+            continue
+        status = StageStatus(dataset=dataset, stage=stage, split=split)
+        recorded = set()
+        for path in sorted(stage_dir.glob("*.json")):
+            try:
+                record = ShardRecord.model_validate(read_json(path))
+            except (OSError, ValueError):
+                continue
+            recorded.add(record.shard)
+            if record.status == "failed":
+                status.failed[record.shard] = record.error or "failed"
+                continue
+            output = root / record.output if record.output else None
+            if output is None or count_rows(output) != record.rows_out:
+                status.missing.append(record.shard)  # done once, but its output is gone or changed
+                continue
+            status.done.append(record.shard)
+            status.tokens += int(record.stats.get("tokens", 0))
+            status.seconds += float(record.stats.get("seconds", 0.0))
+            status.cost_usd += float(record.stats.get("cost_usd", 0.0))
+            status.modal_estimate_usd += float(record.stats.get("modal_estimate_usd", 0.0))
+        inputs = _input_dir(root, dataset, stage, split)
+        if inputs is not None and inputs.is_dir():
+            stems = {p.stem for p in inputs.glob(f"*{_INPUT_SUFFIX[stage]}") if not p.name.startswith(".")}
+            status.missing += sorted(stems - recorded)
+        statuses.append(status)
+    return statuses
