@@ -13,7 +13,7 @@ import modal
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import stage_resources
-from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses
+from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
 
@@ -121,6 +121,14 @@ def shard_statuses_fn(run: dict, stage: str, shards: list[str]) -> dict[str, str
     if not modal.is_local():
         volume.reload()
     return shard_statuses(RunConfig.model_validate(run), stage, shards)
+
+
+@app.function(image=cpu_image, cpu=2, memory=8 * 1024, **common)
+def verify_shard_fn(run: dict, shard: str) -> dict:
+    """Check one shard's outputs on the Volume."""
+    if not modal.is_local():
+        volume.reload()
+    return verify_outputs(RunConfig.model_validate(run), shard)
 
 
 @app.function(image=cpu_image, **common)

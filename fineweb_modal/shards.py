@@ -222,3 +222,10 @@ def finalize_stage(run: RunConfig, stage: str, summaries: list[dict[str, Any]] |
         write_json_atomic(path, {"totals": totals, "shards": summaries or []})
         return {"totals": totals, "path": str(path)}
     return {}
+
+
+def verify_outputs(run: RunConfig, shard: str) -> dict[str, Any]:
+    """Check one shard's chunk and embedding files against each other and the source (see fineweb_modal.verify)."""
+    from fineweb_modal.verify import verify_shard
+
+    return verify_shard(layout_for(run), shard, run.chunk.text_column, run.embed.dimensions)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses
+from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses, verify_outputs
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -32,6 +32,8 @@ class Backend(Protocol):
     def download_hub(self, run: RunConfig) -> list[ShardResult]: ...
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]: ...
+
+    def verify(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
 
@@ -70,6 +72,10 @@ class LocalBackend:
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the local ledger."""
         return shard_statuses(run, stage, shards)
+
+    def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Check one shard's outputs, in a worker process."""
+        return self._executor().submit(verify_outputs, run, shard).result()
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset into the local data dir."""
@@ -133,6 +139,10 @@ class ModalBackend:
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, as the Volume holds them."""
         return self._function("list_shards").remote(self._on_volume(run).model_dump(mode="json"), stage)
+
+    def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Check one shard's outputs on the Volume."""
+        return self._function("verify_shard_fn").remote(self._on_volume(run).model_dump(mode="json"), shard)
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the ledger on the Volume."""

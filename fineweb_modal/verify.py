@@ -1,0 +1,92 @@
+"""Checks of one shard's outputs against each other and the source: the promises, tested on real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fineweb_modal.layout import Layout
+from fineweb_modal.storage import open_arrow_batches
+
+NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
+
+
+def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected_dims: int | None = None) -> dict[str, Any]:
+    """Row counts, unique keys, exact spans, finite unit-norm vectors of the right size; `problems` lists what failed."""
+    problems: list[str] = []
+    chunk_path, embed_path = layout.output_path("chunk", shard), layout.output_path("embed", shard)
+    outcome: dict[str, Any] = {"shard": shard, "chunks": None, "embeddings": None, "dims": None}
+    if not chunk_path.is_file():
+        return {**outcome, "problems": [f"no chunk file {chunk_path}"]}
+    chunks = pq.read_table(chunk_path, columns=["doc_index", "chunk_index", "chunk_text", "char_start", "char_end"])
+    outcome["chunks"] = chunks.num_rows
+    keys = np.stack([chunks.column("doc_index").to_numpy(), chunks.column("chunk_index").to_numpy().astype(np.int64)], axis=1)
+    if len(np.unique(keys, axis=0)) != len(keys):
+        problems.append("(doc_index, chunk_index) is not unique")
+    problems += _check_spans(layout.output_path("download", shard), chunks, text_column)
+    if embed_path.is_file():
+        problems += _check_embeddings(embed_path, chunks, expected_dims, outcome)
+    else:
+        problems.append(f"no embedding file {embed_path}")
+    return {**outcome, "problems": problems}
+
+
+def _check_spans(source_path: Path, chunks: pa.Table, text_column: str) -> list[str]:
+    if not source_path.is_file():
+        return [f"no source shard {source_path} to check spans against"]
+    schema, batches = open_arrow_batches(source_path)
+    texts = pa.Table.from_batches(list(batches), schema).column(text_column).to_pylist()
+    bad = 0
+    first = None
+    for row, (doc, text, start, end) in enumerate(
+        zip(chunks.column("doc_index").to_pylist(), chunks.column("chunk_text").to_pylist(), chunks.column("char_start").to_pylist(), chunks.column("char_end").to_pylist())
+    ):
+        if doc >= len(texts) or texts[doc] is None or texts[doc][start:end] != text:
+            bad += 1
+            first = first if first is not None else row
+    return [f"{bad} chunk(s) are not the source substring at their offsets (first: row {first})"] if bad else []
+
+
+def _check_embeddings(path: Path, chunks: pa.Table, expected_dims: int | None, outcome: dict) -> list[str]:
+    problems = []
+    table = pq.read_table(path)
+    outcome["embeddings"] = table.num_rows
+    if table.num_rows != chunks.num_rows:
+        return [f"{table.num_rows} embeddings for {chunks.num_rows} chunks"]
+    if not (table.column("doc_index").equals(chunks.column("doc_index")) and table.column("chunk_index").equals(chunks.column("chunk_index"))):
+        problems.append("embedding rows are not in the chunk file's order")
+    dims = table.schema.field("embedding").type.list_size
+    outcome["dims"] = dims
+    if expected_dims and dims != expected_dims:
+        problems.append(f"{dims} dimensions, expected {expected_dims}")
+    if table.num_rows:
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dims).astype(np.float32)
+        if not np.isfinite(vectors).all():
+            problems.append(f"{int((~np.isfinite(vectors).all(axis=1)).sum())} embedding(s) hold NaN or inf")
+        norms = np.linalg.norm(vectors, axis=1)
+        off = np.flatnonzero(np.abs(norms - 1) > NORM_TOLERANCE)
+        if off.size:
+            problems.append(f"{off.size} embedding(s) are not unit-norm (first: row {int(off[0])}, norm {norms[off[0]]:.4f})")
+    return problems
+
+
+def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str, split: str = "train") -> tuple[np.ndarray, pa.Table]:
+    """All of a dataset's embeddings as one (N, d) float32 array, with the matching (id, doc_index, chunk_index, shard) keys."""
+    from fineweb_modal.models import model_slug
+
+    layout = Layout(data_dir=str(data_dir), name=name, split=split, max_tokens=max_tokens, model_slug=model_slug(model))
+    paths = sorted(layout.shard_dir("embed").glob("*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no embedding shards in {layout.shard_dir('embed')}")
+    tables = []
+    for path in paths:
+        table = pq.read_table(path, memory_map=True)  # the file is mapped; decoded columns live in memory
+        tables.append(table.append_column("shard", pa.array([path.stem] * table.num_rows, pa.string())))
+    table = pa.concat_tables(tables)
+    column = table.column("embedding").combine_chunks()
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size).astype(np.float32, copy=False)
+    return vectors, table.select(["id", "doc_index", "chunk_index", "shard"])

@@ -1,0 +1,29 @@
+"""Every flow as two deployments, `<flow>/local` and `<flow>/modal`, served from one process (no work pool)."""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows.chunk import chunk
+from flows.download import download
+from flows.embed import embed
+from flows.pipeline import pipeline
+from flows.summarize import summarize
+from flows.verify import verify
+
+FLOWS = (pipeline, download, chunk, embed, summarize, verify)
+BACKENDS = ("local", "modal")
+
+
+def build_deployments() -> list:
+    """One deployment per flow and backend; the backend is a default parameter the run form can still change."""
+    return [
+        flow.to_deployment(name=backend, parameters={"backend": backend}, tags=["fineweb-modal", backend], description=flow.description)
+        for flow in FLOWS
+        for backend in BACKENDS
+    ]
+
+
+def serve_all() -> None:
+    """Serve every deployment from this process until interrupted."""
+    serve(*build_deployments())

@@ -1,0 +1,60 @@
+"""verify: per shard, chunk and embedding files agree with each other and with the source; fail on any violation."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.report import artifact_key
+from fineweb_modal.selection import select_shards
+from tasks.backends import get_backend
+from tasks.shard_tasks import retry_if_transient
+
+
+@task(name="verify", task_run_name="verify-{shard}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def verify_task(shard: str, run: RunConfig) -> dict:
+    """Check one shard's outputs."""
+    outcome = get_backend(run.backend).verify(run, shard)
+    message = "ok" if not outcome["problems"] else "; ".join(outcome["problems"])
+    return (Completed if not outcome["problems"] else Failed)(message=message, data=outcome)
+
+
+@flow(name="verify", task_runner=ThreadPoolTaskRunner(max_workers=16))
+def verify(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    text_column: str = "text",
+    dimensions: int | None = None,
+    shards: list[str] | None = None,
+):
+    """Row counts match, keys unique, spans exact, vectors finite and unit-norm with the right dims; a table artifact."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
+        max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
+    )  # fmt: skip
+    chosen = select_shards(get_backend(backend).list_shards(run, "embed"), run.shards)
+    futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
+    outcomes = [f.result(raise_on_failure=False) for f in futures]
+    rows = [
+        {"shard": o["shard"], "chunks": o["chunks"], "embeddings": o["embeddings"], "dims": o["dims"], "ok": not o["problems"], "problems": "; ".join(o["problems"])}
+        if isinstance(o, dict)
+        else {"shard": shard, "chunks": None, "embeddings": None, "dims": None, "ok": False, "problems": str(o)}
+        for shard, o in zip(chosen, outcomes)
+    ]
+    create_table_artifact(rows, key=artifact_key("verify", run.dataset.name, "shards"), description=f"verify · {run.dataset.name}")
+    bad = [row["shard"] for row in rows if not row["ok"]]
+    if bad:
+        return Failed(message=f"verify: {len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}", data=rows)
+    return Completed(message=f"verify: {len(rows)} shard(s) ok", data=rows)

@@ -1,0 +1,56 @@
+"""verify_shard finds what is wrong; load_embeddings returns every vector with its keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fineweb_modal import load_embeddings
+from fineweb_modal.shards import ShardJob, layout_for, run_shard, verify_outputs
+
+
+def build_shards(demo_source, run):
+    files = sorted(demo_source.glob("*.parquet"))
+    for path in files:
+        for stage in ("download", "chunk", "embed"):
+            run_shard(ShardJob(stage=stage, shard=path.stem, run=run, source_file=str(path) if stage == "download" else None))
+    return [p.stem for p in files]
+
+
+def test_good_outputs_pass_and_broken_ones_are_named(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    shards = build_shards(demo_source, run)
+    assert all(verify_outputs(run, s)["problems"] == [] for s in shards)
+
+    layout = layout_for(run)
+    embed_path = layout.output_path("embed", shards[0])
+    table = pq.read_table(embed_path)
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    vectors[3] = np.nan
+    vectors[5] *= 2
+    broken = table.set_column(3, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), 384))
+    pq.write_table(broken, embed_path)
+    problems = verify_outputs(run, shards[0])["problems"]
+    assert any("1 embedding(s) hold NaN" in p for p in problems) and any("not unit-norm" in p for p in problems)
+
+    chunk_path = layout.output_path("chunk", shards[1])
+    chunks = pq.read_table(chunk_path)
+    texts = chunks.column("chunk_text").to_pylist()
+    texts[2] = texts[2].lower() + " [SEP]"
+    pq.write_table(chunks.set_column(3, "chunk_text", pa.array(texts, pa.large_string())), chunk_path)
+    assert verify_outputs(run, shards[1])["problems"] == ["1 chunk(s) are not the source substring at their offsets (first: row 2)"]
+
+    pq.write_table(pq.read_table(layout.output_path("embed", shards[2])).slice(1), layout.output_path("embed", shards[2]))
+    assert "embeddings for" in verify_outputs(run, shards[2])["problems"][0]
+
+
+def test_load_embeddings_returns_all_vectors_with_keys(demo_source, run_config_for, tmp_path):
+    run = run_config_for(demo_source)
+    shards = build_shards(demo_source, run)
+    vectors, keys = load_embeddings(tmp_path / "data", "demo", 64, run.chunk.model)
+    chunk_rows = sum(pq.read_metadata(layout_for(run).output_path("chunk", s)).num_rows for s in shards)
+    assert vectors.shape == (chunk_rows, 384) and vectors.dtype == np.float32
+    assert keys.column_names == ["id", "doc_index", "chunk_index", "shard"] and keys.num_rows == chunk_rows
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert sorted(set(keys.column("shard").to_pylist())) == shards

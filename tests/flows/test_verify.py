@@ -1,0 +1,34 @@
+"""The verify flow: a table artifact, Completed when everything holds, Failed naming the shard that does not."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fineweb_modal.shards import layout_for
+from tests.flows.helpers import latest_artifact
+
+
+def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, tmp_path, run_config_for):
+    from flows.pipeline import pipeline
+    from flows.verify import verify
+
+    data_dir = str(tmp_path / "data")
+    assert pipeline(source=str(demo_source), data_dir=data_dir, max_tokens=64, stages=["download", "chunk", "embed"], return_state=True).is_completed()
+    state = verify(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
+    assert state.is_completed() and state.message == "verify: 3 shard(s) ok"
+    rows = json.loads(latest_artifact("verify-demo-shards").data)
+    assert all(r["ok"] and r["chunks"] == r["embeddings"] and r["dims"] == 384 for r in rows)
+
+    path = layout_for(run_config_for(demo_source)).output_path("embed", "data-00002-of-00003")
+    table = pq.read_table(path)
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)) * 0.5
+    pq.write_table(table.set_column(3, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), 384)), path)
+    state = verify(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
+    assert state.is_failed() and "data-00002-of-00003" in state.message
+    rows = {r["shard"]: r for r in json.loads(latest_artifact("verify-demo-shards").data)}
+    assert not rows["data-00002-of-00003"]["ok"] and "not unit-norm" in rows["data-00002-of-00003"]["problems"]
+    assert rows["data-00000-of-00003"]["ok"]
