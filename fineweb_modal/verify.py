@@ -90,3 +90,22 @@ def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str
     column = table.column("embedding").combine_chunks()
     vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size).astype(np.float32, copy=False)
     return vectors, table.select(["id", "doc_index", "chunk_index", "shard"])
+
+
+def preview(path: str | Path, rows: int = 3) -> str:
+    """A few lines about an output shard: rows, columns, the first chunks or the first embeddings' norms."""
+    parquet = pq.ParquetFile(path)
+    lines = [f"{path}: {parquet.metadata.num_rows} rows, {parquet.metadata.num_row_groups} row group(s)", f"columns: {', '.join(parquet.schema_arrow.names)}"]
+    head = next(parquet.iter_batches(batch_size=rows), None)
+    if head is None:
+        return "\n".join(lines)
+    if "chunk_text" in head.schema.names:
+        for row in head.to_pylist():
+            text = row["chunk_text"].replace("\n", " ")
+            lines.append(f"  [{row['doc_index']}:{row['chunk_index']}] {row['chunk_token_count']} tokens, chars {row['char_start']}–{row['char_end']}: {text[:100]}{'…' if len(text) > 100 else ''}")
+    if "embedding" in head.schema.names:
+        dims = head.schema.field("embedding").type.list_size
+        vectors = head.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, dims).astype(np.float32)
+        norms = ", ".join(f"{n:.4f}" for n in np.linalg.norm(vectors, axis=1))
+        lines.append(f"  {dims} dims; first norms: {norms}; first values: {np.array2string(vectors[0, :4], precision=4)}")
+    return "\n".join(lines)

@@ -41,6 +41,16 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="how vectors are stored")
 
 
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--backend", default="local", choices=["local", "modal"])
+    parser.add_argument("--max-tokens", default="auto")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--prefix", default="")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fineweb-modal", description="Chunk and embed a Hugging Face text dataset, shard by shard, with Prefect.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default="./data")
     run = commands.add_parser("run", help="run the pipeline's stages")
     _add_run_flags(run)
+    commands.add_parser("serve", help="serve every flow as <flow>/local and <flow>/modal deployments (prefect.serve)")
+    verify = commands.add_parser("verify", help="check every shard's chunk and embedding files; exit 1 on any problem")
+    _add_dataset_flags(verify)
+    fetch = commands.add_parser("fetch", help="copy one output shard (from the data dir or the Modal Volume) and preview it")
+    _add_dataset_flags(fetch)
+    fetch.add_argument("--stage", choices=["download", "chunk", "embed"], default="embed")
+    fetch.add_argument("--shard", required=True, help="shard name or index")
+    fetch.add_argument("--to", default=".", help="folder or file to write")
     status = commands.add_parser("status", help="per dataset and stage: shards done, failed and missing, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
@@ -171,6 +189,49 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
     return EXIT_OK if all(not s.failed and not s.missing for s in statuses) else EXIT_FAILED_SHARDS
 
 
+def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
+    """Copy one output shard to a local path and print a preview."""
+    from fineweb_modal.selection import select_shards
+    from fineweb_modal.verify import preview
+    from tasks.backends import get_backend
+
+    try:
+        run = build_run_config(stages=[stage], **dataset)
+        _check_backend(run)
+        backend = get_backend(run.backend)
+        listing_stage = {"download": "chunk", "chunk": "embed", "embed": "embed"}[stage]
+        (name,) = select_shards(backend.list_shards(run, listing_stage), [shard])
+        suffix = ".arrow" if stage == "download" else ".parquet"
+        destination = to / f"{name}{suffix}" if to.is_dir() or not to.suffix else to
+        path = backend.fetch(run, stage, name, destination)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"fetched {path}")
+    if suffix == ".parquet":
+        print(preview(path))
+    return EXIT_OK
+
+
+def verify(dataset: dict) -> int:
+    """Run the verify flow; exit 1 when any shard has a problem."""
+    try:
+        run = build_run_config(stages=["embed"], **dataset)
+        _check_backend(run)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    _connect()
+    from flows.verify import verify as verify_flow
+
+    state = verify_flow(**dataset, return_state=True)
+    rows = state.result(raise_on_failure=False)
+    for row in rows if isinstance(rows, list) else []:
+        print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} chunks={row['chunks']} embeddings={row['embeddings']} dims={row['dims']} {row['problems']}")
+    print(state.message)
+    return EXIT_OK if state.is_completed() else EXIT_FAILED_SHARDS
+
+
 def demo(data_dir: str) -> int:
     """Build the offline demo dataset (4 shards, 200 documents of Python's docs) and run every stage on it."""
     from fineweb_modal.demo import DEMO_NAME, write_demo_source
@@ -203,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.data_dir)
     if args.command == "status":
         return print_status(args.data_dir, args.name, args.json)
+    if args.command == "serve":
+        _connect()
+        from flows.serve import serve_all
+
+        serve_all()
+        return EXIT_OK
+    dataset = {k: getattr(args, k) for k in ("name", "data_dir", "split", "backend", "max_tokens", "model", "prefix")}
+    if args.command == "fetch":
+        return fetch(dataset, args.stage, args.shard, Path(args.to))
+    if args.command == "verify":
+        return verify(dataset)
     return run_pipeline(_run_kwargs(args))
 
 

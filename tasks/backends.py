@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,6 +35,8 @@ class Backend(Protocol):
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]: ...
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
+
+    def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path: ...
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
 
@@ -72,6 +75,15 @@ class LocalBackend:
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the local ledger."""
         return shard_statuses(run, stage, shards)
+
+    def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path:
+        """Copy one output shard to `destination`."""
+        source = layout_for(run).output_path(stage, shard)
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} does not exist (run the {stage} stage first)")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
+        return destination
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs, in a worker process."""
@@ -139,6 +151,15 @@ class ModalBackend:
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, as the Volume holds them."""
         return self._function("list_shards").remote(self._on_volume(run).model_dump(mode="json"), stage)
+
+    def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path:
+        """Download one output shard from the Volume to `destination`."""
+        remote = layout_for(self._on_volume(run)).output_path(stage, shard).relative_to(MODAL_DATA_DIR)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with open(destination, "wb") as handle:
+            for block in self._volume.read_file(str(remote)):
+                handle.write(block)
+        return destination
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs on the Volume."""

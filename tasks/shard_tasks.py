@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Completed
@@ -27,10 +28,25 @@ def retry_if_transient(task, task_run, state) -> bool:
     return False
 
 
+def _emit(outcome: str, stage: str, shard: str, run: RunConfig, payload: dict) -> None:
+    """An event per shard, for automations (e.g. notify when a shard fails, or when $ passes a mark)."""
+    emit_event(
+        event=f"fineweb-modal.shard.{outcome}",
+        resource={"prefect.resource.id": f"fineweb-modal.shard.{run.dataset.name}.{stage}.{shard}", "prefect.resource.name": f"{stage}-{shard}"},
+        payload={"stage": stage, "shard": shard, "dataset": run.dataset.name, "backend": run.backend, **payload},
+    )
+
+
 def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
-    """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state."""
-    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=current_task_run.run_count or 1)
-    result: ShardResult = get_backend(run.backend).run(job)
+    """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event."""
+    attempt = current_task_run.run_count or 1
+    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt)
+    try:
+        result: ShardResult = get_backend(run.backend).run(job)
+    except Exception as exc:
+        _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc)})
+        raise
+    _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "cost_usd": result.cost_usd})
     return Completed(message=state_message(result), data=result)
 
 
