@@ -108,4 +108,19 @@ def test_served_pipeline_runs_reports_and_resumes_only_the_broken_shard(served, 
         for stage in STAGES:
             assert not messages[f"{stage}-data-00003-of-00003"].startswith("skipped"), "the repaired shard ran"
             assert all(messages[f"{stage}-{shard}"].startswith("skipped: done earlier") for shard in SHARDS)
+
+        # The work-pool way: the same flows as <flow>/local-worker and <flow>/modal-worker beside the served ones.
+        env = {**os.environ, "PREFECT_API_URL": info["api_url"], "PREFECT_HOME": str(tmp_path / "client-home")}
+        prefect = [str(Path(sys.executable).with_name("prefect"))]
+        subprocess.run([*prefect, "work-pool", "create", "fineweb-modal", "--type", "process"], cwd=REPO, env=env, check=True, capture_output=True)
+        deploy = subprocess.run(
+            [*prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], cwd=REPO, env=env, capture_output=True, text=True
+        )
+        assert deploy.returncode == 0, deploy.stdout[-2000:] + deploy.stderr[-2000:]
+        with get_client(sync_client=True) as client:
+            worker_deployments = [d for d in client.read_deployments() if d.name.endswith("-worker")]
+        assert sorted(f"{flow_names[d.flow_id]}/{d.name}" for d in worker_deployments) == sorted(
+            f"{f}/{b}-worker" for f in ("pipeline", "download", "chunk", "embed", "summarize", "verify") for b in ("local", "modal")
+        )
+        assert all(d.work_pool_name == "fineweb-modal" and d.parameters["backend"] == d.name.split("-")[0] for d in worker_deployments)
     shutil.rmtree(tmp_path / "data", ignore_errors=True)
