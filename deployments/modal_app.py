@@ -13,7 +13,7 @@ import modal
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import stage_resources
-from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
 
@@ -129,6 +129,14 @@ def verify_shard_fn(run: dict, shard: str) -> dict:
     if not modal.is_local():
         volume.reload()
     return verify_outputs(RunConfig.model_validate(run), shard)
+
+
+@app.function(image=cpu_image, cpu=2, memory=8 * 1024, **common)
+def plan_sample_fn(run: dict, shard: str) -> dict:
+    """Sample one shard on the Volume for the cost forecast."""
+    if not modal.is_local():
+        volume.reload()
+    return plan_sample(RunConfig.model_validate(run), shard)
 
 
 @app.function(image=cpu_image, **common)

@@ -229,3 +229,13 @@ def verify_outputs(run: RunConfig, shard: str) -> dict[str, Any]:
     from fineweb_modal.verify import verify_shard
 
     return verify_shard(layout_for(run), shard, run.chunk.text_column, run.embed.dimensions)
+
+
+def plan_sample(run: RunConfig, shard: str) -> dict[str, Any]:
+    """Sample one downloaded shard for the cost forecast (see fineweb_modal.plan)."""
+    from dataclasses import asdict
+
+    from fineweb_modal.plan import sample_shard
+
+    layout = layout_for(run)
+    return asdict(sample_shard(layout.output_path("download", shard), shard, run.chunk, run.embed.prefix))

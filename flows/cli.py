@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--stage", choices=["download", "chunk", "embed"], default="embed")
     fetch.add_argument("--shard", required=True, help="shard name or index")
     fetch.add_argument("--to", default=".", help="folder or file to write")
+    plan = commands.add_parser("plan", help="forecast chunks, tokens, GPU hours and $ per engine and GPU from a sample of every shard")
+    _add_dataset_flags(plan)
+    plan.add_argument("--shards", help="shard indices or names (default: all)")
     status = commands.add_parser("status", help="per dataset and stage: shards done, failed and missing, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
@@ -213,6 +216,31 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     return EXIT_OK
 
 
+def plan(dataset: dict, shards: str | None) -> int:
+    """Run the plan flow and print its forecast."""
+    try:
+        run = build_run_config(stages=["chunk"], keep_columns=[], shards=shards, **dataset)
+        _check_backend(run)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    _connect()
+    from flows.plan import plan as plan_flow
+
+    state = plan_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
+    rows = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        print(f"error: {rows}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
+    print(f"{'engine':<13} {'gpu':<6} {'chunks':>12} {'embed tokens':>16} {'tokens/s':>11} {'GPU hours':>10} {'cost $':>9}  rate from")
+    for row in rows:
+        print(
+            f"{row['engine']:<13} {row['gpu']:<6} {row['chunks']:>12,} {row['embed tokens']:>16,} {row['tokens/s']:>11,} "
+            f"{row['GPU hours']:>10} {row['cost $']:>9}  {row['rate from']}"
+        )
+    return EXIT_OK
+
+
 def verify(dataset: dict) -> int:
     """Run the verify flow; exit 1 when any shard has a problem."""
     try:
@@ -275,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         return fetch(dataset, args.stage, args.shard, Path(args.to))
     if args.command == "verify":
         return verify(dataset)
+    if args.command == "plan":
+        return plan(dataset, args.shards)
     return run_pipeline(_run_kwargs(args))
 
 

@@ -8,10 +8,11 @@ from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.pipeline import pipeline
+from flows.plan import plan
 from flows.summarize import summarize
 from flows.verify import verify
 
-FLOWS = (pipeline, download, chunk, embed, summarize, verify)
+FLOWS = (pipeline, download, chunk, embed, summarize, verify, plan)
 BACKENDS = ("local", "modal")
 
 

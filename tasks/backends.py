@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -35,6 +35,8 @@ class Backend(Protocol):
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]: ...
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
+
+    def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
 
     def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path: ...
 
@@ -88,6 +90,10 @@ class LocalBackend:
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs, in a worker process."""
         return self._executor().submit(verify_outputs, run, shard).result()
+
+    def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Sample one shard for the forecast, in a worker process."""
+        return self._executor().submit(plan_sample, run, shard).result()
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset into the local data dir."""
@@ -160,6 +166,10 @@ class ModalBackend:
             for block in self._volume.read_file(str(remote)):
                 handle.write(block)
         return destination
+
+    def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Sample one shard on the Volume for the forecast."""
+        return self._function("plan_sample_fn").remote(self._on_volume(run).model_dump(mode="json"), shard)
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs on the Volume."""

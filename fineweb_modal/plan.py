@@ -1,0 +1,95 @@
+"""Before spending: sample every shard, chunk the sample, forecast chunks, tokens, GPU-seconds and dollars.
+
+Throughput comes from `benchmarks/results/embed.json` when it holds a GPU measurement for that GPU,
+else from the documented defaults below (tokens/s for a BERT-base-sized model such as
+nomic-embed-text-v1.5, embedding tokens incl. [CLS]/[SEP] and the prefix).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fineweb_modal.chunking import chunk_texts
+from fineweb_modal.config import ChunkConfig
+from fineweb_modal.costs import Resources, cost_usd, stage_resources
+from fineweb_modal.models import model_info, prefix_token_count
+from fineweb_modal.storage import open_arrow_batches
+
+SAMPLE_DOCS = 200
+# Estimates, not measurements: the seed's TEI on A10G did 24-65 k tokens/s; an in-process BERT-base engine
+# does ~1.6 M on an H100 (bf16, SDPA, sorted budget batches); other GPUs scaled by their bf16 throughput.
+DEFAULT_TOKENS_PER_S = {
+    "transformers": {"H100": 1.6e6, "H200": 1.8e6, "A100-80GB": 0.8e6, "L40S": 0.5e6, "A10G": 0.2e6, "L4": 0.15e6},
+    "tei": {"H100": 1.2e6, "H200": 1.4e6, "A100-80GB": 0.6e6, "L40S": 0.35e6, "A10G": 0.065e6, "L4": 0.05e6},
+}
+BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "embed.json"
+
+
+@dataclass
+class ShardSample:
+    """What a sample of one shard says about the whole shard."""
+
+    shard: str
+    rows: int
+    sampled: int
+    est_chunks: float
+    est_source_tokens: float
+    est_embed_tokens: float
+
+
+def sample_shard(path: Path, shard: str, cfg: ChunkConfig, prefix: str = "", sample_docs: int = SAMPLE_DOCS) -> ShardSample:
+    """Chunk evenly spaced documents of one arrow shard and scale the counts up to all its rows."""
+    schema, batches = open_arrow_batches(path)
+    table = pa.Table.from_batches(list(batches), schema)
+    rows = table.num_rows
+    picks = np.unique(np.linspace(0, max(rows - 1, 0), num=min(sample_docs, rows), dtype=np.int64)) if rows else np.array([], np.int64)
+    texts = table.column(cfg.text_column).take(pa.array(picks)).to_pylist() if rows else []
+    chunk_rows, stats = chunk_texts(texts, cfg)
+    prefix_tokens = prefix_token_count(model_info(cfg.model).path, prefix)
+    scale = rows / len(picks) if len(picks) else 0.0
+    embed_tokens = sum(r[4] + prefix_tokens for r in chunk_rows)
+    return ShardSample(shard, rows, len(picks), len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
+
+
+def measured_tokens_per_s(results_path: Path | None = None) -> dict[str, float]:
+    """GPU name → the engine's measured tokens/s, from the latest benchmark result (empty when none ran on a GPU)."""
+    results_path = results_path or BENCHMARK_RESULTS
+    if not results_path.is_file():
+        return {}
+    entry = json.loads(results_path.read_text()).get("entries", {}).get("embed-gpu", {})
+    if not entry.get("tokens_per_s"):
+        return {}
+    device = entry["device"]
+    gpu = next((g for g in DEFAULT_TOKENS_PER_S["transformers"] if g.split("-")[0] in device), None)
+    return {gpu: float(entry["tokens_per_s"]["engine"])} if gpu else {}
+
+
+def forecast(samples: list[ShardSample], gpus: tuple[str, ...] = ("H100", "A10G", "L4")) -> list[dict]:
+    """Per engine and GPU: chunks, tokens, GPU hours and dollars for all sampled shards, and where the rate came from."""
+    chunks = sum(s.est_chunks for s in samples)
+    tokens = sum(s.est_embed_tokens for s in samples)
+    measured = measured_tokens_per_s()
+    embed = stage_resources("embed")
+    rows = []
+    for engine, rates in DEFAULT_TOKENS_PER_S.items():
+        for gpu in gpus:
+            rate = measured.get(gpu) if engine == "transformers" and gpu in measured else rates[gpu]
+            seconds = tokens / rate
+            rows.append(
+                {
+                    "engine": engine,
+                    "gpu": gpu,
+                    "chunks": round(chunks),
+                    "embed tokens": round(tokens),
+                    "tokens/s": round(rate),
+                    "rate from": "benchmark" if engine == "transformers" and gpu in measured else "default estimate",
+                    "GPU hours": round(seconds / 3600, 2),
+                    "cost $": round(cost_usd(seconds, Resources(cpu=embed.cpu, memory_gib=embed.memory_gib, gpu=gpu)), 2),
+                }
+            )
+    return rows

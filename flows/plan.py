@@ -1,0 +1,55 @@
+"""plan: before spending, sample every shard and forecast chunks, tokens, GPU hours and $ per engine and GPU."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.plan import ShardSample, forecast
+from fineweb_modal.report import artifact_key, group_digits
+from fineweb_modal.selection import select_shards
+from tasks.backends import get_backend
+from tasks.shard_tasks import retry_if_transient
+
+
+@task(name="plan", task_run_name="plan-{shard}", retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient, cache_policy=NO_CACHE)
+def plan_task(shard: str, run: RunConfig) -> ShardSample:
+    """Sample and chunk a few hundred documents of one shard."""
+    sample = ShardSample(**get_backend(run.backend).plan_sample(run, shard))
+    return Completed(message=f"≈{group_digits(sample.est_embed_tokens)} tokens from {sample.sampled} of {sample.rows} docs", data=sample)
+
+
+@flow(name="plan", task_runner=ThreadPoolTaskRunner(max_workers=16))
+def plan(
+    source: str | None = None,
+    subset: str | None = None,
+    split: str = "train",
+    name: str | None = None,
+    data_dir: str = "./data",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    overlap: float = 0.1,
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    text_column: str = "text",
+    shards: list[str] | None = None,
+) -> list[dict]:
+    """Forecast the embed stage's cost for the downloaded shards, as a table artifact."""
+    run = build_run_config(
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
+        max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column, keep_columns=[], shards=shards,
+    )  # fmt: skip
+    available = get_backend(backend).list_shards(run, "chunk")
+    if not available:
+        raise ConfigError(f"plan: no downloaded shards for {run.dataset.name}; run the download stage first")
+    chosen = select_shards(available, run.shards)
+    samples = [f.result() for f in [plan_task.submit(shard=s, run=run) for s in chosen]]
+    rows = forecast(samples)
+    create_table_artifact(rows, key=artifact_key("plan", run.dataset.name, "forecast"), description=f"plan · {run.dataset.name}: {len(samples)} shards sampled")
+    return rows

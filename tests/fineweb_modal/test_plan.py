@@ -1,0 +1,47 @@
+"""The forecast: a sample's counts scale to the shard; dollars follow tokens, rate and price."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal import plan as planning
+from fineweb_modal.costs import RATES_USD_PER_SECOND, stage_resources
+from fineweb_modal.shards import ShardJob, layout_for, plan_sample, run_shard
+
+
+def test_a_full_sample_forecasts_exactly_what_chunking_produces(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    path = sorted(demo_source.glob("*.parquet"))[0]
+    for stage in ("download", "chunk"):
+        run_shard(ShardJob(stage=stage, shard=path.stem, run=run, source_file=str(path) if stage == "download" else None))
+    sample = planning.ShardSample(**plan_sample(run, path.stem))
+    chunks = pq.read_table(layout_for(run).output_path("chunk", path.stem))
+    assert sample.rows == sample.sampled == 12
+    assert sample.est_chunks == chunks.num_rows
+    assert sample.est_embed_tokens == sum(chunks.column("chunk_token_count").to_pylist())
+
+
+def test_forecast_prices_tokens_at_each_gpu_rate(monkeypatch, tmp_path):
+    monkeypatch.setattr(planning, "BENCHMARK_RESULTS", tmp_path / "none.json")
+    samples = [planning.ShardSample("a", 100, 10, 250.0, 90_000.0, 1.0e9), planning.ShardSample("b", 100, 10, 250.0, 90_000.0, 1.0e9)]
+    rows = {(r["engine"], r["gpu"]): r for r in planning.forecast(samples)}
+    h100 = rows[("transformers", "H100")]
+    seconds = 2.0e9 / planning.DEFAULT_TOKENS_PER_S["transformers"]["H100"]
+    embed = stage_resources("embed")
+    per_second = embed.cpu * RATES_USD_PER_SECOND["cpu_core"] + embed.memory_gib * RATES_USD_PER_SECOND["memory_gib"] + RATES_USD_PER_SECOND["H100"]
+    assert h100["chunks"] == 500 and h100["embed tokens"] == 2_000_000_000
+    assert h100["GPU hours"] == round(seconds / 3600, 2) and h100["cost $"] == pytest.approx(seconds * per_second, abs=0.01)
+    assert rows[("tei", "A10G")]["cost $"] > h100["cost $"], "the seed's A10G TEI costs more per token than an H100"
+    assert {r["rate from"] for r in rows.values()} == {"default estimate"}
+
+
+def test_a_gpu_benchmark_replaces_the_default_rate(monkeypatch, tmp_path):
+    results = tmp_path / "embed.json"
+    results.write_text(json.dumps({"entries": {"embed-gpu": {"device": "NVIDIA H100 80GB HBM3", "tokens_per_s": {"engine": 2_500_000}}}}))
+    monkeypatch.setattr(planning, "BENCHMARK_RESULTS", results)
+    rows = {(r["engine"], r["gpu"]): r for r in planning.forecast([planning.ShardSample("a", 1, 1, 1.0, 1.0, 2.5e9)])}
+    assert rows[("transformers", "H100")]["tokens/s"] == 2_500_000 and rows[("transformers", "H100")]["rate from"] == "benchmark"
+    assert rows[("transformers", "A10G")]["rate from"] == "default estimate"

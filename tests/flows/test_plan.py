@@ -1,0 +1,28 @@
+"""The plan flow forecasts from samples of every downloaded shard, as a table artifact."""
+
+from __future__ import annotations
+
+import json
+
+from tests.flows.helpers import latest_artifact
+
+
+def test_plan_flow_forecasts_the_downloaded_shards(prefect_api, demo_source, tmp_path):
+    from flows.download import download
+    from flows.plan import plan
+
+    data_dir = str(tmp_path / "data")
+    assert download(source=str(demo_source), data_dir=data_dir, return_state=True).is_completed()
+    rows = plan(name="demo", data_dir=data_dir, max_tokens=64)
+    by_key = {(r["engine"], r["gpu"]): r for r in rows}
+    assert set(by_key) == {(e, g) for e in ("transformers", "tei") for g in ("H100", "A10G", "L4")}
+    assert all(r["chunks"] > 36 and r["embed tokens"] > r["chunks"] * 3 and r["cost $"] >= 0 for r in rows)
+    artifact = json.loads(latest_artifact("plan-demo-forecast").data)
+    assert artifact == rows
+
+
+def test_plan_before_download_says_what_to_do(prefect_api, tmp_path):
+    from flows.plan import plan
+
+    state = plan(name="nothing", data_dir=str(tmp_path), return_state=True)
+    assert state.is_failed() and "run the download stage first" in state.message
