@@ -85,6 +85,7 @@ class RunConfig(_Frozen):
     backend: Literal["local", "modal"]
     shards: tuple[str, ...] = ()
     only: Literal["failed"] | None = None
+    max_cost: float | None = None
     num_proc: int = 4
 
 
@@ -146,6 +147,7 @@ def build_run_config(
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
     only: str | None = None,
+    max_cost: float | None = None,
     num_proc: int = 4,
 ) -> RunConfig:
     """Validate the flat run parameters (CLI flags, flow parameters) into a RunConfig, or raise ConfigError."""
@@ -164,6 +166,13 @@ def build_run_config(
         raise ConfigError(f"tei_url {tei_url!r} must be an http(s) URL like http://127.0.0.1:8080")
     if tei_url and engine != "tei":
         raise ConfigError("--tei-url is only used with --engine tei")
+    if max_cost is not None:
+        try:
+            max_cost = float(max_cost)
+        except (TypeError, ValueError):
+            raise ConfigError(f"max_cost must be a number of dollars, got {max_cost!r}") from None
+        if max_cost < 0:
+            raise ConfigError(f"max_cost={max_cost} must not be negative")
     if only not in (None, "", "failed"):
         raise ConfigError(f"only must be 'failed' (or unset), got {only!r}")
     if embedding_dtype not in EMBEDDING_DTYPES:
@@ -224,5 +233,6 @@ def build_run_config(
         backend=backend,
         shards=split_list(shards),
         only=only or None,
+        max_cost=max_cost,
         num_proc=num_proc,
     )

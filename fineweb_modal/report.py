@@ -20,6 +20,7 @@ class StageReport(BaseModel):
     backend: str
     results: list[ShardResult] = []
     failed: dict[str, str] = {}
+    not_started: list[str] = []  # shards left out to stay within --max-cost
     extra: dict[str, Any] = {}
 
     @property
@@ -100,6 +101,8 @@ def stage_markdown(report: StageReport, resume_command: str) -> str:
     slowest = sorted((r for r in report.results if r.status == "done"), key=lambda r: -r.seconds)[:3]
     if slowest:
         lines += ["", "Slowest shards: " + ", ".join(f"`{r.shard}` {r.seconds:.1f} s" for r in slowest)]
+    if report.not_started:
+        lines += ["", f"**Stopped at the cost limit**: {len(report.not_started)} shard(s) not started. Resume (with a higher `--max-cost`):", "", f"```\n{resume_command}\n```"]
     if report.failed:
         lines += ["", "## Failed shards", ""]
         lines += [f"- `{shard}`: {error[:500]}" for shard, error in report.failed.items()]

@@ -26,11 +26,12 @@ def chunk(
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
     shards: list[str] | None = None,
     only: str | None = None,
+    max_cost: float | None = None,
 ):
     """Chunk `<name>/<split>/*.arrow` into `<name>-chunked-<max_tokens>/<split>/*.parquet`, one task per shard."""
     run = build_run_config(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
         max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column,
-        keep_columns=keep_columns, shards=shards, only=only,
+        keep_columns=keep_columns, shards=shards, only=only, max_cost=max_cost,
     )  # fmt: skip
     return run_stage("chunk", run)

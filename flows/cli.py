@@ -1,7 +1,7 @@
 """`fineweb-modal`: run the pipeline (or the demo) against a Prefect server, and manage a local one.
 
 Exit codes: 0 every shard of every stage succeeded; 1 some shard failed (the others finished);
-2 bad usage or config (nothing ran).
+2 bad usage or config (nothing ran); 3 stopped at --max-cost (what ran finished; the rest can be resumed).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from flows import server
 
-EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_CONFIG, EXIT_MAX_COST = 0, 1, 2, 3
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-columns", default=",".join(DEFAULT_KEEP_COLUMNS), help="source columns copied into the chunk files ('' for none)")
     parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
     parser.add_argument("--only", choices=["failed"], help="run only the shards whose last attempt failed")
+    parser.add_argument("--max-cost", type=float, help="dollars: start no shard that would take spent + in-flight estimate past this")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "tei"], help="embedding engine")
     parser.add_argument("--tei-url", help="a running TEI server for --engine tei (the API key comes from TEI_API_KEY or the Prefect Secret 'tei-api-key')")
     parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
@@ -100,6 +101,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "dimensions": args.dimensions,
         "embedding_dtype": args.embedding_dtype,
         "only": args.only,
+        "max_cost": args.max_cost,
     }
 
 
@@ -144,6 +146,8 @@ def run_pipeline(kwargs: dict) -> int:
         print(f"\nDone: {state.message}")
         return EXIT_OK
     print(f"\nFailed: {state.message}", file=sys.stderr)
+    if isinstance(reports, dict) and any(r.not_started for r in reports.values()):
+        return EXIT_MAX_COST
     return EXIT_FAILED_SHARDS
 
 

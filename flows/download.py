@@ -19,10 +19,11 @@ def download(
     backend: str = "local",
     shards: list[str] | None = None,
     only: str | None = None,
+    max_cost: float | None = None,
     num_proc: int = 4,
 ):
     """Copy a source into `data_dir/<name>/<split>/<shard>.arrow`, one task per shard."""
     run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, only=only, num_proc=num_proc
+        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, only=only, max_cost=max_cost, num_proc=num_proc
     )
     return run_stage("download", run)

@@ -24,6 +24,7 @@ def embed(
     engine: str = "transformers",
     shards: list[str] | None = None,
     only: str | None = None,
+    max_cost: float | None = None,
     tei_url: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
@@ -31,7 +32,7 @@ def embed(
     """Embed `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>-<model>/<split>/`, one task per shard."""
     run = build_run_config(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
-        max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards, only=only, tei_url=tei_url,
+        max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards, only=only, max_cost=max_cost, tei_url=tei_url,
         dimensions=dimensions, embedding_dtype=embedding_dtype,
     )  # fmt: skip
     return run_stage("embed", run)

@@ -36,6 +36,7 @@ def pipeline(
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
     shards: list[str] | None = None,
     only: str | None = None,
+    max_cost: float | None = None,
     engine: str = "transformers",
     tei_url: str | None = None,
     dimensions: int | None = None,
@@ -52,7 +53,10 @@ def pipeline(
         logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     failed: dict[str, list[str]] = {}
     reports: dict[str, StageReport] = {}
+    spent = 0.0
     for stage in run.stages:
+        if run.max_cost is not None:
+            params["max_cost"] = max(run.max_cost - spent, 0.0)  # one budget for the whole run
         stage_flow = STAGE_FLOWS[stage]
         accepted = inspect.signature(stage_flow.fn).parameters
         state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
@@ -60,6 +64,9 @@ def pipeline(
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column): stop here
             return Failed(message=f"{stage} could not run: {report}", data=reports)
         reports[stage] = report
+        spent += report.totals()["cost_usd"]
+        if report.not_started:
+            return Failed(message=f"max cost ${run.max_cost:.2f} reached after ${spent:.2f}: {state.message}", data=reports)
         if report.failed:
             failed[stage] = sorted(report.failed)
         params["shards"] = report.succeeded  # later stages work on what this one finished

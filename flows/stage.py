@@ -10,7 +10,7 @@ from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import list_source_files
-from fineweb_modal.report import StageReport, group_digits, text_histogram
+from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import open_arrow_batches
@@ -20,6 +20,7 @@ from tasks.shard_tasks import STAGE_TASKS, download_hub_task
 
 # Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: max_containers).
 MAX_SHARDS_IN_FLIGHT = 64
+BUDGET_PROBE_SHARDS = 2
 
 
 def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
@@ -80,12 +81,7 @@ def run_stage(stage: str, run: RunConfig) -> State:
     inputs = _shards_and_inputs(stage, run)
     logger.info("%s: %d shard(s) on the %s backend", stage, len(inputs), run.backend)
     progress = StageProgress(stage, run.dataset.name, len(inputs))
-    task = STAGE_TASKS[stage]
-    futures = {task.submit(shard=shard, run=run, **extra): shard for shard, extra in inputs.items()}
-    for future in as_completed(list(futures)):
-        shard = futures[future]
-        future.wait()  # sets the final state locally; without it `.state` asks the API, which may lag
-        state = future.state
+    for shard, state in _run_shards(STAGE_TASKS[stage], inputs, run, report):
         if state.is_completed():
             report.results.append(state.result())
         else:
@@ -106,9 +102,46 @@ def run_stage(stage: str, run: RunConfig) -> State:
 
     totals = report.totals()
     message = f"{stage}: {len(report.results)} shards, {group_digits(totals['tokens'])} tokens"
+    if report.not_started:
+        return Failed(
+            message=f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "
+            f"not started — resume with: {resume_command(run, stage)}",
+            data=report,
+        )
     if report.failed:
         return Failed(message=f"{stage}: {len(report.failed)} shard(s) failed: {', '.join(sorted(report.failed))}", data=report)
     return Completed(message=message, data=report)
+
+
+def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageReport):
+    """Submit shard tasks (at most MAX_SHARDS_IN_FLIGHT at once) and yield (shard, final state) as they finish.
+
+    With a max cost, a shard is started only while spent + the in-flight shards' estimated cost (the mean
+    of the finished ones) + its own stays within it; until a first shard has a cost, two run at a time.
+    """
+    queue = list(inputs.items())
+    running: dict = {}
+    costs: list[float] = []
+    while queue or running:
+        while queue and len(running) < MAX_SHARDS_IN_FLIGHT:
+            if run.max_cost is not None:
+                if not costs and len(running) >= BUDGET_PROBE_SHARDS:
+                    break
+                estimate = sum(costs) / len(costs) if costs else 0.0
+                if sum(costs) + (len(running) + 1) * estimate > run.max_cost:
+                    break
+            shard, extra = queue.pop(0)
+            running[task.submit(shard=shard, run=run, **extra)] = shard
+        if not running:
+            report.not_started = [shard for shard, _ in queue]
+            return
+        future = next(as_completed(list(running)))
+        shard = running.pop(future)
+        future.wait()  # sets the final state locally; without it `.state` asks the API, which may lag
+        state = future.state
+        if state.is_completed() and state.result().status == "done":
+            costs.append(state.result().cost_usd)
+        yield shard, state
 
 
 def _summary_markdown(totals: dict) -> str:

@@ -23,10 +23,11 @@ def summarize(
     prefix: str = "",
     shards: list[str] | None = None,
     only: str | None = None,
+    max_cost: float | None = None,
 ):
     """Summarize `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>/_summary/`."""
     run = build_run_config(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["summarize"], backend=backend,
-        max_tokens=max_tokens, model=model, prefix=prefix, shards=shards, only=only,
+        max_tokens=max_tokens, model=model, prefix=prefix, shards=shards, only=only, max_cost=max_cost,
     )  # fmt: skip
     return run_stage("summarize", run)
