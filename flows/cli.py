@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="forecast chunks, tokens, GPU hours and $ per engine and GPU from a sample of every shard")
     _add_dataset_flags(plan)
     plan.add_argument("--shards", help="shard indices or names (default: all)")
+    publish = commands.add_parser("publish", help="push chunks + embeddings as one Hugging Face dataset (HF_TOKEN or the Prefect Secret 'hf-token')")
+    _add_dataset_flags(publish)
+    publish.add_argument("--repo-id", required=True, help="org/name of the dataset repo")
+    publish.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
+    publish.add_argument("--to", help="where to write that folder (default: a temp dir)")
+    publish.add_argument("--public", action="store_true", help="create the repo public (default private)")
     status = commands.add_parser("status", help="per dataset and stage: shards done, failed and missing, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
@@ -245,6 +251,28 @@ def plan(dataset: dict, shards: str | None) -> int:
     return EXIT_OK
 
 
+def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool) -> int:
+    """Run the publish flow; print the folder (dry run) or the dataset's URL."""
+    if dataset.pop("backend") != "local":
+        print("error: publish reads a local data dir; copy Modal shards here first with `fineweb-modal fetch`", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        build_run_config(stages=["embed"], **dataset)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    _connect()
+    from flows.publish import publish as publish_flow
+
+    state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if not state.is_completed():
+        print(f"error: {outcome}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
+    print(f"dry run: the folder that would be uploaded is {outcome}" if dry_run else f"published: {outcome}")
+    return EXIT_OK
+
+
 def verify(dataset: dict) -> int:
     """Run the verify flow; exit 1 when any shard has a problem."""
     try:
@@ -309,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         return verify(dataset)
     if args.command == "plan":
         return plan(dataset, args.shards)
+    if args.command == "publish":
+        return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public)
     return run_pipeline(_run_kwargs(args))
 
 

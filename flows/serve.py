@@ -9,17 +9,23 @@ from flows.download import download
 from flows.embed import embed
 from flows.pipeline import pipeline
 from flows.plan import plan
+from flows.publish import publish
 from flows.summarize import summarize
 from flows.verify import verify
 
-FLOWS = (pipeline, download, chunk, embed, summarize, verify, plan)
+FLOWS = (pipeline, download, chunk, embed, summarize, verify, plan, publish)
 BACKENDS = ("local", "modal")
 
 
 def build_deployments() -> list:
     """One deployment per flow and backend; the backend is a default parameter the run form can still change."""
     return [
-        flow.to_deployment(name=backend, parameters={"backend": backend}, tags=["fineweb-modal", backend], description=flow.description)
+        flow.to_deployment(
+            name=backend,
+            parameters={"backend": backend} if "backend" in flow.parameters.properties else {},
+            tags=["fineweb-modal", backend],
+            description=flow.description,
+        )
         for flow in FLOWS
         for backend in BACKENDS
     ]

@@ -1,0 +1,83 @@
+"""Chunks + embeddings as one Hugging Face dataset: a parquet file per shard (chunk columns + `embedding`) and a card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fineweb_modal.costs import format_usd
+from fineweb_modal.layout import Layout
+from fineweb_modal.status import ledger_status
+from fineweb_modal.storage import atomic_path
+
+
+def join_shard(layout: Layout, shard: str, destination: Path) -> int:
+    """Write one shard's chunk rows with their embedding column (row for row) to `destination`; returns rows."""
+    chunks = pq.read_table(layout.output_path("chunk", shard))
+    embeddings = pq.read_table(layout.output_path("embed", shard))
+    if embeddings.num_rows != chunks.num_rows or not embeddings.column("chunk_index").equals(chunks.column("chunk_index")):
+        raise ValueError(f"{shard}: embeddings do not line up with chunks ({embeddings.num_rows} vs {chunks.num_rows} rows); run verify")
+    joined = chunks.append_column("embedding", embeddings.column("embedding"))
+    metadata = {**(chunks.schema.metadata or {}), **(embeddings.schema.metadata or {})}
+    with atomic_path(destination) as tmp:
+        pq.write_table(joined.replace_schema_metadata(metadata), tmp, compression="zstd")
+    return joined.num_rows
+
+
+def dataset_card(repo_id: str, layout: Layout, model: str, rows: dict[str, int], embed_meta: dict[str, str]) -> str:
+    """The README.md of the published dataset: where it came from, how it was cut and embedded, what it cost."""
+    statuses = {s.stage: s for s in ledger_status(layout.data_dir, layout.name) if s.split == layout.split}
+    cost = sum(s.cost_usd for s in statuses.values())
+    tokens = statuses["embed"].tokens if "embed" in statuses else 0
+    front = f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: {layout.split}
+    path: data/{layout.split}/*.parquet
+---
+"""
+    lines = [
+        f"# {repo_id}",
+        "",
+        f"Chunks and embeddings of `{layout.name}` ({layout.split}), made with [fineweb-modal](https://github.com/).",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| shards | {len(rows)} |",
+        f"| chunks | {sum(rows.values()):,} |",
+        f"| embedded tokens | {tokens:,} |",
+        f"| chunking | max {layout.max_tokens} tokens per chunk ([CLS]/[SEP] included), exact source substrings with `char_start`/`char_end` |",
+        f"| model | `{model}` (revision {embed_meta.get('revision', '?')}), {embed_meta.get('dims', '?')} dims, {embed_meta.get('pooling', '?')} pooling, "
+        f"prefix `{embed_meta.get('prefix', '')}`, {embed_meta.get('dtype', 'float32')}, L2-normalized |",
+        f"| compute cost | {format_usd(cost)} (Modal container seconds × published rates; $0 for local runs) |",
+        "",
+        "Columns: `id`, `doc_index`, `chunk_index` (`(doc_index, chunk_index)` is unique per shard), `chunk_text`, "
+        "`char_start`, `char_end`, `chunk_token_count`, the kept source columns, and `embedding`.",
+    ]
+    return front + "\n".join(lines) + "\n"
+
+
+def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards: list[str]) -> dict[str, Any]:
+    """Write exactly what would be uploaded: `data/<split>/<shard>.parquet` and `README.md`."""
+    rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
+    first = pq.read_schema(layout.output_path("embed", shards[0])).metadata or {}
+    embed_meta = {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in first.items()}
+    (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta))
+    manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
+    (folder / ".publish.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def upload_folder(folder: Path, repo_id: str, token: str, private: bool = True) -> str:
+    """Create the dataset repo if needed and upload the folder; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder), ignore_patterns=[".publish.json"])
+    return f"https://huggingface.co/datasets/{repo_id}"

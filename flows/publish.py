@@ -1,0 +1,78 @@
+"""publish: chunks + embeddings as one Hugging Face dataset; `dry_run` writes the exact folder instead of uploading."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from fineweb_modal.config import build_run_config
+from fineweb_modal.errors import ConfigError
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.publish import build_folder, upload_folder
+from fineweb_modal.report import artifact_key
+from fineweb_modal.selection import select_shards
+from fineweb_modal.shards import layout_for
+
+HF_TOKEN_ENV = "HF_TOKEN"
+HF_TOKEN_BLOCK = "hf-token"
+
+
+def _hf_token() -> str:
+    """The Hub token from `HF_TOKEN` or the Prefect Secret `hf-token`; never a parameter, never logged."""
+    if os.environ.get(HF_TOKEN_ENV):
+        return os.environ[HF_TOKEN_ENV]
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(HF_TOKEN_BLOCK).get()
+    except ValueError:
+        raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'") from None
+
+
+@task(name="upload", retries=3, retry_delay_seconds=[10, 60, 300], cache_policy=NO_CACHE)
+def upload_task(folder: str, repo_id: str, private: bool) -> str:
+    """Upload the prepared folder (retried: the Hub has bad minutes)."""
+    return upload_folder(Path(folder), repo_id, _hf_token(), private)
+
+
+@flow(name="publish")
+def publish(
+    repo_id: str,
+    name: str,
+    data_dir: str = "./data",
+    split: str = "train",
+    max_tokens: int | str = "auto",
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+    shards: list[str] | None = None,
+    dry_run: bool = False,
+    output_dir: str | None = None,
+    private: bool = True,
+) -> str:
+    """Join every embedded shard's chunks and vectors, write the dataset card, and upload (or only write, with dry_run)."""
+    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
+    if not dry_run:
+        _hf_token()  # fail before any work when there is no token
+    layout = layout_for(run)
+    chosen = select_shards(layout.list_shards("embed"), run.shards)
+    embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
+    if not embedded:
+        raise ConfigError(f"publish: no embedded shards for {name} in {layout.shard_dir('embed')}")
+    folder = Path(output_dir or tempfile.mkdtemp(prefix="fineweb-modal-publish-"))
+    manifest = build_folder(layout, repo_id, model, folder, embedded)
+    get_run_logger().info("prepared %d file(s) in %s", len(manifest["files"]), folder)
+    create_markdown_artifact(
+        (folder / "README.md").read_text() + f"\n\nFiles: {', '.join(manifest['files'])}",
+        key=artifact_key("publish", name, "card"),
+        description=f"publish · {repo_id}" + (" (dry run)" if dry_run else ""),
+    )
+    if dry_run:
+        return str(folder)
+    url = upload_task(str(folder), repo_id, private)
+    create_link_artifact(url, link_text=repo_id, key=artifact_key("publish", name, "link"))
+    return url
