@@ -220,7 +220,7 @@ def finalize_stage(run: RunConfig, stage: str, summaries: list[dict[str, Any]] |
         totals = summary.combine_summaries(summaries or [])
         path = layout.summary_dir() / f"{run.dataset.split}.json"
         write_json_atomic(path, {"totals": totals, "shards": summaries or []})
-        return {"totals": totals, "path": str(path)}
+        return {"totals": totals, "path": str(path), "charts": _summary_charts(run, layout, totals)}
     return {}
 
 
@@ -239,3 +239,25 @@ def plan_sample(run: RunConfig, shard: str) -> dict[str, Any]:
 
     layout = layout_for(run)
     return asdict(sample_shard(layout.output_path("download", shard), shard, run.chunk, run.embed.prefix))
+
+
+def _summary_charts(run: RunConfig, layout: Layout, totals: dict[str, Any]) -> dict[str, str]:
+    """PNG pictures beside the summary: the token-length histogram and each stage's tokens/s per shard."""
+    from fineweb_modal import charts
+
+    out: dict[str, str] = {}
+    split = run.dataset.split
+    if totals.get("histogram"):
+        title = f"{run.dataset.name}: {totals['chunks']:,} chunks, mean {totals.get('mean_chunk_tokens', 0)} tokens"
+        hist = totals["histogram"]
+        out["histogram"] = str(charts.histogram_png(hist["edges"], hist["counts"], layout.summary_dir() / f"{split}-chunk-tokens.png", title))
+    ledger = Ledger(layout)
+    rates = {}
+    for stage in ("chunk", "embed"):
+        # The embed ledger lives under the embedding dataset's folder; the chunk ledger under the chunk dataset's.
+        records = [r for r in ledger.records(stage) if r.status == "done" and r.stats.get("seconds")]
+        if records:
+            rates[stage] = {r.shard: r.stats["tokens"] / r.stats["seconds"] for r in records}
+    if rates:
+        out["throughput"] = str(charts.throughput_png(rates, layout.summary_dir() / f"{split}-throughput.png", f"{run.dataset.name}: tokens/s per shard"))
+    return out

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import get_run_logger
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed, State
 
+from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import BadDataError, ConfigError
@@ -97,7 +100,7 @@ def run_stage(stage: str, run: RunConfig) -> State:
         summaries = [r.extra["summary"] for r in report.results if "summary" in r.extra]
         report.extra = get_backend(run.backend).finalize(run, stage, summaries)
         if stage == "summarize":
-            extra_markdown = _summary_markdown(report.extra.get("totals", {}))
+            extra_markdown = _summary_markdown(report.extra.get("totals", {}), report.extra.get("charts", {}))
     publish_stage(report, run, extra_markdown)
 
     totals = report.totals()
@@ -144,9 +147,15 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
         yield shard, state
 
 
-def _summary_markdown(totals: dict) -> str:
+def _summary_markdown(totals: dict, charts: dict[str, str]) -> str:
     if not totals:
         return ""
+    pictures = []
+    for title, path in (("Chunk token lengths", charts.get("histogram")), ("Tokens/s per shard", charts.get("throughput"))):
+        if path:
+            # Inlined, so the UI shows it without serving files; the PNG stays beside the summary JSON.
+            image = f"![{title}]({data_uri(Path(path))})" if Path(path).is_file() else ""
+            pictures += [f"### {title}", "", image, "", f"PNG: `{path}`", ""]
     hist = totals.get("histogram", {})
     return "\n".join(
         [
@@ -163,5 +172,7 @@ def _summary_markdown(totals: dict) -> str:
             "```",
             text_histogram(hist.get("edges", []), hist.get("counts", [])),
             "```",
+            "",
+            *pictures,
         ]
     )

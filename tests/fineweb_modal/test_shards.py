@@ -67,3 +67,5 @@ def test_summarize_totals_combine_shards(demo_source, run_config_for):
     assert totals["shards"] == 3 and totals["rows"] == 36
     assert totals["chunks"] == sum(r.chunks for r in results) == sum(totals["histogram"]["counts"])
     assert totals["chunks_under_50"] >= totals["chunks_under_10"]
+    for chart in ("histogram", "throughput"):
+        assert outcome["charts"][chart].endswith(".png") and open(outcome["charts"][chart], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -62,6 +62,7 @@ def test_pipeline_end_to_end_then_skip_on_rerun(pipeline_flow, demo_source, tmp_
     assert float(latest_artifact("embed-demo-progress").data) == 100.0
     markdown = latest_artifact("summarize-demo-summary").data
     assert "3 of 3 shards succeeded" in markdown and "histogram" in markdown
+    assert markdown.count("](data:image/png;base64,") == 2, "both pictures inlined (they render in the UI)"
 
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
     assert state.is_completed()
