@@ -111,6 +111,13 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def _validated(**params) -> RunConfig:
+    """The run config of these parameters, or ConfigError (main turns it into exit code 2, before anything runs)."""
+    run = build_run_config(**params)
+    _check_backend(run)
+    return run
+
+
 def _check_backend(run: RunConfig) -> None:
     if run.backend == "modal":
         from tasks.backends import modal_token_configured
@@ -136,12 +143,7 @@ def _connect() -> str:
 
 def run_pipeline(kwargs: dict) -> int:
     """Validate, connect to Prefect, run the pipeline flow, print where things are; return the exit code."""
-    try:
-        run = build_run_config(**kwargs)
-        _check_backend(run)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    run = _validated(**kwargs)
     _connect()
     from flows.pipeline import pipeline
 
@@ -208,16 +210,15 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     from fineweb_modal.verify import preview
     from tasks.backends import get_backend
 
+    run = _validated(stages=[stage], **dataset)
     try:
-        run = build_run_config(stages=[stage], **dataset)
-        _check_backend(run)
         backend = get_backend(run.backend)
         listing_stage = {"download": "chunk", "chunk": "embed", "embed": "embed"}[stage]
         (name,) = select_shards(backend.list_shards(run, listing_stage), [shard])
         suffix = ".arrow" if stage == "download" else ".parquet"
         destination = to / f"{name}{suffix}" if to.is_dir() or not to.suffix else to
         path = backend.fetch(run, stage, name, destination)
-    except (ConfigError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(f"fetched {path}")
@@ -228,12 +229,7 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
 
 def plan(dataset: dict, shards: str | None) -> int:
     """Run the plan flow and print its forecast."""
-    try:
-        run = build_run_config(stages=["chunk"], keep_columns=[], shards=shards, **dataset)
-        _check_backend(run)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset)
     _connect()
     from flows.plan import plan as plan_flow
 
@@ -256,11 +252,7 @@ def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private:
     if dataset.pop("backend") != "local":
         print("error: publish reads a local data dir; copy Modal shards here first with `fineweb-modal fetch`", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    try:
-        build_run_config(stages=["embed"], **dataset)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    _validated(stages=["embed"], **dataset)
     _connect()
     from flows.publish import publish as publish_flow
 
@@ -275,12 +267,7 @@ def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private:
 
 def verify(dataset: dict) -> int:
     """Run the verify flow; exit 1 when any shard has a problem."""
-    try:
-        run = build_run_config(stages=["embed"], **dataset)
-        _check_backend(run)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+    _validated(stages=["embed"], **dataset)
     _connect()
     from flows.verify import verify as verify_flow
 
@@ -309,6 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fineweb-modal` console script."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "server":
         if args.action == "start":
             info = server.start(port=args.port)
