@@ -205,18 +205,18 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
 
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
-    """Copy one output shard to a local path and print a preview."""
+    """Copy one output shard to a local path and print a preview (no Prefect server needed)."""
     from fineweb_modal.selection import select_shards
     from fineweb_modal.verify import preview
     from tasks.backends import get_backend
 
     run = _validated(stages=[stage], **dataset)
+    backend = get_backend(run.backend)
+    listing_stage = {"download": "chunk", "chunk": "embed", "embed": "embed"}[stage]
+    (name,) = select_shards(backend.list_shards(run, listing_stage), [shard])
+    suffix = ".arrow" if stage == "download" else ".parquet"
+    destination = to / f"{name}{suffix}" if to.is_dir() or not to.suffix else to
     try:
-        backend = get_backend(run.backend)
-        listing_stage = {"download": "chunk", "chunk": "embed", "embed": "embed"}[stage]
-        (name,) = select_shards(backend.list_shards(run, listing_stage), [shard])
-        suffix = ".arrow" if stage == "download" else ".parquet"
-        destination = to / f"{name}{suffix}" if to.is_dir() or not to.suffix else to
         path = backend.fetch(run, stage, name, destination)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,13 +7,14 @@ from prefect import serve
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
+from flows.fetch import fetch
 from flows.pipeline import pipeline
 from flows.plan import plan
 from flows.publish import publish
 from flows.summarize import summarize
 from flows.verify import verify
 
-FLOWS = (pipeline, download, chunk, embed, summarize, verify, plan, publish)
+FLOWS = (pipeline, download, chunk, embed, summarize, verify, plan, publish, fetch)
 BACKENDS = ("local", "modal")
 
 

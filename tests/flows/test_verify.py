@@ -32,3 +32,16 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     rows = {r["shard"]: r for r in json.loads(latest_artifact("verify-demo-shards").data)}
     assert not rows["data-00002-of-00003"]["ok"] and "not unit-norm" in rows["data-00002-of-00003"]["problems"]
     assert rows["data-00000-of-00003"]["ok"]
+
+
+def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp_path):
+    from flows.fetch import fetch
+    from flows.pipeline import pipeline
+
+    data_dir = str(tmp_path / "data")
+    assert pipeline(source=str(demo_source), data_dir=data_dir, max_tokens=64, stages=["download", "chunk"], return_state=True).is_completed()
+    path = fetch(name="demo", shard="1", stage="chunk", to=str(tmp_path / "out"), data_dir=data_dir, max_tokens=64)
+    assert path.endswith("out/data-00001-of-00003.parquet")
+    assert pq.read_table(path).equals(pq.read_table(tmp_path / "data" / "demo-chunked-64" / "train" / "data-00001-of-00003.parquet"))
+    text = latest_artifact("fetch-demo-chunk").data
+    assert "rows" in text and "[0:0]" in text

@@ -1,0 +1,43 @@
+"""fetch: copy one output shard (chunks or embeddings) from the data dir or the Modal Volume, and preview it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from fineweb_modal.config import build_run_config
+from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.report import artifact_key
+from fineweb_modal.selection import select_shards
+from fineweb_modal.verify import preview
+from tasks.backends import get_backend
+
+_LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}
+
+
+@flow(name="fetch")
+def fetch(
+    name: str,
+    shard: str,
+    to: str = ".",
+    stage: str = "embed",
+    data_dir: str = "./data",
+    split: str = "train",
+    backend: str = "local",
+    max_tokens: int | str = "auto",
+    model: str = DEFAULT_MODEL,
+    prefix: str = "",
+) -> str:
+    """Copy the shard (by name or index) to `to` (a folder or a file) and attach a preview; returns the local path."""
+    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=[stage], backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
+    where = get_backend(backend)
+    (shard_name,) = select_shards(where.list_shards(run, _LISTED_BY[stage]), [shard])
+    suffix = ".arrow" if stage == "download" else ".parquet"
+    target = Path(to)
+    destination = target / f"{shard_name}{suffix}" if target.is_dir() or not target.suffix else target
+    path = where.fetch(run, stage, shard_name, destination)
+    text = preview(path) if suffix == ".parquet" else f"{path}"
+    create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {shard_name}")
+    return str(path)
