@@ -6,10 +6,11 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fineweb_modal.config import build_run_config
+from flows.hooks import cancel_modal_calls
 from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
 
 
-@flow(name="download", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+@flow(name="download", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls])
 def download(
     source: str,
     subset: str | None = None,

@@ -13,13 +13,14 @@ from fineweb_modal.report import StageReport
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
+from flows.hooks import cancel_modal_calls
 from flows.stage import failed_shards
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
 
 
-@flow(name="pipeline")
+@flow(name="pipeline", on_cancellation=[cancel_modal_calls])
 def pipeline(
     source: str | None = None,
     subset: str | None = None,

@@ -7,10 +7,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fineweb_modal.config import build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
+from flows.hooks import cancel_modal_calls
 from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
 
 
-@flow(name="summarize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT))
+@flow(name="summarize", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls])
 def summarize(
     source: str | None = None,
     subset: str | None = None,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import logging
 import multiprocessing
 import os
 import shutil
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
@@ -18,6 +22,7 @@ MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
 MODAL_DATA_DIR = "/data"
 MODAL_TEI_CLASS = "TEIEmbedder"
+MODAL_CALLS_DICT = "fineweb-modal-calls"
 MODAL_FUNCTIONS = {"download": "download_shard", "chunk": "chunk_shard", "embed": "embed_shard", "summarize": "summarize_shard"}
 
 
@@ -111,6 +116,41 @@ class LocalBackend:
                 self._pool = None
 
 
+def call_key(job: ShardJob) -> str:
+    """The key of a shard job's Modal call: dataset, split, stage, shard and a hash of the run's config."""
+    digest = hashlib.sha256(job.run.model_dump_json().encode()).hexdigest()[:12]
+    return f"{job.run.dataset.name}/{job.run.dataset.split}/{job.stage}/{job.shard}/{digest}"
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _flow_run_ids() -> dict[str, str]:
+    """The current flow run and its root, so cancelling either finds the call."""
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": str(flow_run.id or ""), "root_flow_run_id": str(flow_run.root_flow_run_id or "")}
+
+
+def _log(message: str) -> None:
+    """Into the task run's log when there is one (the UI shows it), else the module logger."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().info(message)
+    except MissingContextError:
+        logging.getLogger(__name__).info(message)
+
+
+def _dashboard_url(call: Any) -> str:
+    try:
+        return call.get_dashboard_url()
+    except Exception:  # the URL is a convenience: never fail a shard over it
+        return "(no dashboard URL)"
+
+
 def modal_token_configured() -> bool:
     """Whether a Modal token is set (env or ~/.modal.toml), decided without touching the network."""
     import modal.config
@@ -119,20 +159,26 @@ def modal_token_configured() -> bool:
 
 
 class ModalBackend:
-    """In the deployed Modal app: each shard job is one call of that stage's function; data lives on the Volume."""
+    """In the deployed Modal app: each shard job is one call of that stage's function; data lives on the Volume.
+
+    Every call is spawned, and its id kept in the `modal.Dict` `fineweb-modal-calls` (keyed by dataset,
+    stage, shard and config) until it returns: a run restarted after its worker died re-attaches to the call
+    still running instead of paying for it twice, and cancelling a flow run cancels its calls.
+    """
 
     name = "modal"
 
-    def __init__(self) -> None:
-        if not modal_token_configured():
-            raise ConfigError(
-                "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
-                "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
-            )
-        import modal
-
-        self._modal = modal
-        self._volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
+    def __init__(self, modal_module=None) -> None:
+        if modal_module is None:
+            if not modal_token_configured():
+                raise ConfigError(
+                    "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
+                    "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
+                )
+            import modal as modal_module
+        self._modal = modal_module
+        self._volume = modal_module.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
+        self._calls = modal_module.Dict.from_name(MODAL_CALLS_DICT, create_if_missing=True)
 
     def _on_volume(self, run: RunConfig) -> RunConfig:
         return run.model_copy(update={"dataset": run.dataset.model_copy(update={"data_dir": MODAL_DATA_DIR})})
@@ -150,9 +196,50 @@ class ModalBackend:
             update["source_file"] = MODAL_DATA_DIR + remote
         payload = job.model_copy(update=update).model_dump(mode="json")
         if job.stage == "embed" and job.run.embed.engine == "tei":
-            embedder = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)()
-            return ShardResult.model_validate(embedder.embed_shard.remote(payload))
-        return ShardResult.model_validate(self._function(MODAL_FUNCTIONS[job.stage]).remote(payload))
+            target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
+        else:
+            target = self._function(MODAL_FUNCTIONS[job.stage])
+        output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
+        result = ShardResult.model_validate(output)
+        result.extra["modal_call_id"] = call_id
+        return result
+
+    def _call(self, key: str, spawn: Callable[[], Any]) -> tuple[Any, str]:
+        """Re-attach to the running call for `key`, or spawn one; wait for its (result, call id); forget it once it returned.
+
+        Only a returned call (a result or a remote error) is forgotten: when this process is stopped while
+        waiting, the record stays, and the next run re-attaches to the call instead of starting another.
+        """
+        record = self._calls.get(key)
+        if record:
+            _log(f"re-attaching to Modal call {record['call_id']} (started {record['started']}) instead of starting another")
+            try:
+                output = self._modal.FunctionCall.from_id(record["call_id"]).get()
+            except Exception as exc:  # the old call failed, or its result expired: start afresh
+                _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
+            else:
+                self._calls.pop(key)
+                return output, record["call_id"]
+        call = spawn()
+        self._calls.put(key, {"call_id": call.object_id, "started": _now(), **_flow_run_ids()})
+        _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
+        try:
+            output = call.get()
+        except Exception:
+            self._calls.pop(key)  # a failed call is not re-attached to: the retry spawns a new one
+            raise
+        self._calls.pop(key)
+        return output, call.object_id
+
+    def cancel_calls(self, flow_run_id: str) -> list[str]:
+        """Cancel every running call started by this flow run or any run under it; returns the cancelled call ids."""
+        cancelled = []
+        for key, record in list(self._calls.items()):
+            if flow_run_id in (record.get("flow_run_id"), record.get("root_flow_run_id")):
+                self._modal.FunctionCall.from_id(record["call_id"]).cancel()
+                self._calls.pop(key)
+                cancelled.append(record["call_id"])
+        return cancelled
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, as the Volume holds them."""

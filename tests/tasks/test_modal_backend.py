@@ -1,0 +1,141 @@
+"""The modal backend's call bookkeeping, against a test double of the `modal` client (no Modal account here).
+
+The double runs each "remote" call through the real Modal functions' `.local()` on a local data dir.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from fineweb_modal.shards import ShardJob, run_shard
+from tasks.backends import ModalBackend, call_key
+
+_ids = itertools.count()
+
+
+class FakeCall:
+    def __init__(self, run, registry, interrupt=False):
+        self.object_id, self._run, self.cancelled, self.interrupt = f"fc-{next(_ids)}", run, False, interrupt
+        registry[self.object_id] = self
+
+    def get(self, timeout=None):
+        if self.interrupt:
+            raise KeyboardInterrupt  # the waiting process is stopped (worker dies, run cancelled)
+        if self.cancelled:
+            raise RuntimeError("cancelled")
+        return self._run()
+
+    def cancel(self):
+        self.cancelled = True
+
+    def get_dashboard_url(self):
+        return f"https://modal.example/calls/{self.object_id}"
+
+
+class FakeDict(dict):
+    def put(self, key, value):
+        self[key] = value
+
+
+class FakeModal:
+    """Just enough of `modal` for ModalBackend: Function/Cls lookups, spawn, FunctionCall.from_id, Dict, Volume."""
+
+    def __init__(self, data_dir):
+        from deployments import modal_app
+
+        self.app, self.data_dir, self.calls, self.spawned, self.dict = modal_app, data_dir, {}, [], FakeDict()
+        fake = self
+
+        class Function:
+            @staticmethod
+            def from_name(app_name, name):
+                return fake._function(name)
+
+        class FunctionCall:
+            @staticmethod
+            def from_id(call_id):
+                return fake.calls[call_id]
+
+        class Dict:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return fake.dict
+
+        class Volume:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return None
+
+        self.Function, self.FunctionCall, self.Dict, self.Volume = Function, FunctionCall, Dict, Volume
+
+    def _function(self, name):
+        fake = self
+
+        class Remote:
+            @staticmethod
+            def spawn(payload):
+                payload["run"]["dataset"]["data_dir"] = fake.data_dir  # the Volume is this local dir here
+                call = FakeCall(lambda: getattr(fake.app, name).local(payload), fake.calls)
+                fake.spawned.append(call.object_id)
+                return call
+
+        return Remote
+
+
+@pytest.fixture
+def downloaded(demo_source, run_config_for, tmp_path):
+    run = run_config_for(demo_source, backend="modal")
+    path = sorted(demo_source.glob("*.parquet"))[0]
+    run_shard(ShardJob(stage="download", shard=path.stem, run=run, source_file=str(path)))
+    return run, path.stem, FakeModal(str(tmp_path / "data"))
+
+
+def test_a_call_is_recorded_while_it_runs_and_forgotten_when_it_returns(downloaded):
+    run, shard, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    assert result.status == "done" and result.where == "modal" and result.cost_usd > 0
+    assert result.extra["modal_call_id"] == fake.spawned[0] and fake.dict == {}
+
+
+def test_a_restarted_run_reattaches_instead_of_starting_again(downloaded):
+    run, shard, fake = downloaded
+    job = ShardJob(stage="chunk", shard=shard, run=run)
+    backend = ModalBackend(modal_module=fake)
+    with pytest.raises(KeyboardInterrupt):  # the worker dies while waiting
+        backend._call(call_key(job), lambda: FakeCall(lambda: {}, fake.calls, interrupt=True))
+    record = fake.dict[call_key(job)]
+    orphan = fake.calls[record["call_id"]]
+    orphan.interrupt, orphan._run = False, lambda: fake.app.chunk_shard.local(
+        {**job.model_dump(mode="json"), "where": "modal"}
+    )  # the call itself kept running on Modal
+    result = backend.run(job)
+    assert fake.spawned == [], "no second call was started"
+    assert result.status == "done" and result.extra["modal_call_id"] == record["call_id"] and fake.dict == {}
+
+
+def test_a_failed_call_is_forgotten_so_the_retry_starts_afresh(downloaded):
+    run, shard, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+
+    def failing():
+        raise ConnectionError("container preempted")
+
+    with pytest.raises(ConnectionError):
+        backend._call("k", lambda: FakeCall(failing, fake.calls))
+    assert fake.dict == {}
+
+
+def test_cancelling_a_run_cancels_its_calls_only(downloaded):
+    _, _, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    mine = FakeCall(lambda: {}, fake.calls)
+    child = FakeCall(lambda: {}, fake.calls)
+    other = FakeCall(lambda: {}, fake.calls)
+    fake.dict.put("a", {"call_id": mine.object_id, "flow_run_id": "run-1", "root_flow_run_id": "run-1", "started": "t"})
+    fake.dict.put("b", {"call_id": child.object_id, "flow_run_id": "sub-7", "root_flow_run_id": "run-1", "started": "t"})
+    fake.dict.put("c", {"call_id": other.object_id, "flow_run_id": "run-2", "root_flow_run_id": "run-2", "started": "t"})
+    assert sorted(backend.cancel_calls("run-1")) == sorted([mine.object_id, child.object_id])
+    assert mine.cancelled and child.cancelled and not other.cancelled and list(fake.dict) == ["c"]
