@@ -29,7 +29,10 @@ test: install
 	$(PY) -m pytest
 
 bench: install
+	$(PY) -m benchmarks.chunk
+	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.embed
+	$(PY) -m benchmarks.report
 
 server-stop: install
 	$(VENV)/bin/fineweb-modal server stop

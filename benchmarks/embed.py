@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import merge_results
 from fineweb_modal.chunking import chunk_texts
 from fineweb_modal.config import build_run_config
 from fineweb_modal.demo import build_documents
@@ -194,6 +195,7 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "embed.json").write_text(json.dumps(results, indent=2))
+    merge_results("embed", results["entries"])
     print(json.dumps(results, indent=2))
     print()
     print(markdown(results))

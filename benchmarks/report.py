@@ -1,0 +1,56 @@
+"""Print benchmarks/results/latest.json as the markdown table README shows.
+
+    python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+
+from benchmarks.common import RESULTS
+
+
+def rows(entries: dict) -> list[str]:
+    """One markdown row per entry: what was measured, against what, and the verdict."""
+    out = ["| entry | measured | ratio vs baseline (same run) | verdict |", "|---|---|---|---|"]
+    if chunk := entries.get("chunk"):
+        rates = chunk["tokens_per_s"]
+        out.append(
+            f"| chunk | stage {rates['stage']:,} tokens/s on {chunk['tokens']:,} tokens ({chunk['shard_mb']} MB shard) "
+            f"| {chunk['stage_vs_raw']}× raw `encode_batch` ({rates['raw']:,}/s); {chunk['stage_vs_seed_style']}× seed style ({rates['seed_style']:,}/s) | {chunk['verdict']} |"
+        )
+    if scaling := entries.get("chunk-scaling"):
+        cells = "; ".join(f"{k} cores: stage {v['stage_speedup']}×, raw {v['raw_speedup']}×" for k, v in scaling["cores"].items())
+        out.append(f"| chunk scaling | {cells} | speed-up vs raw's at the most cores | {scaling['verdict']} |")
+    if cpu := entries.get("embed-cpu"):
+        out.append(
+            f"| embed (CPU) | engine {cpu['tokens_per_s']['engine']:,} tokens/s, MFU {cpu['mfu_vs_measured_peak']['engine']:.0%} of measured fp32 peak "
+            f"| {cpu['engine_vs_sentence_transformers']}× sentence-transformers; {cpu['engine_vs_seed_style']}× seed style "
+            f"| {'PASS' if cpu['pass'] else 'FAIL'}: {cpu['goal']} |"
+        )
+    if gpu := entries.get("embed-gpu"):
+        if gpu.get("device") == "no GPU":
+            out.append("| embed (GPU) | no GPU | — | not measured |")
+        else:
+            out.append(
+                f"| embed (GPU) | {gpu['device']}: {gpu['tokens_per_s']['engine']:,} tokens/s | {gpu['engine_vs_seed_style']}× seed style "
+                f"| {'PASS' if gpu['pass'] else 'FAIL'}: {gpu['goal']} |"
+            )
+    if orchestration := entries.get("orchestration"):
+        out.append(
+            f"| orchestration | chunk flow over {orchestration['shards']} tiny shards: {orchestration['flow_seconds']} s "
+            f"| {orchestration['overhead_seconds_per_shard']} s per shard over a plain loop ({orchestration['loop_seconds']} s) | {orchestration['verdict']} |"
+        )
+    return out
+
+
+def main() -> None:
+    """Print the table."""
+    latest = json.loads((RESULTS / "latest.json").read_text())
+    print(f"Measured {latest.get('updated', '?')} on {platform.machine()}, {platform.python_version()}:\n")
+    print("\n".join(rows(latest["entries"])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The benchmarks' own pieces: the corpus is web-like, the seed-style baseline chunks like the seed, the table reads."""
+
+from __future__ import annotations
+
+import statistics
+
+from benchmarks.chunk import seed_style
+from benchmarks.corpus import web_like_documents
+from benchmarks.report import rows
+from fineweb_modal.models import DEFAULT_MODEL, load_tokenizer, model_info
+
+
+def test_corpus_has_web_like_lengths():
+    docs = web_like_documents(200_000, seed=1)
+    tokenizer = load_tokenizer(model_info(DEFAULT_MODEL).path)
+    lengths = [len(e) for e in tokenizer.encode_batch(docs, add_special_tokens=False)]
+    assert 150_000 < sum(lengths) < 400_000
+    assert 350 < statistics.median(lengths) < 1400 and max(lengths) > 5 * statistics.median(lengths)
+
+
+def test_seed_style_slices_with_the_seeds_stride():
+    tokenizer = load_tokenizer(model_info(DEFAULT_MODEL).path)
+    text = "word " * 1000  # 1000 tokens + [CLS]/[SEP]
+    assert seed_style([text] * 3, tokenizer, max_tokens=500, overlap_tokens=50) == 3 * 3  # starts 0, 450, 900
+
+
+def test_report_rows_show_ratios_and_verdicts():
+    entries = {
+        "chunk": {"tokens": 10, "shard_mb": 1.0, "tokens_per_s": {"stage": 9, "raw": 10, "seed_style": 5}, "stage_vs_raw": 0.9, "stage_vs_seed_style": 1.8, "verdict": "PASS x"},
+        "embed-gpu": {"device": "no GPU"},
+        "orchestration": {"shards": 100, "flow_seconds": 5.0, "overhead_seconds_per_shard": 0.04, "loop_seconds": 1.0, "verdict": "PASS y"},
+    }
+    table = "\n".join(rows(entries))
+    assert "0.9× raw" in table and "| embed (GPU) | no GPU |" in table and "0.04 s per shard" in table
