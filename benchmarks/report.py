@@ -42,6 +42,13 @@ def rows(entries: dict) -> list[str]:
             f"| orchestration | chunk flow over {orchestration['shards']} tiny shards: {orchestration['flow_seconds']} s "
             f"| {orchestration['overhead_seconds_per_shard']} s per shard over a plain loop ({orchestration['loop_seconds']} s) | {orchestration['verdict']} |"
         )
+    if memory := entries.get("memory-chunk"):
+        out.append(
+            f"| memory (chunk) | peak RSS growth {memory['rss_growth_mb']} MB on a {memory['shard_mb']} MB shard | {memory['growth_over_shard']}× the shard | {memory['verdict']} |"
+        )
+    if memory := entries.get("memory-embed"):
+        sizes = ", ".join(f"{n:,} chunks: {g} MB" for n, g in zip(memory["chunks"], memory["rss_growth_mb"]))
+        out.append(f"| memory (embed) | peak RSS growth {sizes} | {memory['largest_over_smallest']}× from the smallest to the largest | {memory['verdict']} |")
     return out
 
 

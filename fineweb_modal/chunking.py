@@ -24,6 +24,9 @@ from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches
 
 SPECIAL_TOKENS = 2  # [CLS] and [SEP]
 ENCODE_BATCH_DOCS = 512
+# The tokenizer's Encoding objects cost ~100 bytes per token: batches are also capped by characters, so a
+# long-tailed shard (documents of 100 k+ tokens) does not hold half a million tokens' encodings at once.
+ENCODE_BATCH_CHARS = 1_000_000
 
 
 @dataclass
@@ -151,10 +154,18 @@ def check_columns(source_schema: pa.Schema, cfg: ChunkConfig, path: object) -> N
         raise BadDataError(f"{path}: text column {cfg.text_column!r} has type {text_type}, expected a string")
 
 
-def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+def _rebatch(batches: Iterator[pa.RecordBatch], text_column: str, max_rows: int, max_chars: int) -> Iterator[pa.RecordBatch]:
+    """Slices of at most `max_rows` rows and about `max_chars` characters (one longer document goes alone)."""
     for batch in batches:
-        for offset in range(0, batch.num_rows, size):
-            yield batch.slice(offset, size)
+        lengths = pc.fill_null(pc.utf8_length(batch.column(text_column)), 0).to_numpy(zero_copy_only=False) if batch.num_rows else []
+        start, chars = 0, 0
+        for row, length in enumerate(lengths):
+            if row > start and (row - start >= max_rows or chars + length > max_chars):
+                yield batch.slice(start, row - start)
+                start, chars = row, 0
+            chars += length
+        if start < batch.num_rows:
+            yield batch.slice(start)
 
 
 def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkStats:
@@ -167,7 +178,7 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
     row_offset = 0
     with atomic_path(output_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         with decoding(input_path, "read the input shard"):
-            for batch in _rebatch(batches, ENCODE_BATCH_DOCS):
+            for batch in _rebatch(batches, cfg.text_column, ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS):
                 texts = batch.column(cfg.text_column).to_pylist()
                 rows, stats = chunk_texts(texts, cfg)
                 total.docs += stats.docs
