@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -204,7 +203,7 @@ def download_hub_shards(run: RunConfig) -> list[ShardResult]:
     ledger = Ledger(layout)
     results = []
     for shard, count in rows.items():
-        result = ShardResult(stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(seconds / max(len(rows), 1), 3), host=os.uname().nodename)
+        result = ShardResult(stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(seconds / max(len(rows), 1), 3), host=socket.gethostname())
         fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
         ledger.write_done("download", shard, fingerprint, count, result.model_dump(mode="json"), 1)
         results.append(result)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +55,3 @@ def combine_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         total["histogram"] = {"edges": edges, "counts": counts}
         total["mean_chunk_tokens"] = round(total["tokens"] / total["chunks"], 1) if total["chunks"] else 0.0
     return total
-
-
-def load_summary(path: Path) -> dict[str, Any]:
-    """Read a summary JSON written by summarize_shard."""
-    return json.loads(path.read_text())
