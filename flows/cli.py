@@ -206,23 +206,17 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     """Copy one output shard to a local path and print a preview (no Prefect server needed)."""
-    from fineweb_modal.selection import select_shards
     from fineweb_modal.verify import preview
-    from tasks.backends import get_backend
+    from flows.fetch import fetch_shard
 
     run = _validated(stages=[stage], **dataset)
-    backend = get_backend(run.backend)
-    listing_stage = {"download": "chunk", "chunk": "embed", "embed": "embed"}[stage]
-    (name,) = select_shards(backend.list_shards(run, listing_stage), [shard])
-    suffix = ".arrow" if stage == "download" else ".parquet"
-    destination = to / f"{name}{suffix}" if to.is_dir() or not to.suffix else to
     try:
-        path = backend.fetch(run, stage, name, destination)
+        path = fetch_shard(run, stage, shard, to)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(f"fetched {path}")
-    if suffix == ".parquet":
+    if path.suffix == ".parquet":
         print(preview(path))
     return EXIT_OK
 

@@ -7,14 +7,23 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from fineweb_modal.config import build_run_config
+from fineweb_modal.config import RunConfig, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.verify import preview
 from tasks.backends import get_backend
 
-_LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}
+_LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}  # the stage whose inputs are these outputs
+
+
+def fetch_shard(run: RunConfig, stage: str, shard: str, to: Path) -> Path:
+    """Copy one output shard (by name or index) to `to`, a folder or a file; returns the local path."""
+    where = get_backend(run.backend)
+    (shard_name,) = select_shards(where.list_shards(run, _LISTED_BY[stage]), [shard])
+    suffix = ".arrow" if stage == "download" else ".parquet"
+    destination = to / f"{shard_name}{suffix}" if to.is_dir() or not to.suffix else to
+    return where.fetch(run, stage, shard_name, destination)
 
 
 @flow(name="fetch")
@@ -32,12 +41,7 @@ def fetch(
 ) -> str:
     """Copy the shard (by name or index) to `to` (a folder or a file) and attach a preview; returns the local path."""
     run = build_run_config(name=name, data_dir=data_dir, split=split, stages=[stage], backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
-    where = get_backend(backend)
-    (shard_name,) = select_shards(where.list_shards(run, _LISTED_BY[stage]), [shard])
-    suffix = ".arrow" if stage == "download" else ".parquet"
-    target = Path(to)
-    destination = target / f"{shard_name}{suffix}" if target.is_dir() or not target.suffix else target
-    path = where.fetch(run, stage, shard_name, destination)
-    text = preview(path) if suffix == ".parquet" else f"{path}"
-    create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {shard_name}")
+    path = fetch_shard(run, stage, shard, Path(to))
+    text = preview(path) if path.suffix == ".parquet" else f"{path}"
+    create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {path.stem}")
     return str(path)

@@ -26,47 +26,50 @@ MAX_SHARDS_IN_FLIGHT = 64
 BUDGET_PROBE_SHARDS = 2
 
 
-def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
-    """The chosen shards of a stage, each with the extra task inputs it needs."""
+def _candidates(stage: str, run: RunConfig) -> dict[str, dict]:
+    """Every shard a stage could run on, each with the extra task inputs it needs."""
     if stage == "download":
-        files = list_source_files(run.download.source)
-        chosen = select_shards([f.stem for f in files], run.shards)
-        if run.only == "failed":
-            statuses = get_backend(run.backend).shard_statuses(run, stage, chosen)
-            chosen = [shard for shard in chosen if statuses[shard] == "failed"]
-        by_stem = {f.stem: str(f) for f in files}
-        return {shard: {"source_file": by_stem[shard]} for shard in chosen}
-    backend = get_backend(run.backend)
-    available = backend.list_shards(run, stage)
+        if run.download is None or run.download.source_kind != "folder":
+            return {}
+        return {f.stem: {"source_file": str(f)} for f in list_source_files(run.download.source)}
+    available = get_backend(run.backend).list_shards(run, stage)
     if not available:
         where = layout_for(run).shard_dir(layout_for(run).input_stage(stage))
         raise ConfigError(f"{stage}: no input shards in {where}; run the earlier stages first")
-    chosen = select_shards(available, run.shards)
+    return {shard: {} for shard in available}
+
+
+def _only_failed(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
+    """The shards whose last attempt at this stage failed, as the ledger says."""
+    statuses = get_backend(run.backend).shard_statuses(run, stage, shards)
+    return [shard for shard in shards if statuses[shard] == "failed"]
+
+
+def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
+    """The chosen shards of a stage, each with the extra task inputs it needs."""
+    candidates = _candidates(stage, run)
+    chosen = select_shards(list(candidates), run.shards)
     if run.only == "failed":
-        statuses = backend.shard_statuses(run, stage, chosen)
-        chosen = [shard for shard in chosen if statuses[shard] == "failed"]
-        if not chosen:
-            return {}
-    if stage == "chunk" and run.backend == "local":
+        chosen = _only_failed(run, stage, chosen)
+    if chosen and stage == "chunk" and run.backend == "local":
         # A missing text or kept column is a config mistake: say so before any shard starts.
         path = layout_for(run).input_path("chunk", chosen[0])
         try:
             check_columns(open_arrow_batches(path)[0], run.chunk, path)
         except BadDataError as exc:
             raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
-    return {shard: {} for shard in chosen}
+    return {shard: candidates[shard] for shard in chosen}
 
 
 def failed_shards(run: RunConfig) -> list[str]:
     """Shards with a `failed` ledger record in any of the run's stages (what `--only failed` reruns)."""
-    backend = get_backend(run.backend)
     failed: set[str] = set()
     for stage in run.stages:
-        if stage == "download":
-            candidates = [f.stem for f in list_source_files(run.download.source)] if run.download and run.download.source_kind == "folder" else []
-        else:
-            candidates = backend.list_shards(run, stage)
-        failed |= {shard for shard, status in backend.shard_statuses(run, stage, candidates).items() if status == "failed"}
+        try:
+            candidates = list(_candidates(stage, run))
+        except ConfigError:  # nothing reached this stage yet
+            continue
+        failed |= set(_only_failed(run, stage, candidates))
     return sorted(failed)
 
 
