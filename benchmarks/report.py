@@ -33,9 +33,10 @@ def rows(entries: dict) -> list[str]:
         if gpu.get("device") == "no GPU":
             out.append("| embed (GPU) | no GPU | — | not measured |")
         else:
+            best = gpu.get("best_engine", "engine")
             out.append(
-                f"| embed (GPU) | {gpu['device']}: {gpu['tokens_per_s']['engine']:,} tokens/s | {gpu['engine_vs_seed_style']}× seed style "
-                f"| {'PASS' if gpu['pass'] else 'FAIL'}: {gpu['goal']} |"
+                f"| embed (GPU) | {gpu['device']}, end to end: {best} {gpu['tokens_per_s'][best]:,} tokens/s, MFU {gpu['mfu_vs_measured_peak'][best]:.0%} of measured bf16 peak "
+                f"| {gpu['engine_vs_seed_style']}× seed style ({gpu['tokens_per_s']['seed_style']:,}/s) | {'PASS' if gpu['pass'] else 'FAIL'}: {gpu['goal']} |"
             )
     if orchestration := entries.get("orchestration"):
         out.append(

@@ -14,95 +14,126 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import os
 import shutil
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fineweb_modal.config import EmbedConfig
+from fineweb_modal.attention import PACKED_ATTENTION
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.models import ModelInfo, load_tokenizer, model_info, prefix_token_count
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
+if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
+    from fineweb_modal.config import EmbedConfig
+
 READ_BLOCK_ROWS = 8192
+CPU_BATCH_TOKENS = 16_384
+GPU_BATCH_TOKENS = 65_536  # real tokens per packed batch: enough rows to fill an H100
 KEY_COLUMNS = ("id", "doc_index", "chunk_index")
 
 
 class Engine(Protocol):
-    """What embed_shard needs from an engine."""
+    """What embed_shard needs from an engine: `prepare` (CPU work, may run in a helper thread) then `run`."""
 
     dims: int
     tokens_embedded: int
 
-    def embed(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> np.ndarray: ...
+    def prepare(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> object: ...
+
+    def run(self, prepared: object) -> np.ndarray: ...
 
     def metadata(self) -> dict[str, str]: ...
+
+
+@dataclass
+class PreparedBlock:
+    """One block of texts tokenized and cut into model batches, ready to go to the device."""
+
+    rows: int
+    tokens: int
+    batches: list[dict]  # model inputs per batch (CPU tensors, pinned when the engine runs on CUDA)
+    order: np.ndarray | None  # the texts' rows in the order the batches hold them; None: as given
 
 
 class TransformersEngine:
     """A transformers encoder with sentence-transformers pooling and normalization, fed token-budget batches.
 
-    `model` replaces loading the weights from `model_id` (benchmarks use random weights of another
-    architecture); the tokenizer, limit and pooling still come from `model_id`.
+    `attention="packed"` concatenates a batch's sequences into one row (varlen flash attention on CUDA: no
+    padding computed); `"padded"` sorts by length and pads each batch to its longest. `"auto"` packs on
+    CUDA when torch has `varlen_attn` and the model takes it, else pads. `compile` wraps the model in
+    `torch.compile` (default: on CUDA, where it measured 1.33× eager; a compile failure falls back to eager). `model` replaces loading the weights from `model_id` (benchmarks use random weights of
+    another architecture); the tokenizer, limit and pooling still come from `model_id`.
     """
 
     def __init__(
         self,
         model_id: str,
         prefix: str = "",
-        batch_tokens: int = 16_384,
+        batch_tokens: int | None = None,
         device: str | None = None,
         dimensions: int | None = None,
         model=None,
+        attention: str = "auto",
+        compile: bool | None = None,
+        dtype=None,
     ):
         import torch
-        from transformers import AutoModel
+
+        from fineweb_modal import attention as packed
 
         self.info: ModelInfo = model_info(model_id)
         self.prefix = prefix
-        self.batch_tokens = batch_tokens
         self.tokenizer = load_tokenizer(self.info.path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = model if model is not None else AutoModel.from_pretrained(self.info.path, dtype=self.dtype, attn_implementation="sdpa")
-        self.model.to(self.device).eval()
+        on_gpu = self.device.type == "cuda"
+        self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
+        self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
+        if model is None:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(self.info.path, dtype=self.dtype, attn_implementation="sdpa")
+        self.model = model.to(self.device).eval()
         hidden = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > hidden:
             raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
         self.dims = dimensions or hidden
+        if attention == "auto":
+            attention = "packed" if on_gpu and packed.varlen_available() and packed.supports_packing(self.model) else "padded"
+        if attention not in ("packed", "padded"):
+            raise ConfigError(f"attention must be auto, packed or padded, got {attention!r}")
+        self.attention = attention
+        current = self.model.config._attn_implementation
+        self.padded_attention = "sdpa" if current == PACKED_ATTENTION else current  # a model shared with a packed engine
+        self.model.set_attn_implementation(packed.register() if attention == "packed" else self.padded_attention)
+        self.forward = self.model
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.tokens_embedded = 0  # real tokens (prefix and special tokens included), for throughput figures
+        if attention == "packed":
+            self._check_packing()
+        if compile if compile is not None else on_gpu:
+            self.forward = torch.compile(self.model)
 
     def metadata(self) -> dict[str, str]:
         """What the embedding parquet records about the model that made it."""
         return {"model": self.info.model_id, "revision": _revision(self.info.path), "pooling": self.info.pooling, "engine": "transformers"}
 
-    def _padded_batches(self, encodings, lengths: np.ndarray, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Length-sorted batches filled to `batch_tokens` padded tokens: (rows, token ids, attention mask)."""
-        start = 0
-        while start < len(order):
-            longest = int(lengths[order[start]])
-            batch = order[start : start + max(1, self.batch_tokens // max(longest, 1))]
-            ids = np.full((len(batch), longest), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), longest), dtype=np.int64)
-            for row, index in enumerate(batch):
-                token_ids = encodings[index].ids
-                ids[row, : len(token_ids)] = token_ids
-                mask[row, : len(token_ids)] = 1
-            yield batch, ids, mask
-            start += len(batch)
-
     def embed(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> np.ndarray:
         """Embed texts (the prefix is added here) into an (n, dims) float32 array in the given order."""
-        import torch
+        return self.run(self.prepare(texts, token_counts, row_names))
 
+    def prepare(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> PreparedBlock:
+        """Tokenize (with the prefix), check the model's limit and cut the block into batches; no device work."""
         encodings = self.tokenizer.encode_batch([self.prefix + t for t in texts], add_special_tokens=True)
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
         too_long = np.flatnonzero(lengths > self.info.sequence_limit)
@@ -113,26 +144,114 @@ class TransformersEngine:
                 f"chunk {name} has {lengths[row]} tokens with the prefix, over {self.info.model_id}'s limit of "
                 f"{self.info.sequence_limit}: it was chunked for another model or max_tokens"
             )
-        self.tokens_embedded += int(lengths.sum())
-        order = np.argsort(-lengths, kind="stable")
-        batches = self._padded_batches(encodings, lengths, order)
-        on_gpu = self.device.type == "cuda"
-        if on_gpu:
-            batches = _prefetch(batches, depth=2)  # pad the next batch on the CPU while the GPU runs this one
+        if self.attention == "packed":
+            batches, order = self._packed_batches(encodings, lengths), None
+        else:
+            order = np.argsort(-lengths, kind="stable")
+            batches = self._padded_batches(encodings, lengths, order)
+        if self.device.type == "cuda":
+            batches = [{k: v.pin_memory() if hasattr(v, "pin_memory") else v for k, v in b.items()} for b in batches]
+        return PreparedBlock(rows=len(texts), tokens=int(lengths.sum()), batches=batches, order=order)
+
+    def run(self, prepared: PreparedBlock) -> np.ndarray:
+        """Run a prepared block through the model: (rows, dims) float32, rows in the texts' order."""
+        import torch
+
         pooled = []
         with torch.inference_mode():
-            for _, ids, mask in batches:
-                input_ids, attention = torch.from_numpy(ids), torch.from_numpy(mask)
-                if on_gpu:
-                    input_ids = input_ids.pin_memory().to(self.device, non_blocking=True)
-                    attention = attention.pin_memory().to(self.device, non_blocking=True)
-                hidden = self.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-                pooled.append(self._pool(hidden, attention))
-            # One device→host copy per call, not one per batch: the GPU never waits for the host.
+            for batch in prepared.batches:
+                inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                segments = inputs.pop("segments", None)
+                lengths = inputs.pop("lengths", None)
+                hidden = self._forward(inputs).last_hidden_state
+                if self.attention == "packed":
+                    pooled.append(self._pool_packed(hidden[0], inputs["cu_seq_lens_q"], segments, lengths))
+                else:
+                    pooled.append(self._pool(hidden, inputs["attention_mask"]))
+            # One device→host copy per block, not one per batch: the GPU never waits for the host.
             vectors = torch.cat(pooled).cpu().numpy() if pooled else np.zeros((0, self.dims), np.float32)
-        out = np.empty((len(texts), self.dims), dtype=np.float32)
-        out[order] = vectors
+        self.tokens_embedded += prepared.tokens
+        if prepared.order is None:
+            return vectors
+        out = np.empty((prepared.rows, self.dims), dtype=np.float32)
+        out[prepared.order] = vectors
         return out
+
+    def _forward(self, inputs: dict):
+        """The model on one batch; a compiled model that fails is replaced by the eager one, once, with a warning."""
+        try:
+            return self.forward(**inputs)
+        except Exception as exc:
+            if self.forward is self.model:
+                raise
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running the model eagerly", RuntimeWarning, stacklevel=2)
+            self.forward = self.model
+            return self.model(**inputs)
+
+    def _padded_batches(self, encodings, lengths: np.ndarray, order: np.ndarray) -> list[dict]:
+        """Length-sorted batches filled to `batch_tokens` padded tokens."""
+        import torch
+
+        batches, start = [], 0
+        while start < len(order):
+            longest = int(lengths[order[start]])
+            rows = order[start : start + max(1, self.batch_tokens // max(longest, 1))]
+            ids = np.full((len(rows), longest), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), longest), dtype=np.int64)
+            for row, index in enumerate(rows):
+                token_ids = encodings[index].ids
+                ids[row, : len(token_ids)] = token_ids
+                mask[row, : len(token_ids)] = 1
+            batches.append({"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)})
+            start += len(rows)
+        return batches
+
+    def _packed_batches(self, encodings, lengths: np.ndarray) -> list[dict]:
+        """Consecutive rows concatenated into one sequence per batch, at most `batch_tokens` real tokens each."""
+        import torch
+
+        flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64, count=int(lengths.sum()))
+        ends = np.cumsum(lengths)
+        batches, row, token = [], 0, 0
+        while row < len(lengths):
+            # The last row whose end stays within the budget (at least one row: a row never exceeds the model limit).
+            stop = max(row + 1, int(np.searchsorted(ends, token + self.batch_tokens, side="right")))
+            seq_lengths = lengths[row:stop]
+            cu = np.zeros(len(seq_lengths) + 1, dtype=np.int32)
+            np.cumsum(seq_lengths, out=cu[1:])
+            total = int(cu[-1])
+            positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lengths)
+            ids = flat[token : token + total]
+            longest = -(-int(seq_lengths.max()) // 64) * 64  # an upper bound is enough; few distinct values, few recompiles
+            cu_tensor = torch.from_numpy(cu)
+            batches.append(
+                {
+                    "input_ids": torch.from_numpy(ids).unsqueeze(0),
+                    "position_ids": torch.from_numpy(positions).unsqueeze(0),
+                    "token_type_ids": torch.zeros((1, total), dtype=torch.int64),
+                    "cu_seq_lens_q": cu_tensor,
+                    "cu_seq_lens_k": cu_tensor,
+                    "max_length_q": longest,
+                    "max_length_k": longest,
+                    "segments": torch.from_numpy(np.repeat(np.arange(len(seq_lengths)), seq_lengths)),
+                    "lengths": torch.from_numpy(seq_lengths),
+                }
+            )
+            row, token = stop, token + total
+        return batches
+
+    def _pool_packed(self, hidden, cu, segments, lengths):
+        """Pool a packed (tokens, hidden) output per sequence."""
+        import torch
+
+        if self.info.pooling == "cls":
+            pooled = hidden[cu[:-1].long()].float()
+        elif self.info.pooling == "last":
+            pooled = hidden[cu[1:].long() - 1].float()
+        else:
+            sums = torch.zeros((len(lengths), hidden.shape[-1]), dtype=torch.float32, device=hidden.device)
+            pooled = sums.index_add_(0, segments, hidden.float()) / lengths.unsqueeze(1).to(torch.float32)
+        return self._finish(pooled)
 
     def _pool(self, hidden, attention):
         import torch
@@ -145,10 +264,31 @@ class TransformersEngine:
         else:
             weights = attention.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
-        pooled = pooled.float()[:, : self.dims]  # Matryoshka models: keep the leading dims, then renormalize
+        return self._finish(pooled.float())
+
+    def _finish(self, pooled):
+        import torch
+
+        pooled = pooled[:, : self.dims]  # Matryoshka models: keep the leading dims, then renormalize
         if self.info.normalize:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled
+
+    def _check_packing(self) -> None:
+        """Packed and padded runs of a few texts must agree, or the model ignored the packed attention."""
+        texts = ["a short one", "a somewhat longer text, to make the lengths differ within the batch", "three"]
+        packed = self.embed(texts)
+        self.attention = "padded"
+        self.model.set_attn_implementation(self.padded_attention)
+        try:
+            padded = self.embed(texts)
+        finally:
+            self.attention = "packed"
+            self.model.set_attn_implementation(PACKED_ATTENTION)
+        self.tokens_embedded = 0
+        agreement = float((packed * padded).sum(axis=1).min())
+        if agreement < 0.99:
+            raise ConfigError(f"packed attention disagrees with padded for {self.info.model_id} (cosine {agreement:.4f}); use attention='padded'")
 
 
 class TEIEngine:
@@ -178,11 +318,20 @@ class TEIEngine:
 
     def embed(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> np.ndarray:
         """Embed texts through TEI; `token_counts` are the chunks' own ([CLS]/[SEP] included), the prefix is added here."""
+        return self.run(self.prepare(texts, token_counts, row_names))
+
+    def prepare(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> tuple:
+        """Add the prefix and count each input's real tokens (from the chunk file when it has them)."""
         if token_counts is None:
             tokenizer = load_tokenizer(self.model_path)
             token_counts = [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=True)]
         counts = [n + self.prefix_tokens for n in token_counts]
         inputs = [self.prefix + t for t in texts] if self.prefix else texts
+        return inputs, counts, row_names
+
+    def run(self, prepared: tuple) -> np.ndarray:
+        """Send prepared inputs to TEI, several requests in flight; rows come back in the given order."""
+        inputs, counts, row_names = prepared
         vectors = asyncio.run(self.client.embed(inputs, counts, self.server, self.dimensions, row_names))
         self.dims = vectors.shape[1]
         self.tokens_embedded += sum(counts)
@@ -190,26 +339,41 @@ class TEIEngine:
 
 
 def _prefetch(items: Iterator, depth: int) -> Iterator:
-    """Run an iterator in a background thread, `depth` items ahead of the consumer."""
+    """Run an iterator in a background thread, `depth` items ahead of the consumer; stops when the consumer does."""
     import queue
     import threading
 
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     failure: list[BaseException] = []
+    stopped = threading.Event()
+
+    def offer(item) -> bool:
+        while not stopped.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for item in items:
-                buffer.put(item)
+                if not offer(item):
+                    return
         except BaseException as exc:  # handed to the consumer: a silent stop would drop rows
             failure.append(exc)
-        finally:
-            buffer.put(done)
+        offer(done)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := buffer.get()) is not done:
-        yield item
+    thread = threading.Thread(target=produce, daemon=True, name="embed-prefetch")
+    thread.start()
+    try:
+        while (item := buffer.get()) is not done:
+            yield item
+    finally:
+        stopped.set()
+        thread.join(timeout=5)
     if failure:
         raise failure[0]
 
@@ -241,9 +405,13 @@ def _revision(path: str) -> str:
     return payload.get("_commit_hash") or (Path(path).name if parent == "snapshots" else "local")
 
 
-def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir: Path) -> EmbedStats:
-    """Embed one chunk parquet into one embedding parquet (same row order), part by part, resuming after the last whole part."""
-    engine = get_engine(cfg)
+def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir: Path, engine: Engine | None = None) -> EmbedStats:
+    """Embed one chunk parquet into one embedding parquet (same row order), part by part, resuming after the last whole part.
+
+    Three stages overlap: a helper thread reads and tokenizes block i+1 while the model runs block i, and
+    another writes part i-1. `engine` replaces the configured one (benchmarks).
+    """
+    engine = engine or get_engine(cfg)
     with decoding(input_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(input_path)
     missing = [c for c in (*KEY_COLUMNS, "chunk_text") if c not in chunks.schema_arrow.names]
@@ -254,26 +422,42 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     value_type = pa.float16() if cfg.embedding_dtype == "float16" else pa.float32()
     parts_dir.mkdir(parents=True, exist_ok=True)
     stats = EmbedStats()
-    parts = []
-    for index, block in enumerate(chunks.iter_batches(batch_size=READ_BLOCK_ROWS, columns=columns)):
-        part = parts_dir / f"part-{index:05d}.parquet"
-        parts.append(part)
-        if parquet_num_rows(part) == block.num_rows:  # embedded before the last interruption
-            stats.tokens += int(parquet_key_values(pq.ParquetFile(part)).get("fineweb_modal.tokens", 0))
-            stats.chunks += block.num_rows
-            continue
-        texts = block.column("chunk_text").to_pylist()
-        counts = block.column("chunk_token_count").to_pylist() if has_counts else None
-        names = [f"(doc_index={d}, chunk_index={c})" for d, c in zip(block.column("doc_index").to_pylist(), block.column("chunk_index").to_pylist())]
-        before = engine.tokens_embedded
-        vectors = engine.embed(texts, counts, names)
+    parts: list[Path] = []
+
+    def blocks() -> Iterator[tuple[pa.RecordBatch, Path, object | None]]:
+        for index, block in enumerate(chunks.iter_batches(batch_size=READ_BLOCK_ROWS, columns=columns)):
+            part = parts_dir / f"part-{index:05d}.parquet"
+            if parquet_num_rows(part) == block.num_rows:  # embedded before the last interruption
+                yield block, part, None
+                continue
+            texts = block.column("chunk_text").to_pylist()
+            counts = block.column("chunk_token_count").to_pylist() if has_counts else None
+            names = [f"(doc_index={d}, chunk_index={c})" for d, c in zip(block.column("doc_index").to_pylist(), block.column("chunk_index").to_pylist())]
+            yield block, part, engine.prepare(texts, counts, names)
+
+    def write_part(block: pa.RecordBatch, part: Path, vectors: np.ndarray, tokens: int) -> None:
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).astype(value_type.to_pandas_dtype())), vectors.shape[1])
         table = pa.Table.from_arrays([*(block.column(c) for c in KEY_COLUMNS), embedding], names=[*KEY_COLUMNS, "embedding"])
-        tokens = engine.tokens_embedded - before
         with atomic_path(part) as tmp:
-            pq.write_table(table.replace_schema_metadata({"fineweb_modal.tokens": str(tokens)}), tmp)
-        stats.tokens += tokens
-        stats.chunks += block.num_rows
+            pq.write_table(table.replace_schema_metadata({"fineweb_modal.tokens": str(tokens)}), tmp, compression="none")
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed-writer") as writer:
+        pending: list[Future] = []
+        for block, part, prepared in _prefetch(blocks(), depth=1):
+            parts.append(part)
+            stats.chunks += block.num_rows
+            if prepared is None:
+                stats.tokens += int(parquet_key_values(pq.ParquetFile(part)).get("fineweb_modal.tokens", 0))
+                continue
+            before = engine.tokens_embedded
+            vectors = engine.run(prepared)
+            tokens = engine.tokens_embedded - before
+            stats.tokens += tokens
+            pending.append(writer.submit(write_part, block, part, vectors, tokens))
+            if len(pending) > 1:  # at most one part waits to be written: memory stays bounded by two blocks
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
     stats.dims = engine.dims or (pq.read_schema(parts[0]).field("embedding").type.list_size if parts else 0)
     metadata = {
         **engine.metadata(),

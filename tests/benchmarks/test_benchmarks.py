@@ -32,3 +32,21 @@ def test_report_rows_show_ratios_and_verdicts():
     }
     table = "\n".join(rows(entries))
     assert "0.9× raw" in table and "| embed (GPU) | no GPU |" in table and "0.04 s per shard" in table
+
+
+def test_gpu_entry_runs_end_to_end_small_on_cpu(tmp_path):
+    """The GPU entry's own code (inputs folder, variants, agreement check, rates) on a tiny NomicBert, here on CPU."""
+    import pyarrow.parquet as pq
+
+    from benchmarks.embed import gpu_entry, prepare_gpu_inputs
+
+    prepare_gpu_inputs(tmp_path, 20_000)
+    tiny = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
+    entry = gpu_entry(tmp_path, repeats=1, compile_variant=False, device="cpu", model_config=tiny)
+    rows = pq.read_metadata(tmp_path / "chunks.parquet").num_rows
+    assert entry["chunks"] == rows and entry["tokens"] > rows * 100
+    assert set(entry["tokens_per_s"]) == {"engine", "padded_bf16", "seed_style", "engine_model_only"}
+    assert not entry["errors"]
+    # bf16 and fp16 against fp32 on the same weights: close, and the packed engine as close as the padded one.
+    assert min(entry["min_cosine_vs_fp32_padded"].values()) > 0.99
+    assert entry["pass"] in (True, False)

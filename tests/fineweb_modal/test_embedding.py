@@ -110,16 +110,16 @@ def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypat
     cfg = EmbedConfig(model=DEFAULT_MODEL)
     engine = get_engine(cfg)
     calls, preempt = [], [True]
-    real_embed = engine.embed
+    real_run = engine.run
 
-    def failing_embed(texts, *args):
-        calls.append(len(texts))
+    def failing_run(prepared):
+        calls.append(prepared.rows)
         if len(calls) == 2 and preempt:
             preempt.clear()
             raise ConnectionError("preempted")
-        return real_embed(texts, *args)
+        return real_run(prepared)
 
-    monkeypatch.setattr(engine, "embed", failing_embed)
+    monkeypatch.setattr(engine, "run", failing_run)
     with pytest.raises(ConnectionError):
         embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts")
     assert not (tmp_path / "e.parquet").exists()
@@ -130,7 +130,7 @@ def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypat
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.column("id").to_pylist() == [str(i) for i in range(n)] and stats.chunks == n
     assert not (tmp_path / "parts").exists()
-    reference = real_embed(chunks.column("chunk_text").to_pylist())
+    reference = engine.embed(chunks.column("chunk_text").to_pylist())
     assert cosine_rows(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)), reference).min() > 0.9999
 
 
@@ -145,3 +145,72 @@ def test_prefetch_keeps_order_and_passes_errors_on():
 
     with pytest.raises(ValueError, match="producer broke"):
         list(_prefetch(failing(), depth=2))
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops():
+    import threading
+
+    from fineweb_modal.embedding import _prefetch
+
+    produced = []
+
+    def endless():
+        n = 0
+        while True:
+            produced.append(n)
+            yield n
+            n += 1
+
+    stream = _prefetch(endless(), depth=1)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()
+    assert not [t for t in threading.enumerate() if t.name == "embed-prefetch"], "the helper thread ended"
+    assert len(produced) <= 5, "it stopped producing, not ran on"
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_packed_batches_give_the_padded_vectors(pooling, monkeypatch):
+    """The packed path (varlen on CUDA, per-sequence SDPA here) matches the padded one row for row."""
+    import dataclasses
+
+    texts = [TEXTS[i % len(TEXTS)] * (1 + i % 2) for i in range(17)]
+    padded = TransformersEngine(DEFAULT_MODEL, attention="padded", batch_tokens=300)
+    packed = TransformersEngine(DEFAULT_MODEL, attention="packed", batch_tokens=300)
+    padded.info = packed.info = dataclasses.replace(padded.info, pooling=pooling)
+    prepared = packed.prepare(texts)
+    assert len(prepared.batches) > 2 and all(b["input_ids"].shape[1] <= 300 for b in prepared.batches), "several budget-sized batches"
+    assert prepared.order is None, "packed batches keep the rows' order"
+    ours, reference = packed.run(prepared), padded.embed(texts)
+    assert cosine_rows(ours, reference).min() >= 0.99999
+    assert packed.tokens_embedded == padded.tokens_embedded == prepared.tokens
+
+
+def test_packed_nomic_bert_matches_padded():
+    """nomic-embed-text-v1.5's architecture (rotary positions restart per packed sequence), random weights."""
+    import torch
+    from transformers import NomicBertConfig, NomicBertModel
+
+    torch.manual_seed(0)
+    model = NomicBertModel(NomicBertConfig(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4)).eval()
+    texts = [TEXTS[i % len(TEXTS)] for i in range(9)]
+    packed = TransformersEngine(DEFAULT_MODEL, model=model, attention="packed", batch_tokens=128)
+    ours = packed.embed(texts)
+    model.set_attn_implementation("sdpa")
+    reference = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded").embed(texts)
+    assert ours.shape == (9, 128) and cosine_rows(ours, reference).min() >= 0.99999
+
+
+def test_a_failing_compiled_model_falls_back_to_eager_once():
+    engine = TransformersEngine(DEFAULT_MODEL, compile=False)
+    expected = engine.embed(TEXTS)
+    calls = []
+
+    def broken_compiled(**inputs):
+        calls.append(1)
+        raise RuntimeError("inductor could not compile this")
+
+    engine.forward = broken_compiled
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*running the model eagerly"):
+        vectors = engine.embed(TEXTS)
+    assert calls == [1] and engine.forward is engine.model
+    assert cosine_rows(vectors, expected).min() >= 0.99999
