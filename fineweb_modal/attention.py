@@ -9,6 +9,7 @@ ids and pooling can be checked on any machine.
 from __future__ import annotations
 
 import functools
+import itertools
 
 PACKED_ATTENTION = "fineweb_packed"
 
@@ -43,7 +44,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         torch.nn.functional.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scale=scaling
         )
-        for start, end in zip(bounds[:-1], bounds[1:])
+        for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
