@@ -421,6 +421,8 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     columns = [*KEY_COLUMNS, "chunk_text", *(["chunk_token_count"] if has_counts else [])]
     value_type = pa.float16() if cfg.embedding_dtype == "float16" else pa.float32()
     parts_dir.mkdir(parents=True, exist_ok=True)
+    for stale in parts_dir.glob(".*.tmp"):  # a part a killed run was writing
+        stale.unlink(missing_ok=True)
     stats = EmbedStats()
     parts: list[Path] = []
 

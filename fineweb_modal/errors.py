@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """A parameter or parameter combination is invalid; raised before any shard runs."""
 
 
+class ShardBusyError(Exception):
+    """Another run holds this shard's lease: it is being worked on now; this run leaves it alone."""
+
+
 class BadDataError(Exception):
     """The input itself is wrong (missing column, unreadable file): retrying cannot help."""
 
@@ -19,7 +23,7 @@ _PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, er
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that can pass on a retry (I/O hiccups, timeouts, lost connections)."""
-    if isinstance(exc, (BadDataError, ConfigError)):
+    if isinstance(exc, (BadDataError, ConfigError, ShardBusyError)):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True

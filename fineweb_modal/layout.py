@@ -68,6 +68,10 @@ class Layout:
         """The ledger record of one shard of one stage."""
         return self.dataset_dir(stage) / "_ledger" / stage / self.split / f"{shard}.json"
 
+    def lease_path(self, stage: str, shard: str) -> Path:
+        """The lease a run holds on one shard of one stage while it works on it."""
+        return self.ledger_path(stage, shard).with_suffix(".lease")
+
     def summary_dir(self) -> Path:
         """Where the summarize stage puts its dataset-wide report."""
         return self.dataset_dir("summarize") / "_summary"

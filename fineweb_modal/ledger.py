@@ -6,15 +6,22 @@ whole file; a record is trusted only while its fingerprint matches and its outpu
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
+import os
+import socket
+import threading
+import time
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from fineweb_modal.errors import ShardBusyError
 from fineweb_modal.layout import Layout
 from fineweb_modal.storage import arrow_num_rows, parquet_num_rows, write_json_atomic
 
@@ -124,3 +131,107 @@ class Ledger:
             return []
         found = (self.read(stage, p.stem) for p in sorted(folder.glob("*.json")))
         return [r for r in found if r is not None]
+
+
+LEASE_TTL_S = float(os.environ.get("FINEWEB_MODAL_LEASE_TTL", "600"))
+
+
+class ShardLease:
+    """A claim on one stage/shard while a run works on it: a file created with O_EXCL beside its ledger record.
+
+    The holder renews it (a heartbeat thread touches the file every ttl/3); a lease not renewed for `ttl`
+    seconds is expired — its run crashed — and the next run breaks it. Breaking takes a second O_EXCL
+    file as a mutex, so two runs that find the same expired lease cannot both take the shard. The same
+    owner (a Prefect flow run retried or restarted) takes its own lease back at once.
+    """
+
+    def __init__(self, path: Path, owner: str, ttl_s: float = LEASE_TTL_S):
+        self.path, self.owner, self.ttl_s = path, owner, ttl_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> ShardLease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lease or raise ShardBusyError naming who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._create():
+                break
+            holder = self._holder()
+            if holder is not None and holder.get("owner") != self.owner and not self._expired():
+                age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
+                raise ShardBusyError(
+                    f"{self.path.stem} is being worked on by {holder.get('owner')} on {holder.get('host')} "
+                    f"(lease renewed {age:.0f} s ago, expires {self.ttl_s:.0f} s after its last renewal); rerun when it is done"
+                )
+            self._break(reason="its owner's retry" if holder and holder.get("owner") == self.owner else "it expired")
+        else:
+            raise ShardBusyError(f"{self.path.stem}: could not take the lease (other runs keep taking it)")
+        self._heartbeat = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.path.stem}")
+        self._heartbeat.start()
+
+    def release(self) -> None:
+        """Stop renewing and remove the lease if it is still ours."""
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def _create(self) -> bool:
+        payload = {"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "taken": _now()}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle)
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written by a holder that died while creating it: expires like any other
+
+    def _expired(self) -> bool:
+        try:
+            return time.time() - self.path.stat().st_mtime > self.ttl_s
+        except FileNotFoundError:
+            return True
+
+    def _break(self, reason: str) -> None:
+        mutex = self.path.with_suffix(".breaking")
+        try:
+            fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if time.time() - mutex.stat().st_mtime > self.ttl_s:  # a breaker that died mid-break
+                mutex.unlink(missing_ok=True)
+            return
+        os.close(fd)
+        try:
+            holder = self._holder()
+            if holder is not None and (holder.get("owner") == self.owner or self._expired()):
+                log.warning("%s: taking over the lease of %s (%s)", self.path.stem, holder.get("owner"), reason)
+                self.path.unlink(missing_ok=True)
+        finally:
+            mutex.unlink(missing_ok=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            holder = self._holder()
+            if holder is None or holder.get("token") != self.token:
+                log.warning("%s: the lease was taken by %s while this run held it", self.path.stem, (holder or {}).get("owner"))
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path)

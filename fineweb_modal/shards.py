@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -18,9 +19,9 @@ from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import cost_usd, stage_resources
 from fineweb_modal.layout import Layout
-from fineweb_modal.ledger import Ledger, count_rows
+from fineweb_modal.ledger import Ledger, ShardLease, count_rows
 from fineweb_modal.models import model_info
-from fineweb_modal.storage import write_json_atomic
+from fineweb_modal.storage import remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ShardJob(BaseModel):
     source_file: str | None = None  # download from a local folder: the file that becomes this shard
     attempt: int = 1
     where: Literal["local", "modal"] = "local"
+    owner: str | None = None  # who runs it (the Prefect flow run id): the shard's lease is held in this name
 
     def layout(self) -> Layout:
         """The paths this job reads and writes."""
@@ -155,6 +157,8 @@ def run_shard(job: ShardJob) -> ShardResult:
     if record is not None:
         earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
         return ShardResult(**common, **earlier, status="skipped")
+    if removed := remove_stale_temps(layout.output_path(job.stage, job.shard)):
+        log.info("%s/%s: removed %d temp file(s) left by an interrupted writer", job.stage, job.shard, removed)
     started = time.perf_counter()
     try:
         stats = _do_stage(job, fingerprint)
@@ -175,6 +179,13 @@ def run_shard(job: ShardJob) -> ShardResult:
     )
     ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt)
     return result
+
+
+def run_shard_exclusive(job: ShardJob) -> ShardResult:
+    """run_shard under the shard's lease: a second run on the same data dir gets ShardBusyError, not a second writer."""
+    owner = job.owner or f"{socket.gethostname()}:{os.getpid()}"
+    with ShardLease(job.layout().lease_path(job.stage, job.shard), owner):
+        return run_shard(job)
 
 
 def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:

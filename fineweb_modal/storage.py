@@ -29,6 +29,14 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_temps(final: Path) -> int:
+    """Remove temp files that a killed writer of `final` left beside it (call only while holding its shard)."""
+    stale = list(final.parent.glob(f".{final.name}.*.tmp")) if final.parent.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write a JSON document so readers see the old one or the new one, never half of one."""
     with atomic_path(path) as tmp:

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from collections.abc import Callable
@@ -16,7 +17,8 @@ from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.ledger import LEASE_TTL_S
+from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard_exclusive, shard_statuses, verify_outputs
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -72,8 +74,8 @@ class LocalBackend:
         job = job.model_copy(update={"where": "local"})
         if job.stage == "embed":
             with self._embed_lock:
-                return run_shard(job)
-        return self._executor().submit(run_shard, job).result()
+                return run_shard_exclusive(job)
+        return self._executor().submit(run_shard_exclusive, job).result()
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, from the local data dir."""
@@ -207,28 +209,42 @@ class ModalBackend:
     def _call(self, key: str, spawn: Callable[[], Any]) -> tuple[Any, str]:
         """Re-attach to the running call for `key`, or spawn one; wait for its (result, call id); forget it once it returned.
 
-        Only a returned call (a result or a remote error) is forgotten: when this process is stopped while
-        waiting, the record stays, and the next run re-attaches to the call instead of starting another.
+        The record in the Dict is also the shard's lease on Modal (a Volume has no atomic create): a run
+        reserves the key with `put(..., skip_if_exists=True)` before spawning, so two runs at once never
+        spawn two calls for one shard — the second waits on the first's call. A reservation left by a run
+        that died before spawning expires after the lease TTL. Only a returned call (a result or a remote
+        error) is forgotten: when this process is stopped while waiting, the record stays, and the next run
+        re-attaches to the call instead of starting another.
         """
-        record = self._calls.get(key)
-        if record:
-            _log(f"re-attaching to Modal call {record['call_id']} (started {record['started']}) instead of starting another")
-            try:
-                output = self._modal.FunctionCall.from_id(record["call_id"]).get()
-            except Exception as exc:  # the old call failed, or its result expired: start afresh
-                _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
-            else:
-                self._calls.pop(key)
+        reservation = {"call_id": None, "reserved": _now(), "reserved_at": time.time(), **_flow_run_ids()}
+        while not self._calls.put(key, reservation, skip_if_exists=True):
+            record = self._calls.get(key)
+            if not record:
+                continue  # forgotten meanwhile: reserve again
+            if record.get("call_id"):
+                _log(f"re-attaching to Modal call {record['call_id']} (started {record.get('started')}) instead of starting another")
+                try:
+                    output = self._modal.FunctionCall.from_id(record["call_id"]).get()
+                except Exception as exc:  # the old call failed, or its result expired: start afresh
+                    _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
+                    self._calls.pop(key, None)
+                    continue
+                self._calls.pop(key, None)
                 return output, record["call_id"]
+            if time.time() - record.get("reserved_at", 0) > LEASE_TTL_S:
+                _log(f"{key}: dropping a reservation from {record.get('reserved')} that never started a call")
+                self._calls.pop(key, None)
+                continue
+            time.sleep(1)  # another run is starting this shard's call right now; its id appears in a moment
         call = spawn()
-        self._calls.put(key, {"call_id": call.object_id, "started": _now(), **_flow_run_ids()})
+        self._calls.put(key, {**reservation, "call_id": call.object_id, "started": _now()})
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
             output = call.get()
         except Exception:
-            self._calls.pop(key)  # a failed call is not re-attached to: the retry spawns a new one
+            self._calls.pop(key, None)  # a failed call is not re-attached to: the retry spawns a new one
             raise
-        self._calls.pop(key)
+        self._calls.pop(key, None)
         return output, call.object_id
 
     def cancel_calls(self, flow_run_id: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
@@ -40,7 +41,7 @@ def _emit(outcome: str, stage: str, shard: str, run: RunConfig, payload: dict) -
 def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
     """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event."""
     attempt = current_task_run.run_count or 1
-    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt)
+    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt, owner=f"flow-run {current_flow_run.id}" if current_flow_run.id else None)
     try:
         result: ShardResult = get_backend(run.backend).run(job)
     except Exception as exc:

@@ -35,8 +35,11 @@ class FakeCall:
 
 
 class FakeDict(dict):
-    def put(self, key, value):
+    def put(self, key, value, *, skip_if_exists=False):
+        if skip_if_exists and key in self:
+            return False
         self[key] = value
+        return True
 
 
 class FakeModal:

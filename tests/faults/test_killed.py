@@ -1,0 +1,100 @@
+"""A process killed (SIGKILL) while it writes a shard: nothing partial under the final name, no done record,
+and a rerun gives exactly a clean run's output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from benchmarks.corpus import web_like_documents
+from fineweb_modal.ledger import Ledger
+from fineweb_modal.shards import ShardJob, layout_for, run_shard
+from tests.conftest import write_parquet
+
+RUN_ONE_SHARD = """
+import sys
+import fineweb_modal.embedding as embedding
+embedding.READ_BLOCK_ROWS = int(sys.argv[2])
+from fineweb_modal.shards import ShardJob, run_shard
+run_shard(ShardJob.model_validate_json(sys.argv[1]))
+"""
+
+
+def start_shard(job: ShardJob, block_rows: int = 8192) -> subprocess.Popen:
+    """Run one shard job in a child process (as the local backend does), so it can be killed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    return subprocess.Popen([sys.executable, "-c", RUN_ONE_SHARD, job.model_dump_json(), str(block_rows)], env=env)
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, "the shard finished before it could be killed: make it bigger"
+        assert time.monotonic() < deadline, "the shard never reached the point to kill it at"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture
+def dataset(tmp_path, run_config_for):
+    """One web-like source shard, downloaded into two data dirs: one to kill, one for a clean run."""
+
+    def build(tokens: int):
+        docs = web_like_documents(tokens, seed=5)
+        source = write_parquet(tmp_path / "source" / "web" / "s0.parquet", [{"id": f"d{i}", "text": t, "url": f"https://example.org/{i}", "score": 3.0, "dump": "test"} for i, t in enumerate(docs)]).parent
+        runs = []
+        for name in ("killed", "clean"):
+            run = run_config_for(source, data_dir=str(tmp_path / name), max_tokens=128)
+            run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.parquet")))
+            runs.append(run)
+        return runs
+
+    return build
+
+
+def test_chunk_killed_mid_write_leaves_nothing_and_reruns_to_the_same_bytes(dataset):
+    killed, clean = dataset(400_000)
+    job = ShardJob(stage="chunk", shard="s0", run=killed)
+    output = layout_for(killed).output_path("chunk", "s0")
+    kill_when(start_shard(job), lambda: any(output.parent.glob(f".{output.name}.*.tmp")))
+    assert not output.exists(), "no partial file under the final name"
+    assert Ledger(layout_for(killed)).read("chunk", "s0") is None, "no done record"
+    assert list(output.parent.glob(".*.tmp")), "the killed writer's temp file is there (until the rerun)"
+
+    assert run_shard(job).status == "done"
+    assert not list(output.parent.glob(".*.tmp")), "the rerun removed the killed writer's temp file"
+    run_shard(ShardJob(stage="chunk", shard="s0", run=clean))
+    assert output.read_bytes() == layout_for(clean).output_path("chunk", "s0").read_bytes(), "deterministic: same bytes as a clean run"
+
+
+def test_embed_killed_mid_shard_resumes_and_matches_a_clean_run(dataset):
+    killed, clean = dataset(12_000)
+    for run in (killed, clean):
+        run_shard(ShardJob(stage="chunk", shard="s0", run=run))
+    job = ShardJob(stage="embed", shard="s0", run=killed)
+    layout = layout_for(killed)
+    parts = layout.output_path("embed", "s0").parent / ".parts"
+    kill_when(start_shard(job, block_rows=16), lambda: len(list(parts.glob("*/part-*.parquet"))) >= 2)
+    assert not layout.output_path("embed", "s0").exists() and Ledger(layout).read("embed", "s0") is None
+    kept = len(list(parts.glob("*/part-*.parquet")))
+
+    resumed = subprocess.run([sys.executable, "-c", RUN_ONE_SHARD, job.model_dump_json(), "16"], env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    assert resumed.returncode == 0
+    assert Ledger(layout).read("embed", "s0").status == "done"
+    assert not list(parts.glob("*/*")), "the parts were joined and removed"
+    run_shard(ShardJob(stage="embed", shard="s0", run=clean))  # one 8192-row block: other batches, same vectors
+    ours = pq.read_table(layout.output_path("embed", "s0"))
+    reference = pq.read_table(layout_for(clean).output_path("embed", "s0"))
+    assert ours.num_rows == reference.num_rows == pq.read_metadata(layout.output_path("chunk", "s0")).num_rows > 16 * kept
+    assert ours.select(["id", "doc_index", "chunk_index"]).equals(reference.select(["id", "doc_index", "chunk_index"])), "no row lost or doubled"
+    a, b = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (ours, reference))
+    np.testing.assert_allclose(a, b, atol=2e-6)

@@ -1,0 +1,161 @@
+"""Two runs at once on one data dir: a lease per shard keeps them from working on the same shard."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+
+import pytest
+
+from fineweb_modal.errors import ShardBusyError, is_transient
+from fineweb_modal.ledger import Ledger, ShardLease
+from fineweb_modal.shards import ShardJob, layout_for, run_shard, run_shard_exclusive
+
+
+def test_a_second_owner_is_refused_with_who_holds_it(tmp_path):
+    path = tmp_path / "chunk" / "s0.lease"
+    with ShardLease(path, "flow-run A"):
+        with pytest.raises(ShardBusyError, match=r"s0 is being worked on by flow-run A on .*rerun when it is done") as caught:
+            ShardLease(path, "flow-run B").acquire()
+        assert not is_transient(caught.value), "busy is not retried by Prefect: the other run finishes the shard"
+    assert not path.exists(), "released on exit"
+    with ShardLease(path, "flow-run B"):
+        assert path.exists()
+
+
+def test_the_same_owner_takes_its_own_lease_back(tmp_path):
+    path = tmp_path / "s0.lease"
+    ShardLease(path, "flow-run A").acquire()  # never released: the process running it died
+    with ShardLease(path, "flow-run A") as again:
+        assert again.token in path.read_text()
+
+
+def test_an_expired_lease_is_broken_and_a_live_one_is_renewed(tmp_path):
+    stale = tmp_path / "stale.lease"
+    ShardLease(stale, "crashed run", ttl_s=0.2)._create()
+    time.sleep(0.3)
+    with ShardLease(stale, "next run", ttl_s=0.2) as lease:
+        assert lease.token in stale.read_text()
+        # Held past several TTLs: the heartbeat keeps renewing it, so a third run is still refused.
+        time.sleep(0.6)
+        with pytest.raises(ShardBusyError):
+            ShardLease(stale, "third run", ttl_s=0.2).acquire()
+
+
+def test_release_never_removes_a_lease_that_was_taken_over(tmp_path):
+    path = tmp_path / "s0.lease"
+    first = ShardLease(path, "A", ttl_s=0.1)
+    first.acquire()
+    first._stop.set()  # its heartbeat stopped: it looks crashed
+    time.sleep(0.2)
+    second = ShardLease(path, "B", ttl_s=0.1)
+    second.acquire()
+    first.release()
+    assert second.token in path.read_text(), "A's late release left B's lease alone"
+    second.release()
+
+
+def _race(run, shards: list[str], owner: str, start: multiprocessing.Event, results: multiprocessing.Queue) -> None:
+    start.wait()
+    for shard in shards:
+        try:
+            outcome = run_shard_exclusive(ShardJob(stage="chunk", shard=shard, run=run, owner=owner)).status
+        except ShardBusyError:
+            outcome = "busy"
+        results.put((owner, shard, outcome))
+
+
+def test_two_runs_at_once_never_both_chunk_a_shard(demo_source, run_config_for, tmp_path):
+    run = run_config_for(demo_source, backend="local")
+    shards = [p.stem for p in sorted(demo_source.glob("*.parquet"))]
+    for path in sorted(demo_source.glob("*.parquet")):
+        run_shard(ShardJob(stage="download", shard=path.stem, run=run, source_file=str(path)))
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    runs = [ctx.Process(target=_race, args=(run, shards, owner, start, results)) for owner in ("run A", "run B")]
+    for process in runs:
+        process.start()
+    start.set()
+    outcomes = [results.get(timeout=120) for _ in range(2 * len(shards))]
+    for process in runs:
+        process.join(timeout=60)
+    by_shard = {shard: sorted(o for _, s, o in outcomes if s == shard) for shard in shards}
+    for shard, seen in by_shard.items():
+        assert seen.count("done") == 1, f"{shard} was chunked once, not twice: {seen}"
+        assert set(seen) <= {"done", "busy", "skipped"}
+    ledger = Ledger(layout_for(run))
+    for shard in shards:
+        assert ledger.done_record("chunk", shard, ledger.read("chunk", shard).fingerprint) is not None, "outputs match their records"
+    leases = list((tmp_path / "data").rglob("*.lease"))
+    assert leases == [], "every lease was released"
+
+
+def test_two_modal_runs_at_once_share_one_call(tmp_path, monkeypatch):
+    """On Modal the lease is the call record in a modal.Dict, reserved with put(skip_if_exists=True)."""
+    from tasks.backends import ModalBackend
+    from tests.tasks.test_modal_backend import FakeCall, FakeDict
+
+    calls, spawned = {}, []
+
+    class Modal:
+        class Dict:
+            store = FakeDict()
+
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return Modal.Dict.store
+
+        class FunctionCall:
+            @staticmethod
+            def from_id(call_id):
+                return calls[call_id]
+
+        class Volume:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return None
+
+    backend = ModalBackend(modal_module=Modal)
+    gate = threading.Event()
+
+    def spawn():
+        call = FakeCall(lambda: (gate.wait(10), {"answer": 42})[1], calls)
+        spawned.append(call.object_id)
+        return call
+
+    answers = []
+    first = threading.Thread(target=lambda: answers.append(backend._call("chunk/demo/s0", spawn)))
+    first.start()
+    while not spawned:
+        time.sleep(0.01)
+    second = threading.Thread(target=lambda: answers.append(backend._call("chunk/demo/s0", spawn)))
+    second.start()
+    time.sleep(0.2)
+    gate.set()
+    first.join(10), second.join(10)
+    assert len(spawned) == 1, "the second run waited on the first run's call instead of starting another"
+    assert [a[0] for a in answers] == [{"answer": 42}] * 2 and Modal.Dict.store == {}
+
+
+def test_a_modal_reservation_that_never_started_a_call_expires(monkeypatch):
+    from tasks import backends
+    from tests.tasks.test_modal_backend import FakeCall, FakeDict
+
+    monkeypatch.setattr(backends, "LEASE_TTL_S", 0.5)
+    calls, store = {}, FakeDict()
+    store.put("chunk/demo/s0", {"call_id": None, "reserved": "earlier", "reserved_at": time.time() - 1})
+
+    class Modal:
+        class Dict:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return store
+
+        class Volume:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return None
+
+    output, call_id = backends.ModalBackend(modal_module=Modal)._call("chunk/demo/s0", lambda: FakeCall(lambda: "ran", calls))
+    assert output == "ran" and call_id in calls and store == {}
