@@ -187,7 +187,7 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
                 total.source_tokens += stats.source_tokens
                 total.chunk_tokens += stats.chunk_tokens
                 if rows:
-                    writer.write_table(_chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg))
+                    writer.write_table(chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg))
                 row_offset += batch.num_rows
         # The counts travel with the file, so summaries need nothing but the chunk parquet.
         writer.add_key_value_metadata(
@@ -200,7 +200,8 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
     return total
 
 
-def _chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg) -> pa.Table:
+def chunk_table(batch, rows, texts, row_offset, shard, has_id, schema, cfg) -> pa.Table:
+    """The chunk rows of one batch of documents as an Arrow table of the chunk schema (text sliced from the source)."""
     doc, chunk_index, char_start, char_end, tokens = (np.asarray(col) for col in zip(*rows))
     if has_id:
         ids = pc.cast(batch.column("id"), pa.string()).take(pa.array(doc))

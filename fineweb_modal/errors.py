@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """A parameter or parameter combination is invalid; raised before any shard runs."""
 
 
+class DiskSpaceError(ConfigError):
+    """The data dir's disk clearly lacks the room for what a stage will write; raised before it starts."""
+
+
 class ShardBusyError(Exception):
     """Another run holds this shard's lease: it is being worked on now; this run leaves it alone."""
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -163,8 +164,14 @@ def run_shard(job: ShardJob) -> ShardResult:
     try:
         stats = _do_stage(job, fingerprint)
     except BaseException as exc:
-        ledger.write_failed(job.stage, job.shard, fingerprint, exc, job.attempt)
-        raise
+        failure = _explain_disk_full(exc, layout, job) or exc
+        try:
+            ledger.write_failed(job.stage, job.shard, fingerprint, failure, job.attempt)
+        except OSError as ledger_error:  # a full disk can refuse the record too; the task still fails with the cause
+            log.warning("%s/%s: could not write the failed record (%s)", job.stage, job.shard, ledger_error)
+        if failure is exc:
+            raise
+        raise failure from exc
     seconds = time.perf_counter() - started
     output = layout.output_path(job.stage, job.shard)
     estimate = cost_usd(seconds, resources)
@@ -179,6 +186,19 @@ def run_shard(job: ShardJob) -> ShardResult:
     )
     ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt)
     return result
+
+
+def _explain_disk_full(exc: BaseException, layout: Layout, job: ShardJob) -> OSError | None:
+    """An ENOSPC as an error that says what happened and what to do (still an ENOSPC, so it is not retried)."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+        return None
+    from fineweb_modal.diskspace import free_bytes, human_bytes
+
+    return OSError(
+        errno.ENOSPC,
+        f"out of disk space while writing the {job.stage} output of {job.shard} under {layout.data_dir} "
+        f"({human_bytes(free_bytes(layout.data_dir))} free now); nothing partial was kept — free some space or use another --data-dir, then rerun",
+    )
 
 
 def run_shard_exclusive(job: ShardJob) -> ShardResult:

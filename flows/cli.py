@@ -149,6 +149,9 @@ def run_pipeline(kwargs: dict) -> int:
 
     state = pipeline(**kwargs, return_state=True)
     reports = state.result(raise_on_failure=False)
+    if isinstance(reports, ConfigError):  # the first stage refused to start (e.g. no room on the disk): nothing ran
+        print(f"error: {reports}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     _print_outcome(run, reports if isinstance(reports, dict) else {})
     if state.is_completed():
         print(f"\nDone: {state.message}")

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
 from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, build_run_config
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import StageReport
 from flows.chunk import chunk
@@ -62,7 +63,9 @@ def pipeline(
         accepted = inspect.signature(stage_flow.fn).parameters
         state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
         report = state.result(raise_on_failure=False)
-        if not isinstance(report, StageReport):  # the stage could not start (no input, bad column): stop here
+        if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
+            if isinstance(report, ConfigError) and not reports:
+                raise report  # nothing ran at all: the run's setup was wrong (the CLI's exit code 2)
             return Failed(message=f"{stage} could not run: {report}", data=reports)
         reports[stage] = report
         spent += report.totals()["cost_usd"]

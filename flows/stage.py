@@ -11,6 +11,7 @@ from prefect.states import Completed, Failed, State
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
+from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import list_source_files
 from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
@@ -86,6 +87,11 @@ def run_stage(stage: str, run: RunConfig) -> State:
 
     inputs = _shards_and_inputs(stage, run)
     logger.info("%s: %d shard(s) on the %s backend", stage, len(inputs), run.backend)
+    if run.backend == "local":
+        statuses = get_backend(run.backend).shard_statuses(run, stage, list(inputs))
+        to_run = {shard: extra for shard, extra in inputs.items() if statuses.get(shard) != "done"}
+        if needed := check_disk_space(run, layout_for(run), stage, to_run):
+            logger.info("%s: %d shard(s) to run will write about %s", stage, len(to_run), human_bytes(needed))
     progress = StageProgress(stage, run.dataset.name, len(inputs))
     for shard, state in _run_shards(STAGE_TASKS[stage], inputs, run, report):
         if state.is_completed():
