@@ -31,6 +31,11 @@ def _source_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     raise BadDataError(f"{path}: unsupported file type {path.suffix!r} (parquet, arrow, jsonl)")
 
 
+def source_schema(path: Path) -> pa.Schema:
+    """The columns of one source file (parquet and arrow: from the header alone)."""
+    return _source_batches(path)[0]
+
+
 def convert_file(source: Path, output: Path) -> int:
     """Copy one source file into an Arrow IPC stream file at `output` (atomically); returns its row count."""
     if not source.is_file():

@@ -15,7 +15,7 @@ from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
-from flows.stage import failed_shards
+from flows.stage import check_source_columns, failed_shards
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
@@ -47,6 +47,7 @@ def pipeline(
     """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
     params = {k: v for k, v in locals().items() if k != "stages"}
     run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
+    check_source_columns(run)  # so does a source without the text column
     logger = get_run_logger()
     if run.only == "failed":
         params.update(shards=failed_shards(run), only=None)

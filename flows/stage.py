@@ -11,6 +11,7 @@ from prefect.states import Completed, Failed, State
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
+from fineweb_modal.download import source_schema
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import list_source_files
@@ -55,11 +56,27 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
     if chosen and stage == "chunk" and run.backend == "local":
         # A missing text or kept column is a config mistake: say so before any shard starts.
         path = layout_for(run).input_path("chunk", chosen[0])
-        try:
-            check_columns(open_arrow_batches(path)[0], run.chunk, path)
-        except BadDataError as exc:
-            raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
+        _check_columns(open_arrow_batches(path)[0], run, path)
     return {shard: candidates[shard] for shard in chosen}
+
+
+def _check_columns(schema, run: RunConfig, path: Path) -> None:
+    try:
+        check_columns(schema, run.chunk, path)
+    except BadDataError as exc:
+        raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
+
+
+def check_source_columns(run: RunConfig) -> None:
+    """Before a run that downloads from a folder and then chunks: the first source file must have the text and kept columns."""
+    if "download" not in run.stages or "chunk" not in run.stages:
+        return
+    if run.download is None or run.download.source_kind != "folder":
+        return
+    chosen = select_shards(list(_candidates("download", run)), run.shards)
+    if chosen:
+        path = next(f for f in list_source_files(run.download.source) if f.stem == chosen[0])
+        _check_columns(source_schema(path), run, path)
 
 
 def failed_shards(run: RunConfig) -> list[str]:

@@ -1,0 +1,122 @@
+"""Garbage in: every kind of odd document gets exact chunks or a counted skip; a bad shard fails alone, with a
+clear message; a dataset without its text column is refused before any work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from fineweb_modal.errors import BadDataError
+from fineweb_modal.shards import ShardJob, layout_for, run_shard
+
+ODD_DOCUMENTS = {
+    "none": None,
+    "empty": "",
+    "whitespace": " \n\t \u00a0 \u3000 ",
+    "control-and-nul": "before\x00after \x07bell\x1b[31m escape\r\nline \x7f end",
+    "right-to-left": "שלום עולם, זה טקסט בעברית. مرحبا بالعالم، هذا نص عربي.",
+    "cjk": "机器学习是人工智能的一个分支。日本語のテキストも含まれています。한국어 문장도 있습니다.",
+    "emoji": "Family: 👨‍👩‍👧‍👦, flags 🇫🇷🇯🇵, skin tones 👍🏽 and a plain smile 😀.",
+    "combining": "Cafe\u0301 nai\u0308ve Zalgo: Z\u0351\u034b\u0352a\u0364\u0311l\u0363\u0349g\u035bo\u0310",
+    "one-huge-word": "x" * 100_000,
+    "duplicate-id-1": "the same id as the next document, different text",
+    "duplicate-id-2": "the same id as the previous document",
+}
+
+
+def ids_for(names: list[str]) -> list[str]:
+    return ["dup" if n.startswith("duplicate-id") else n for n in names]
+
+
+@pytest.fixture
+def odd_dataset(tmp_path, run_config_for):
+    source = tmp_path / "source" / "odd"
+    names = list(ODD_DOCUMENTS)
+    pq.write_table(pa.table({"id": ids_for(names), "text": pa.array(list(ODD_DOCUMENTS.values()), pa.large_string())}), source / "s0.parquet") if source.mkdir(parents=True) is None else None
+    big = " ".join(f"word{i % 977} of a five megabyte document." for i in range(150_000))[: 5 * 1024 * 1024]
+    pq.write_table(pa.table({"id": ["big"], "text": [big]}), source / "s1.parquet")
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), source / "s2-empty.parquet")
+    pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), source / "s3-ints.parquet")
+    return run_config_for(source, keep_columns="", max_tokens=64), source
+
+
+def downloaded(run, source, shard):
+    return run_shard(ShardJob(stage="download", shard=shard, run=run, source_file=str(source / f"{shard}.parquet")))
+
+
+def test_odd_documents_get_exact_chunks_or_a_counted_skip(odd_dataset):
+    run, source = odd_dataset
+    downloaded(run, source, "s0")
+    result = run_shard(ShardJob(stage="chunk", shard="s0", run=run))
+    assert result.docs == len(ODD_DOCUMENTS) and result.empty_docs == 3, "None, empty and whitespace-only are counted skips"
+    chunks = pq.read_table(layout_for(run).output_path("chunk", "s0")).to_pylist()
+    texts = list(ODD_DOCUMENTS.values())
+    for chunk in chunks:
+        assert chunk["chunk_text"] == texts[chunk["doc_index"]][chunk["char_start"] : chunk["char_end"]], "exact spans"
+    chunked = {list(ODD_DOCUMENTS)[c["doc_index"]] for c in chunks}
+    assert chunked == set(ODD_DOCUMENTS) - {"none", "empty", "whitespace"}
+    huge = [c for c in chunks if c["id"] == "one-huge-word"]
+    assert "".join(c["chunk_text"] for c in huge) == "x" * 100_000, "one 100 k-character word: kept whole (the tokenizer makes it [UNK])"
+    duplicates = [c for c in chunks if c["id"] == "dup"]
+    assert {c["doc_index"] for c in duplicates} == {9, 10}, "duplicate ids are kept; doc_index tells them apart"
+
+    embedded = run_shard(ShardJob(stage="embed", shard="s0", run=run))
+    vectors = pq.read_table(layout_for(run).output_path("embed", "s0"))
+    assert embedded.rows_out == vectors.num_rows == len(chunks)
+    matrix = np.stack(vectors.column("embedding").to_numpy(zero_copy_only=False))
+    assert np.isfinite(matrix).all() and np.allclose(np.linalg.norm(matrix, axis=1), 1, atol=1e-5)
+
+
+def test_a_five_megabyte_document_is_chunked_exactly(odd_dataset):
+    run, source = odd_dataset
+    downloaded(run, source, "s1")
+    result = run_shard(ShardJob(stage="chunk", shard="s1", run=run))
+    table = pq.read_table(layout_for(run).output_path("chunk", "s1"), columns=["char_start", "char_end", "chunk_token_count"])
+    starts, ends = table.column("char_start").to_numpy(), table.column("char_end").to_numpy()
+    text = pq.read_table(source / "s1.parquet").column("text")[0].as_py()
+    assert result.chunks == table.num_rows > 10_000 and starts[0] == 0 and ends[-1] == len(text.rstrip())
+    assert (starts[1:] < ends[:-1]).all(), "consecutive windows overlap: nothing between them is lost"
+    assert table.column("chunk_token_count").to_numpy().max() <= 64
+
+
+def test_a_zero_row_shard_is_done_with_no_chunks(odd_dataset):
+    run, source = odd_dataset
+    assert downloaded(run, source, "s2-empty").rows_out == 0
+    result = run_shard(ShardJob(stage="chunk", shard="s2-empty", run=run))
+    assert result.status == "done" and result.chunks == 0
+    assert pq.read_metadata(layout_for(run).output_path("chunk", "s2-empty")).num_rows == 0
+
+
+def test_a_non_string_text_column_fails_that_shard_with_the_reason(odd_dataset):
+    run, source = odd_dataset
+    downloaded(run, source, "s3-ints")
+    with pytest.raises(BadDataError, match=r"s3-ints.arrow: text column 'text' has type int64, expected a string"):
+        run_shard(ShardJob(stage="chunk", shard="s3-ints", run=run))
+
+
+def test_the_flow_runs_every_good_shard_and_lists_the_bad_one(prefect_api, odd_dataset, capsys):
+    from flows.cli import main
+
+    run, source = odd_dataset
+    (source / "s1.parquet").unlink()  # the 5 MB document has its own test; keep this run short
+    code = main(["run", "--source", str(source), "--stages", "download,chunk", "--data-dir", str(run.dataset.data_dir), "--keep-columns", "", "--max-tokens", "64"])
+    assert code == 1
+    err = capsys.readouterr()
+    assert "s3-ints" in err.err and "expected a string" in err.out
+    layout = layout_for(run)
+    assert sorted(p.stem for p in layout.shard_dir("chunk").glob("*.parquet")) == ["s0", "s2-empty"]
+
+
+def test_a_dataset_without_its_text_column_is_refused_before_any_work(prefect_api, tmp_path, capsys):
+    from flows.cli import main
+
+    source = tmp_path / "source" / "notext"
+    source.mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["a"], "body": ["hello"]}), source / "s0.parquet")
+    data = tmp_path / "data"
+    assert main(["run", "--source", str(source), "--stages", "download,chunk", "--data-dir", str(data), "--keep-columns", ""]) == 2
+    err = capsys.readouterr().err
+    assert "column(s) ['text'] not found" in err and "--text-column" in err
+    assert not list(data.rglob("*.arrow")) and not list(data.rglob("*.parquet")), "nothing was downloaded or chunked"
