@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from fineweb_modal.config import build_run_config, resolve_max_tokens
+from fineweb_modal.config import STAGES, build_run_config, resolve_max_tokens
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL, model_info, model_slug
 
@@ -75,3 +77,114 @@ def test_model_slug_is_the_last_path_component():
     assert model_slug("nomic-ai/nomic-embed-text-v1.5") == "nomic-embed-text-v1.5"
     assert model_slug(DEFAULT_MODEL) == "all-MiniLM-L6-v2"
     assert model_slug("/models/bge-small/") == "bge-small"
+
+
+# --- the validator, property-tested: every combination is either a valid config or a ConfigError naming a bad value
+
+
+def _invalid_fields(p: dict) -> dict[str, tuple[str, ...]]:
+    """An independent oracle: which parameters of `p` are invalid, each with words its error message must contain."""
+    bad: dict[str, tuple[str, ...]] = {}
+    stages = [s.strip() for s in p["stages"].split(",") if s.strip()]
+    if not stages or any(s not in STAGES for s in stages):
+        bad["stages"] = ("stage",)
+    if p["backend"] not in ("local", "modal"):
+        bad["backend"] = ("backend",)
+    if p["engine"] not in ("transformers", "tei"):
+        bad["engine"] = ("engine",)
+    elif p["engine"] == "tei" and p["backend"] == "local" and not p["tei_url"]:
+        bad["tei"] = ("tei",)
+    if p["tei_url"] and not p["tei_url"].startswith(("http://", "https://")):
+        bad["tei_url"] = ("tei_url",)
+    elif p["tei_url"] and p["engine"] != "tei":
+        bad["tei_url"] = ("tei",)
+    cost = p["max_cost"]
+    if cost is not None and (not isinstance(cost, (int, float)) or cost < 0):
+        bad["max_cost"] = ("max_cost",)
+    if p["only"] not in (None, "", "failed"):
+        bad["only"] = ("only",)
+    if p["embedding_dtype"] not in ("float32", "float16"):
+        bad["embedding_dtype"] = ("embedding_dtype",)
+    dims = p["dimensions"]
+    if dims is not None and (not str(dims).isdigit() or int(dims) < 1 or int(dims) > 384):
+        bad["dimensions"] = ("dimensions",)
+    overlap = p["overlap"]
+    if not isinstance(overlap, (int, float)) or not 0 <= overlap <= 0.5:
+        bad["overlap"] = ("overlap",)
+    if not p["text_column"]:
+        bad["text_column"] = ("text_column",)
+    if not p["split"] or not re.match(r"^[\w.-]+$", p["split"]):
+        bad["split"] = ("split",)
+    if not p["name"] or not re.match(r"^[\w.-]+$", p["name"]):
+        bad["name"] = ("name",)
+    if "download" in stages:
+        bad["source"] = ("source",)  # no source is given in these examples
+    tokens = p["max_tokens"]
+    if tokens != "auto" and (not str(tokens).lstrip("-").isdigit() or not 16 <= int(tokens) <= 256):
+        bad["max_tokens"] = ("max_tokens",)
+    return bad
+
+
+def _parameters():
+    """A valid combination with none, one or two of its values replaced by a wrong one (or a wrong pairing)."""
+    from hypothesis import strategies as st
+
+    valid = {
+        "stages": st.lists(st.sampled_from(STAGES[1:]), min_size=1, max_size=3).map(",".join),
+        "backend": st.sampled_from(["local", "modal"]),
+        "engine": st.just("transformers"),
+        "tei_url": st.none(),
+        "max_cost": st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
+        "only": st.sampled_from([None, "", "failed"]),
+        "embedding_dtype": st.sampled_from(["float32", "float16"]),
+        "dimensions": st.one_of(st.none(), st.integers(1, 384), st.just("64")),
+        "overlap": st.floats(0, 0.5, allow_nan=False),
+        "text_column": st.sampled_from(["text", "body"]),
+        "split": st.sampled_from(["train", "validation", "test.v2"]),
+        "name": st.sampled_from(["demo", "fineweb-edu_10BT.v2"]),
+        "max_tokens": st.one_of(st.just("auto"), st.integers(16, 256)),
+    }
+    wrong = {
+        "stages": st.sampled_from(["", "embedd", "chunk,summary", "download", " , "]),
+        "backend": st.sampled_from(["", "cloud", "Local", "ünïcode"]),
+        "engine": st.sampled_from(["", "onnx", "TEI", "tei"]),  # plain tei is wrong only without a URL on the local backend
+        "tei_url": st.sampled_from(["ftp://x", "localhost:8080", "http://127.0.0.1:8080"]),  # a good URL is wrong without --engine tei
+        "max_cost": st.one_of(st.floats(-100, -0.01), st.sampled_from(["five", ""])),
+        "only": st.sampled_from(["missing", "FAILED", "all"]),
+        "embedding_dtype": st.sampled_from(["int8", "bf16", ""]),
+        "dimensions": st.one_of(st.integers(-5, 0), st.integers(385, 5000), st.sampled_from(["abc", "1.5"])),
+        "overlap": st.one_of(st.floats(-1, -0.001), st.floats(0.501, 5), st.sampled_from(["0.1x"])),
+        "text_column": st.just(""),
+        "split": st.sampled_from(["", "a b", "../x"]),
+        "name": st.sampled_from(["bad name", "../up", "a/b", ""]),
+        "max_tokens": st.one_of(st.integers(-10, 15), st.integers(257, 10_000), st.sampled_from(["12x", "", "auto-ish"])),
+    }
+
+    @st.composite
+    def combination(draw):
+        params = {field: draw(strategy) for field, strategy in valid.items()}
+        for field in draw(st.sets(st.sampled_from(sorted(wrong)), max_size=2)):
+            params[field] = draw(wrong[field])
+        return params
+
+    return combination()
+
+
+def test_the_validator_accepts_exactly_the_valid_combinations(tmp_path):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_parameters())
+    def check(params):
+        bad = _invalid_fields(params)
+        try:
+            run = build_run_config(data_dir=str(tmp_path / "data"), **params)
+        except ConfigError as exc:
+            assert bad, f"rejected a valid combination: {exc}"
+            message = str(exc).lower()
+            assert any(word in message for words in bad.values() for word in words), f"{exc!s} names none of {sorted(bad)}"
+            return
+        assert not bad, f"accepted invalid {sorted(bad)}"
+        assert run.backend == params["backend"] and run.embed.embedding_dtype == params["embedding_dtype"]
+
+    check()
