@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -378,9 +379,15 @@ def _prefetch(items: Iterator, depth: int) -> Iterator:
         raise failure[0]
 
 
-@functools.lru_cache(maxsize=2)
 def get_engine(cfg: EmbedConfig) -> Engine:
     """One engine per process and config (a Modal container or a local worker serves many shards)."""
+    # A TEI engine holds its API key: a rotated key (a new TEI_API_KEY) gets a new engine, never a stale one.
+    key = os.environ.get("TEI_API_KEY", "") if cfg.engine == "tei" else ""
+    return _cached_engine(cfg, hashlib.sha256(key.encode()).hexdigest())
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_engine(cfg: EmbedConfig, api_key_digest: str) -> Engine:
     if cfg.engine == "tei":
         if not cfg.tei_url:
             raise ConfigError("the tei engine needs tei_url")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from flows import server
@@ -61,11 +63,29 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     assert by_stage["chunk"]["counts"] == {"done": 3, "failed": 0, "missing": 0} and by_stage["chunk"]["tokens"] > 0
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on `port` (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc stores each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
 def test_local_server_starts_answers_and_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("FINEWEB_MODAL_HOME", str(tmp_path))
     info = server.start(port=server._free_port(4290))
     try:
         assert info["api_url"].startswith("http://127.0.0.1:") and server.healthy(info["api_url"])
+        assert listening_addresses(info["port"]) == {"127.0.0.1"}, "bound to the loopback interface only"
         assert server.status()["pid"] == info["pid"]
         assert server.start()["pid"] == info["pid"], "a second start finds the running server"
     finally:
