@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.chunking import chunk_schema, chunk_table, chunk_texts
 from fineweb_modal.config import RunConfig
-from fineweb_modal.errors import DiskSpaceError
+from fineweb_modal.errors import BadDataError, DiskSpaceError
 from fineweb_modal.layout import Layout
 from fineweb_modal.models import model_info
 from fineweb_modal.storage import open_arrow_batches
@@ -70,12 +70,17 @@ def estimate_stage_bytes(run: RunConfig, layout: Layout, stage: str, shards: dic
     """What the given shards of a stage will write, estimated from their inputs."""
     total = 0
     for shard, inputs in shards.items():
-        if stage == "download":
-            total += _download_bytes(Path(inputs["source_file"]))
-        elif stage == "chunk":
-            total += _chunk_bytes(layout.input_path("chunk", shard), shard, run)
-        elif stage == "embed":
-            total += _embed_bytes(layout.input_path("embed", shard), run)
+        source = Path(inputs["source_file"]) if stage == "download" else layout.input_path(stage, shard)
+        try:
+            if stage == "download":
+                total += _download_bytes(source)
+            elif stage == "chunk":
+                total += _chunk_bytes(source, shard, run)
+            elif stage == "embed":
+                total += _embed_bytes(source, run)
+        except (OSError, pa.ArrowException, BadDataError):
+            # An unreadable input fails its own shard, with the file named; here it counts at its size.
+            total += source.stat().st_size if source.is_file() else 0
     return total
 
 

@@ -73,10 +73,14 @@ def check_source_columns(run: RunConfig) -> None:
         return
     if run.download is None or run.download.source_kind != "folder":
         return
-    chosen = select_shards(list(_candidates("download", run)), run.shards)
-    if chosen:
-        path = next(f for f in list_source_files(run.download.source) if f.stem == chosen[0])
-        _check_columns(source_schema(path), run, path)
+    chosen = set(select_shards(list(_candidates("download", run)), run.shards))
+    for path in (f for f in list_source_files(run.download.source) if f.stem in chosen):
+        try:
+            schema = source_schema(path)
+        except BadDataError:
+            continue  # an unreadable file fails its own shard, naming the file; judge the columns by the next one
+        _check_columns(schema, run, path)
+        return
 
 
 def failed_shards(run: RunConfig) -> list[str]:

@@ -120,3 +120,19 @@ def test_a_dataset_without_its_text_column_is_refused_before_any_work(prefect_ap
     err = capsys.readouterr().err
     assert "column(s) ['text'] not found" in err and "--text-column" in err
     assert not list(data.rglob("*.arrow")) and not list(data.rglob("*.parquet")), "nothing was downloaded or chunked"
+
+
+def test_a_corrupt_first_source_file_does_not_stop_the_column_check_or_the_run(tmp_path):
+    from flows.stage import check_source_columns
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.errors import ConfigError
+
+    source = tmp_path / "source" / "mixed"
+    source.mkdir(parents=True)
+    (source / "a.parquet").write_bytes(b"PAR1 not really")
+    pq.write_table(pa.table({"id": ["x"], "body": ["hello"]}), source / "b.parquet")
+    run = build_run_config(source=str(source), data_dir=str(tmp_path / "data"), keep_columns="")
+    with pytest.raises(ConfigError, match=r"b.parquet: column\(s\) \['text'\] not found"):
+        check_source_columns(run)
+    pq.write_table(pa.table({"id": ["x"], "text": ["hello"]}), source / "b.parquet")
+    check_source_columns(run)  # the corrupt file is left to fail its own shard
