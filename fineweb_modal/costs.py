@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Modal's published per-second rates, read 2026-11 (third-party copies of modal.com/pricing). Override
-# with live rates (the modal backend reads `modal billing rates` when a token is set) or by hand.
+# Modal's published per-second rates, read 2026-11 (third-party copies of modal.com/pricing). The modal
+# backend replaces them with the workspace's live rates (`Workspace.billing.rates()`, see reconcile_rates)
+# when it can read them; `FINEWEB_MODAL_RATES` overrides by hand.
 PRICE_TABLE_DATE = "2026-11"
 RATES_USD_PER_SECOND: dict[str, float] = {
     "cpu_core": 0.0000131,
@@ -56,6 +58,39 @@ def current_rates(overrides: dict[str, float] | None = None) -> dict[str, float]
     """The price table, updated by `FINEWEB_MODAL_RATES` (a JSON object, e.g. `{"H100": 0.00095}`) and `overrides`."""
     from_env = json.loads(os.environ.get("FINEWEB_MODAL_RATES") or "{}")
     return {**RATES_USD_PER_SECOND, **from_env, **(overrides or {})}
+
+
+def _normalized(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def reconcile_rates(reported: Mapping[str, object]) -> dict[str, float]:
+    """Rates reported by Modal's billing API, as this table's keys in $/second, where they can be trusted.
+
+    The API's key names and units are not documented: a reported key is matched to a table key by name
+    (`h100` in `gpu.h100`, `cpu` for `cpu_core`, `mem` for `memory_gib`), and its value is read as per
+    second, or else per hour, whichever lands within 4× of the dated table; anything else is left out,
+    so a misread unit can never multiply costs by 3 600.
+    """
+    accepted: dict[str, float] = {}
+    names = {key: _normalized(key) for key in reported}
+    for ours, table_rate in RATES_USD_PER_SECOND.items():
+        wanted = {"cpu_core": "cpu", "memory_gib": "mem"}.get(ours, _normalized(ours))
+        matches = [key for key, name in names.items() if wanted in name]
+        if ours[0].isupper():  # a GPU: "a100" must not match "a10", nor "a10040gb" "a10080gb"
+            matches = [key for key in matches if not any(_normalized(other) in names[key] and len(other) > len(ours) for other in RATES_USD_PER_SECOND if other != ours)]
+        for key in matches:
+            try:
+                value = float(reported[key])  # Decimal, str or float
+            except (TypeError, ValueError):
+                continue
+            for per_second in (value, value / 3600):
+                if table_rate / 4 <= per_second <= table_rate * 4:
+                    accepted[ours] = per_second
+                    break
+            if ours in accepted:
+                break
+    return accepted
 
 
 def rate_per_second(resources: Resources, rates: dict[str, float] | None = None) -> float:

@@ -11,8 +11,8 @@ from prefect.states import Completed, Failed, State
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
-from fineweb_modal.download import source_schema
 from fineweb_modal.diskspace import check_disk_space, human_bytes
+from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import list_source_files
 from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram

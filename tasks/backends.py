@@ -10,15 +10,26 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
+from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.ledger import LEASE_TTL_S
-from fineweb_modal.shards import ShardJob, ShardResult, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard_exclusive, shard_statuses, verify_outputs
+from fineweb_modal.shards import (
+    ShardJob,
+    ShardResult,
+    download_hub_shards,
+    finalize_stage,
+    layout_for,
+    plan_sample,
+    run_shard_exclusive,
+    shard_statuses,
+    verify_outputs,
+)
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -153,6 +164,18 @@ def _dashboard_url(call: Any) -> str:
         return "(no dashboard URL)"
 
 
+def live_rates(modal_module) -> dict[str, float]:
+    """The workspace's rates from Modal's billing API, reconciled with the price table; {} when unreadable."""
+    try:
+        reported = modal_module.Workspace.from_context().billing.rates()
+    except Exception as exc:  # no billing access, an older client, no network: the dated table stands
+        logging.getLogger(__name__).info("Modal billing rates unavailable (%s); using the %s price table", type(exc).__name__, PRICE_TABLE_DATE)
+        return {}
+    accepted = reconcile_rates(reported)
+    logging.getLogger(__name__).info("Modal billing rates: %s from the API, the rest from the %s table", sorted(accepted) or "none", PRICE_TABLE_DATE)
+    return accepted
+
+
 def modal_token_configured() -> bool:
     """Whether a Modal token is set (env or ~/.modal.toml), decided without touching the network."""
     import modal.config
@@ -181,6 +204,7 @@ class ModalBackend:
         self._modal = modal_module
         self._volume = modal_module.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
         self._calls = modal_module.Dict.from_name(MODAL_CALLS_DICT, create_if_missing=True)
+        self.rates = live_rates(modal_module)
 
     def _on_volume(self, run: RunConfig) -> RunConfig:
         return run.model_copy(update={"dataset": run.dataset.model_copy(update={"data_dir": MODAL_DATA_DIR})})
@@ -204,6 +228,10 @@ class ModalBackend:
         output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
         result = ShardResult.model_validate(output)
         result.extra["modal_call_id"] = call_id
+        if self.rates and result.status == "done":
+            resources = Resources(cpu=result.cpu, memory_gib=result.memory_gib, gpu=result.gpu)
+            result.cost_usd = result.modal_estimate_usd = cost_usd(result.seconds, resources, self.rates)
+        result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
         return result
 
     def _call(self, key: str, spawn: Callable[[], Any]) -> tuple[Any, str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from prefect import task
-from prefect.events import emit_event
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Completed

@@ -123,9 +123,9 @@ def test_a_dataset_without_its_text_column_is_refused_before_any_work(prefect_ap
 
 
 def test_a_corrupt_first_source_file_does_not_stop_the_column_check_or_the_run(tmp_path):
-    from flows.stage import check_source_columns
     from fineweb_modal.config import build_run_config
     from fineweb_modal.errors import ConfigError
+    from flows.stage import check_source_columns
 
     source = tmp_path / "source" / "mixed"
     source.mkdir(parents=True)

@@ -58,3 +58,25 @@ def test_table_and_markdown_list_failures_and_resume():
 def test_text_histogram_scales_bars():
     lines = text_histogram([0, 10, 50], [5, 10], width=10).splitlines()
     assert lines[1].count("█") == 10 and lines[0].count("█") == 5
+
+
+def test_live_rates_are_matched_by_name_and_read_per_second_or_per_hour():
+    from decimal import Decimal
+
+    from fineweb_modal.costs import RATES_USD_PER_SECOND, reconcile_rates
+
+    reported = {
+        "gpu.h100": Decimal("0.001"),  # per second
+        "gpu.a10g": Decimal("1.10"),  # per hour
+        "gpu.a100.80gb": Decimal("0.0007"),
+        "cpu": "0.0000125",
+        "memory": "0.0000021",
+        "gpu.l4": Decimal("800"),  # neither unit lands near the table: left out
+        "sandbox.cpu.premium": "junk",
+    }
+    accepted = reconcile_rates(reported)
+    assert accepted["H100"] == 0.001 and accepted["A10G"] == pytest.approx(1.10 / 3600)
+    assert accepted["A100-80GB"] == 0.0007 and accepted["cpu_core"] == 0.0000125 and accepted["memory_gib"] == 0.0000021
+    assert "L4" not in accepted, "a rate off by more than 4x in both readings is not trusted"
+    assert "A10" not in accepted and "A100-40GB" not in accepted, "no key is matched to a shorter or sibling GPU name"
+    assert set(accepted) <= set(RATES_USD_PER_SECOND)

@@ -142,3 +142,29 @@ def test_cancelling_a_run_cancels_its_calls_only(downloaded):
     fake.dict.put("c", {"call_id": other.object_id, "flow_run_id": "run-2", "root_flow_run_id": "run-2", "started": "t"})
     assert sorted(backend.cancel_calls("run-1")) == sorted([mine.object_id, child.object_id])
     assert mine.cancelled and child.cancelled and not other.cancelled and list(fake.dict) == ["c"]
+
+
+def test_costs_use_the_workspaces_live_rates_when_readable(downloaded):
+    from fineweb_modal.costs import Resources, cost_usd
+
+    run, shard, fake = downloaded
+
+    class Workspace:
+        @staticmethod
+        def from_context():
+            class Billing:
+                @staticmethod
+                def rates():
+                    return {"cpu": "0.00002", "memory": "0.000003", "gpu.h100": "0.0009"}
+
+            return type("W", (), {"billing": Billing})()
+
+    fake.Workspace = Workspace
+    backend = ModalBackend(modal_module=fake)
+    assert backend.rates == {"cpu_core": 0.00002, "memory_gib": 0.000003, "H100": 0.0009}
+    result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    expected = cost_usd(result.seconds, Resources(cpu=result.cpu, memory_gib=result.memory_gib), {"cpu_core": 0.00002, "memory_gib": 0.000003})
+    assert result.cost_usd == pytest.approx(expected) and result.extra["rates"] == "modal billing API"
+
+    del fake.Workspace  # no billing access: the dated table stands
+    assert ModalBackend(modal_module=fake).rates == {}
