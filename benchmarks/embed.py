@@ -145,6 +145,7 @@ def cpu_entry(n_chunks: int, repeats: int) -> dict:
     }
 
 
+GPU_VARIANTS = ("engine", "padded_bf16", "seed_style", "engine_compiled")
 NOMIC_PREFIX = "search_document: "
 NOMIC_SEQUENCE_LIMIT = 8192
 
@@ -186,7 +187,9 @@ def prepare_gpu_inputs(folder: Path, tokens: int) -> None:
     print(f"wrote {folder}: {stats.chunks} chunks, {stats.chunk_tokens} chunk tokens")
 
 
-def gpu_entry(inputs: Path | None, repeats: int, compile_variant: bool = True, device: str = "cuda", model_config: dict | None = None) -> dict:
+def gpu_entry(
+    inputs: Path | None, repeats: int, compile_variant: bool = True, device: str = "cuda", model_config: dict | None = None, variants: tuple[str, ...] = GPU_VARIANTS
+) -> dict:
     """The GPU comparison, end to end on a chunk parquet, or `no GPU`. (`device`/`model_config`: tests run it small on CPU.)"""
     if device == "cuda" and not torch.cuda.is_available():
         return {"device": "no GPU", "pass": None}
@@ -229,6 +232,7 @@ def gpu_entry(inputs: Path | None, repeats: int, compile_variant: bool = True, d
             engines["engine_compiled"] = TransformersEngine(model_dir, prefix=NOMIC_PREFIX, model=models["engine"], device=device.type, attention="packed", compile=True)
         except Exception as exc:  # reported, not fatal: the eager engine is the default
             errors["engine_compiled"] = f"{type(exc).__name__}: {exc}"[:300]
+    engines = {name: e for name, e in engines.items() if name in variants}
     texts = pq.read_table(chunk_file, columns=["chunk_text"]).column("chunk_text").to_pylist()
 
     # Correct first: the packed bf16 engine against the padded fp32 model on the same weights.
@@ -252,12 +256,13 @@ def gpu_entry(inputs: Path | None, repeats: int, compile_variant: bool = True, d
         return run
 
     start = time.perf_counter()
-    tokens = end_to_end("engine")()  # warm-up, and the token count every rate divides
+    first = next(iter(engines))
+    tokens = end_to_end(first)()  # warm-up, and the token count every rate divides
     log(f"engine warm-up: {tokens} tokens in {time.perf_counter() - start:.1f} s")
-    rows = pq.read_metadata(out / "engine.parquet").num_rows
+    rows = pq.read_metadata(out / f"{first}.parquet").num_rows
     variants = {name: end_to_end(name) for name in engines}
     for name, run in variants.items():
-        if name != "engine":
+        if name != first:
             start = time.perf_counter()
             try:
                 run()  # warm-up (compilation happens here)
@@ -266,8 +271,10 @@ def gpu_entry(inputs: Path | None, repeats: int, compile_variant: bool = True, d
             log(f"{name} warm-up: {time.perf_counter() - start:.1f} s {errors.get(name, '')}")
     variants = {name: run for name, run in variants.items() if name not in errors}
     seconds = compare(variants, repeats, sync=on_gpu, warmup=False)
-    blocks = [engines["engine"].prepare(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
-    model_only = compare({"engine_model_only": lambda: [engines["engine"].run(b) for b in blocks]}, repeats, sync=on_gpu, warmup=False)
+    packed = engines.get("engine_compiled") or engines.get("engine")
+    blocks = [packed.prepare(texts[i : i + 8192]) for i in range(0, len(texts), 8192)] if packed else []
+    label = "engine_compiled_model_only" if "engine_compiled" in engines else "engine_model_only"
+    model_only = compare({label: lambda: [packed.run(b) for b in blocks]}, repeats, sync=on_gpu, warmup=False) if packed else {}
     seconds.update(model_only)
     log(f"seconds: {seconds}")
     rates = {name: tokens / s for name, s in seconds.items()}
@@ -285,7 +292,7 @@ def gpu_entry(inputs: Path | None, repeats: int, compile_variant: bool = True, d
         "tokens_per_s": {k: round(v) for k, v in rates.items()},
         "best_engine": best,
         "engine_vs_seed_style": round(rates[best] / rates["seed_style"], 3),
-        "engine_vs_padded_bf16": round(rates[best] / rates["padded_bf16"], 3),
+        "engine_vs_padded_bf16": round(rates[best] / rates["padded_bf16"], 3) if "padded_bf16" in rates else None,
         "min_cosine_vs_fp32_padded": {k: round(v, 5) for k, v in agreement.items()},
         "matmul_peak_tflops_bf16": round(peak, 1),
         "gflops_per_token": round(flops / 1e9, 3),
@@ -322,6 +329,7 @@ def main() -> None:
     parser.add_argument("--gpu-only", action="store_true", help="skip the CPU entry")
     parser.add_argument("--gpu-inputs", type=Path, help="a folder written by --prepare-gpu (default: build one now)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--variants", default=",".join(GPU_VARIANTS), help=f"GPU variants to time (of {', '.join(GPU_VARIANTS)}; seed_style always)")
     parser.add_argument("--prepare-gpu", type=Path, metavar="DIR", help="write the GPU entry's inputs to DIR and stop")
     parser.add_argument("--gpu-tokens", type=int, default=6_000_000, help="with --prepare-gpu: corpus size")
     parser.add_argument("--output", type=Path, help="write the results here instead of merging them into benchmarks/results")
@@ -336,7 +344,8 @@ def main() -> None:
         print(markdown(results))
         return
     entries = {} if args.gpu_only else {"embed-cpu": cpu_entry(args.chunks, args.repeats)}
-    entries["embed-gpu"] = gpu_entry(args.gpu_inputs, args.repeats, compile_variant=not args.no_compile)
+    variants = tuple(dict.fromkeys([*args.variants.split(","), "seed_style"]))
+    entries["embed-gpu"] = gpu_entry(args.gpu_inputs, args.repeats, compile_variant=not args.no_compile, variants=variants)
     results = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__, "entries": entries}
     if args.output:
         args.output.write_text(json.dumps(results, indent=2))
