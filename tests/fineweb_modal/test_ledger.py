@@ -29,14 +29,17 @@ def test_done_record_round_trip(tmp_path):
     assert payload["schema_version"] == SCHEMA_VERSION and payload["status"] == "done"
 
 
-def test_other_fingerprint_missing_output_or_wrong_rows_is_not_done(tmp_path):
+def test_other_fingerprint_missing_output_or_wrong_rows_is_not_done(tmp_path, caplog):
     _, ledger, output = make(tmp_path)
     ledger.write_done("chunk", "s0", "fp1", 3, {}, 1)
     assert ledger.done_record("chunk", "s0", "fp2") is None
     pq.write_table(pa.table({"x": [1, 2]}), output)
     assert ledger.done_record("chunk", "s0", "fp1") is None
+    assert "ledger says done with 3 rows but" in caplog.text and "has 2; redoing it" in caplog.text, "the disagreement is logged"
     output.unlink()
+    caplog.clear()
     assert ledger.done_record("chunk", "s0", "fp1") is None
+    assert "has None; redoing it" in caplog.text
 
 
 def test_failed_record_keeps_error_and_attempts(tmp_path):
