@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fineweb_modal.chunking import chunk_schema, chunk_table, chunk_texts
+from fineweb_modal.chunking import check_columns, chunk_schema, chunk_table, chunk_texts
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import BadDataError, DiskSpaceError
 from fineweb_modal.layout import Layout
@@ -35,6 +35,7 @@ def human_bytes(n: float) -> str:
 def _chunk_bytes(path: Path, shard: str, run: RunConfig) -> int:
     """Chunk evenly spaced documents of one arrow shard, write them as the stage would, scale to all rows."""
     schema, batches = open_arrow_batches(path)
+    check_columns(schema, run.chunk, path)  # a shard without the text column fails on its own, not here
     table = pa.Table.from_batches(list(batches), schema)
     if table.num_rows == 0:
         return 0
@@ -52,7 +53,9 @@ def _chunk_bytes(path: Path, shard: str, run: RunConfig) -> int:
 
 
 def _embed_bytes(path: Path, run: RunConfig) -> int:
-    """Rows of the chunk file × (vector + keys)."""
+    """Rows of the chunk file × (vector + keys); the parts and the joined file coexist until the join ends, but
+    parts are written uncompressed and shards finish one by one, so the estimate counts one copy of each shard
+    plus one more copy of the largest (in `estimate_stage_bytes`)."""
     dims = run.embed.dimensions or json.loads((Path(model_info(run.embed.model).path) / "config.json").read_text()).get("hidden_size", 768)
     itemsize = 2 if run.embed.embedding_dtype == "float16" else 4
     return pq.read_metadata(path).num_rows * (dims * itemsize + ID_BYTES_PER_ROW)
@@ -68,8 +71,9 @@ def _download_bytes(source_file: Path) -> int:
 
 def estimate_stage_bytes(run: RunConfig, layout: Layout, stage: str, shards: dict[str, dict]) -> int:
     """What the given shards of a stage will write, estimated from their inputs."""
-    total = 0
+    total, largest = 0, 0
     for shard, inputs in shards.items():
+        before = total
         source = Path(inputs["source_file"]) if stage == "download" else layout.input_path(stage, shard)
         try:
             if stage == "download":
@@ -78,10 +82,12 @@ def estimate_stage_bytes(run: RunConfig, layout: Layout, stage: str, shards: dic
                 total += _chunk_bytes(source, shard, run)
             elif stage == "embed":
                 total += _embed_bytes(source, run)
-        except (OSError, pa.ArrowException, BadDataError):
+        except (OSError, pa.ArrowException, BadDataError, KeyError):
             # An unreadable input fails its own shard, with the file named; here it counts at its size.
             total += source.stat().st_size if source.is_file() else 0
-    return total
+        largest = max(largest, total - before)
+    # An embed shard's parts and its joined file are on disk together for a moment.
+    return total + (largest if stage == "embed" else 0)
 
 
 def free_bytes(path: Path | str) -> int:

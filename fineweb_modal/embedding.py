@@ -109,8 +109,9 @@ class TransformersEngine:
         if dimensions is not None and dimensions > hidden:
             raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
         self.dims = dimensions or hidden
-        if attention == "auto":
-            attention = "packed" if on_gpu and packed.varlen_available() and packed.supports_packing(self.model) else "padded"
+        automatic = attention == "auto"
+        if automatic:
+            attention = "packed" if self._packing_preferred(on_gpu) else "padded"
         if attention not in ("packed", "padded"):
             raise ConfigError(f"attention must be auto, packed or padded, got {attention!r}")
         self.attention = attention
@@ -121,9 +122,24 @@ class TransformersEngine:
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.tokens_embedded = 0  # real tokens (prefix and special tokens included), for throughput figures
         if attention == "packed":
-            self._check_packing()
+            try:
+                self._check_packing()
+            except Exception as exc:
+                if not automatic:
+                    raise
+                # Causal decoders, position ids offset by a padding index (RoBERTa), attention outside
+                # transformers' interface (MPNet): packing would change the vectors. Pad instead.
+                warnings.warn(f"{model_id}: packed attention does not fit this model ({exc}); using padded batches", RuntimeWarning, stacklevel=2)
+                self.attention = "padded"
+                self.model.set_attn_implementation(self.padded_attention)
+                self.tokens_embedded = 0
         if compile if compile is not None else on_gpu:
             self.forward = torch.compile(self.model)
+
+    def _packing_preferred(self, on_gpu: bool) -> bool:
+        from fineweb_modal import attention as packed
+
+        return on_gpu and packed.varlen_available() and packed.supports_packing(self.model)
 
     def metadata(self) -> dict[str, str]:
         """What the embedding parquet records about the model that made it."""
@@ -180,10 +196,12 @@ class TransformersEngine:
 
     def _forward(self, inputs: dict):
         """The model on one batch; a compiled model that fails is replaced by the eager one, once, with a warning."""
+        import torch
+
         try:
             return self.forward(**inputs)
         except Exception as exc:
-            if self.forward is self.model:
+            if self.forward is self.model or isinstance(exc, torch.OutOfMemoryError):
                 raise
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running the model eagerly", RuntimeWarning, stacklevel=2)
             self.forward = self.model

@@ -166,7 +166,7 @@ class ShardLease:
                 break
             holder = self._holder()
             if holder is not None and holder.get("owner") != self.owner and not self._expired():
-                age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
+                age = time.time() - self._mtime()
                 raise ShardBusyError(
                     f"{self.path.stem} is being worked on by {holder.get('owner')} on {holder.get('host')} "
                     f"(lease renewed {age:.0f} s ago, expires {self.ttl_s:.0f} s after its last renewal); rerun when it is done"
@@ -204,19 +204,28 @@ class ShardLease:
         except (OSError, ValueError):
             return {}  # half-written by a holder that died while creating it: expires like any other
 
-    def _expired(self) -> bool:
+    def _mtime(self) -> float:
         try:
-            return time.time() - self.path.stat().st_mtime > self.ttl_s
+            return self.path.stat().st_mtime
         except FileNotFoundError:
-            return True
+            return 0.0
+
+    def _expired(self) -> bool:
+        return time.time() - self._mtime() > self.ttl_s
+
+    def held(self) -> bool:
+        """Whether this lease is still ours (another run takes it over only after it went unrenewed for a TTL)."""
+        holder = self._holder()
+        return holder is not None and holder.get("token") == self.token
 
     def _break(self, reason: str) -> None:
         mutex = self.path.with_suffix(".breaking")
         try:
             fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if time.time() - mutex.stat().st_mtime > self.ttl_s:  # a breaker that died mid-break
-                mutex.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # the other breaker may finish between the two calls
+                if time.time() - mutex.stat().st_mtime > self.ttl_s:  # a breaker that died mid-break
+                    mutex.unlink(missing_ok=True)
             return
         os.close(fd)
         try:
@@ -229,9 +238,8 @@ class ShardLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            holder = self._holder()
-            if holder is None or holder.get("token") != self.token:
-                log.warning("%s: the lease was taken by %s while this run held it", self.path.stem, (holder or {}).get("owner"))
+            if not self.held():
+                log.error("%s: the lease was taken over while this run held it (its heartbeat stalled past the TTL)", self.path.stem)
                 return
             with contextlib.suppress(FileNotFoundError):
                 os.utime(self.path)

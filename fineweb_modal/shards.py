@@ -8,9 +8,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import re
 import os
+import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +22,7 @@ from pydantic import BaseModel
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import cost_usd, stage_resources
+from fineweb_modal.errors import ShardBusyError
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows
 from fineweb_modal.models import model_info
@@ -91,7 +95,8 @@ def _file_identity(path: Path) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
-def _stage_config_fingerprint(job: ShardJob) -> str:
+def stage_config_fingerprint(job: ShardJob) -> str:
+    """The fingerprint of the part of the run config that shapes this stage's output (not which shards, not the budget)."""
     run = job.run
     if job.stage == "download":
         return run.download.fingerprint() if run.download else "none"
@@ -110,7 +115,7 @@ def job_fingerprint(job: ShardJob, ledger: Ledger) -> str:
     else:
         record = ledger.read(layout.input_stage(job.stage), job.shard)
         upstream = record.fingerprint if record and record.status == "done" else _file_identity(layout.input_path(job.stage, job.shard))
-    payload = f"{job.stage}|{_stage_config_fingerprint(job)}|{upstream}"
+    payload = f"{job.stage}|{stage_config_fingerprint(job)}|{upstream}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -147,8 +152,12 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
     }
 
 
-def run_shard(job: ShardJob) -> ShardResult:
-    """Run one stage on one shard: skip when the ledger says done with this config, else work and record."""
+def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> ShardResult:
+    """Run one stage on one shard: skip when the ledger says done with this config, else work and record.
+
+    `still_ours` (the shard's lease) is asked before the done record is written: a run that lost its lease
+    while it worked records nothing, and the run that took over records the shard.
+    """
     layout = job.layout()
     ledger = Ledger(layout)
     fingerprint = job_fingerprint(job, ledger)
@@ -184,7 +193,12 @@ def run_shard(job: ShardJob) -> ShardResult:
         cost_usd=estimate if job.where == "modal" else 0.0,
         modal_estimate_usd=estimate,
     )
+    if still_ours is not None and not still_ours():
+        raise ShardBusyError(f"{job.stage}/{job.shard}: another run took over this shard's lease while this one worked; it records the shard")
     ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt)
+    for stale in layout.shard_dir(job.stage).joinpath(".parts").glob(f"{job.shard}-*"):
+        if re.fullmatch(rf"{re.escape(job.shard)}-[0-9a-f]{{16}}", stale.name):  # not shard `s2-b`'s when this is `s2`
+            shutil.rmtree(stale, ignore_errors=True)  # parts of earlier configs of this shard
     return result
 
 
@@ -204,8 +218,8 @@ def _explain_disk_full(exc: BaseException, layout: Layout, job: ShardJob) -> OSE
 def run_shard_exclusive(job: ShardJob) -> ShardResult:
     """run_shard under the shard's lease: a second run on the same data dir gets ShardBusyError, not a second writer."""
     owner = job.owner or f"{socket.gethostname()}:{os.getpid()}"
-    with ShardLease(job.layout().lease_path(job.stage, job.shard), owner):
-        return run_shard(job)
+    with ShardLease(job.layout().lease_path(job.stage, job.shard), owner) as lease:
+        return run_shard(job, still_ours=lease.held)
 
 
 def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:

@@ -28,6 +28,7 @@ from fineweb_modal.shards import (
     plan_sample,
     run_shard_exclusive,
     shard_statuses,
+    stage_config_fingerprint,
     verify_outputs,
 )
 
@@ -130,8 +131,12 @@ class LocalBackend:
 
 
 def call_key(job: ShardJob) -> str:
-    """The key of a shard job's Modal call: dataset, split, stage, shard and a hash of the run's config."""
-    digest = hashlib.sha256(job.run.model_dump_json().encode()).hexdigest()[:12]
+    """The key of a shard job's Modal call (and its lease): dataset, split, stage, shard and the stage's config.
+
+    Only what shapes the output goes in: two runs that pick shards differently (`--shards`, `--only failed`)
+    or have other budgets still meet on the same key for the same shard.
+    """
+    digest = hashlib.sha256(stage_config_fingerprint(job).encode()).hexdigest()[:12]
     return f"{job.run.dataset.name}/{job.run.dataset.split}/{job.stage}/{job.shard}/{digest}"
 
 
@@ -255,34 +260,52 @@ class ModalBackend:
                     output = self._modal.FunctionCall.from_id(record["call_id"]).get()
                 except Exception as exc:  # the old call failed, or its result expired: start afresh
                     _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
-                    self._calls.pop(key, None)
+                    self._forget(key, record)
                     continue
-                self._calls.pop(key, None)
+                self._forget(key, record)
                 return output, record["call_id"]
             if time.time() - record.get("reserved_at", 0) > LEASE_TTL_S:
                 _log(f"{key}: dropping a reservation from {record.get('reserved')} that never started a call")
-                self._calls.pop(key, None)
+                self._forget(key, record)
                 continue
             time.sleep(1)  # another run is starting this shard's call right now; its id appears in a moment
-        call = spawn()
-        self._calls.put(key, {**reservation, "call_id": call.object_id, "started": _now()})
+        try:
+            call = spawn()
+        except BaseException:
+            self._forget(key, reservation)  # nothing started: a retry must not wait on this reservation
+            raise
+        started = {**reservation, "call_id": call.object_id, "started": _now()}
+        self._calls.put(key, started)
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
             output = call.get()
         except Exception:
-            self._calls.pop(key, None)  # a failed call is not re-attached to: the retry spawns a new one
+            self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
             raise
-        self._calls.pop(key, None)
+        self._forget(key, started)
         return output, call.object_id
+
+    def _forget(self, key: str, seen: dict) -> None:
+        """Drop the record of `key` if it is still the one seen (a modal.Dict has no compare-and-delete, so this
+        narrows, not closes, the window in which another run's newer record could go)."""
+        current = self._calls.get(key)
+        if current is not None and current.get("call_id") == seen.get("call_id") and current.get("reserved_at") == seen.get("reserved_at"):
+            self._calls.pop(key, None)
 
     def cancel_calls(self, flow_run_id: str) -> list[str]:
         """Cancel every running call started by this flow run or any run under it; returns the cancelled call ids."""
         cancelled = []
         for key, record in list(self._calls.items()):
-            if flow_run_id in (record.get("flow_run_id"), record.get("root_flow_run_id")):
-                self._modal.FunctionCall.from_id(record["call_id"]).cancel()
-                self._calls.pop(key)
+            if flow_run_id not in (record.get("flow_run_id"), record.get("root_flow_run_id")):
+                continue
+            if record.get("call_id"):
+                try:
+                    self._modal.FunctionCall.from_id(record["call_id"]).cancel()
+                except Exception as exc:  # keep cancelling the others: each one left running keeps billing
+                    _log(f"could not cancel Modal call {record['call_id']}: {type(exc).__name__}: {exc}")
+                    continue
                 cancelled.append(record["call_id"])
+            self._calls.pop(key, None)  # a reservation that never started a call goes too
         return cancelled
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:

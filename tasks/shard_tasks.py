@@ -38,10 +38,16 @@ def _emit(outcome: str, stage: str, shard: str, run: RunConfig, payload: dict) -
     )
 
 
+def _lease_owner() -> str | None:
+    """The top-level flow run: a `prefect flow-run retry` of a pipeline makes new stage subflows, not a new root."""
+    root = current_flow_run.root_flow_run_id or current_flow_run.id
+    return f"flow-run {root}" if root else None
+
+
 def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
     """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event."""
     attempt = current_task_run.run_count or 1
-    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt, owner=f"flow-run {current_flow_run.id}" if current_flow_run.id else None)
+    job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt, owner=_lease_owner())
     try:
         result: ShardResult = get_backend(run.backend).run(job)
     except Exception as exc:

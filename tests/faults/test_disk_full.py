@@ -55,8 +55,9 @@ def test_the_estimate_is_close_to_what_the_stages_write(downloaded):
     written = sum(layout.output_path("chunk", s).stat().st_size for s in shards)
     assert 0.5 * written < estimate < 2 * written, (estimate, written)
     embed_estimate = diskspace.estimate_stage_bytes(run, layout, "embed", shards)
-    rows = sum(pq.read_metadata(layout.output_path("chunk", s)).num_rows for s in shards)
-    assert embed_estimate == rows * (384 * 4 + diskspace.ID_BYTES_PER_ROW)
+    rows = [pq.read_metadata(layout.output_path("chunk", s)).num_rows for s in shards]
+    per_row = 384 * 4 + diskspace.ID_BYTES_PER_ROW
+    assert embed_estimate == (sum(rows) + max(rows)) * per_row, "every shard once, plus the largest's parts during its join"
 
 
 def test_a_stage_that_will_not_fit_is_refused_with_the_numbers(downloaded, monkeypatch):
@@ -75,3 +76,14 @@ def test_the_flow_refuses_before_any_shard_runs(prefect_api, downloaded, monkeyp
     code = main(["run", "--name", run.dataset.name, "--stages", "chunk", "--data-dir", str(run.dataset.data_dir), "--max-tokens", "64"])
     assert code == 2
     assert not list(layout_for(run).shard_dir("chunk").glob("*.parquet")), "no shard ran"
+
+
+def test_a_shard_without_the_text_column_does_not_stop_the_estimate(downloaded):
+    """It counts at its file size; its own task reports the missing column."""
+    from tests.conftest import write_arrow_shard
+
+    run, shards = downloaded
+    layout = layout_for(run)
+    write_arrow_shard(layout.output_path("download", "no-text"), [{"id": "a", "body": "hello"}])
+    inputs = {**shards, "no-text": {}}
+    assert diskspace.estimate_stage_bytes(run, layout, "chunk", inputs) > diskspace.estimate_stage_bytes(run, layout, "chunk", shards) > 0

@@ -159,3 +159,52 @@ def test_a_modal_reservation_that_never_started_a_call_expires(monkeypatch):
 
     output, call_id = backends.ModalBackend(modal_module=Modal)._call("chunk/demo/s0", lambda: FakeCall(lambda: "ran", calls))
     assert output == "ran" and call_id in calls and store == {}
+
+
+def test_a_run_that_lost_its_lease_records_nothing(demo_source, run_config_for):
+    run = run_config_for(demo_source)
+    path = sorted(demo_source.glob("*.parquet"))[0]
+    run_shard(ShardJob(stage="download", shard=path.stem, run=run, source_file=str(path)))
+    with pytest.raises(ShardBusyError, match="another run took over this shard's lease"):
+        run_shard(ShardJob(stage="chunk", shard=path.stem, run=run), still_ours=lambda: False)
+    assert Ledger(layout_for(run)).read("chunk", path.stem) is None, "the run that took over records the shard"
+
+
+def test_the_modal_lease_key_ignores_which_shards_a_run_picked(demo_source, run_config_for):
+    from tasks.backends import call_key
+
+    job = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source))
+    other_selection = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, shards="s0,s1", only="failed", max_cost=3))
+    other_model_config = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, embedding_dtype="float16"))
+    assert call_key(job) == call_key(other_selection)
+    assert call_key(job) != call_key(other_model_config)
+
+
+def test_a_failed_spawn_frees_its_reservation_and_cancel_skips_reservations():
+    from tasks.backends import ModalBackend
+    from tests.tasks.test_modal_backend import FakeDict
+
+    store = FakeDict()
+
+    class Modal:
+        class Dict:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return store
+
+        class Volume:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return None
+
+    backend = ModalBackend(modal_module=Modal)
+
+    def broken_spawn():
+        raise ConnectionError("Modal API unreachable")
+
+    with pytest.raises(ConnectionError):
+        backend._call("chunk/demo/s0", broken_spawn)
+    assert store == {}, "the retry does not wait on a reservation that never started a call"
+
+    store.put("chunk/demo/s1", {"call_id": None, "reserved_at": time.time(), "flow_run_id": "run-1"})
+    assert backend.cancel_calls("run-1") == [] and store == {}, "a reservation is dropped, not cancelled as a call"

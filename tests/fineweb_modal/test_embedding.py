@@ -214,3 +214,20 @@ def test_a_failing_compiled_model_falls_back_to_eager_once():
         vectors = engine.embed(TEXTS)
     assert calls == [1] and engine.forward is engine.model
     assert cosine_rows(vectors, expected).min() >= 0.99999
+
+
+def test_a_model_that_packing_does_not_fit_is_padded_instead(monkeypatch):
+    """MPNet computes attention outside transformers' interface: packing would mix sequences, so auto pads."""
+    import torch
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    model = MPNetModel(MPNetConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2, vocab_size=30527)).eval()
+    with pytest.raises(Exception, match="packed attention disagrees with padded"):
+        TransformersEngine(DEFAULT_MODEL, model=model, attention="packed")
+    monkeypatch.setattr(TransformersEngine, "_packing_preferred", lambda self, on_gpu: True)  # as on a GPU
+    with pytest.warns(RuntimeWarning, match="packed attention does not fit this model"):
+        engine = TransformersEngine(DEFAULT_MODEL, model=model)
+    assert engine.attention == "padded"
+    reference = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded").embed(TEXTS)
+    assert cosine_rows(engine.embed(TEXTS), reference).min() >= 0.99999
