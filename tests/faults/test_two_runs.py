@@ -13,6 +13,28 @@ from fineweb_modal.ledger import Ledger, ShardLease
 from fineweb_modal.shards import ShardJob, layout_for, run_shard, run_shard_exclusive
 
 
+def modal_with(store, calls: dict | None = None):
+    """Just the parts of `modal` the call bookkeeping uses: a Dict (the store), FunctionCall.from_id, a Volume."""
+
+    class Modal:
+        class Dict:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return store
+
+        class FunctionCall:
+            @staticmethod
+            def from_id(call_id):
+                return (calls or {})[call_id]
+
+        class Volume:
+            @staticmethod
+            def from_name(name, create_if_missing=False):
+                return None
+
+    return Modal
+
+
 def test_a_second_owner_is_refused_with_who_holds_it(tmp_path):
     path = tmp_path / "chunk" / "s0.lease"
     with ShardLease(path, "flow-run A"):
@@ -98,23 +120,7 @@ def test_two_modal_runs_at_once_share_one_call(tmp_path, monkeypatch):
 
     calls, spawned = {}, []
 
-    class Modal:
-        class Dict:
-            store = FakeDict()
-
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return Modal.Dict.store
-
-        class FunctionCall:
-            @staticmethod
-            def from_id(call_id):
-                return calls[call_id]
-
-        class Volume:
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return None
+    Modal = modal_with(FakeDict(), calls)
 
     backend = ModalBackend(modal_module=Modal)
     gate = threading.Event()
@@ -135,7 +141,7 @@ def test_two_modal_runs_at_once_share_one_call(tmp_path, monkeypatch):
     gate.set()
     first.join(10), second.join(10)
     assert len(spawned) == 1, "the second run waited on the first run's call instead of starting another"
-    assert [a[0] for a in answers] == [{"answer": 42}] * 2 and Modal.Dict.store == {}
+    assert [a[0] for a in answers] == [{"answer": 42}] * 2 and Modal.Dict.from_name("x") == {}
 
 
 def test_a_modal_reservation_that_never_started_a_call_expires(monkeypatch):
@@ -146,16 +152,7 @@ def test_a_modal_reservation_that_never_started_a_call_expires(monkeypatch):
     calls, store = {}, FakeDict()
     store.put("chunk/demo/s0", {"call_id": None, "reserved": "earlier", "reserved_at": time.time() - 1})
 
-    class Modal:
-        class Dict:
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return store
-
-        class Volume:
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return None
+    Modal = modal_with(store)
 
     output, call_id = backends.ModalBackend(modal_module=Modal)._call("chunk/demo/s0", lambda: FakeCall(lambda: "ran", calls))
     assert output == "ran" and call_id in calls and store == {}
@@ -186,16 +183,7 @@ def test_a_failed_spawn_frees_its_reservation_and_cancel_skips_reservations():
 
     store = FakeDict()
 
-    class Modal:
-        class Dict:
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return store
-
-        class Volume:
-            @staticmethod
-            def from_name(name, create_if_missing=False):
-                return None
+    Modal = modal_with(store)
 
     backend = ModalBackend(modal_module=Modal)
 
