@@ -1,6 +1,6 @@
 """Peak memory: the chunk stage against its shard's size; the embed stage against its shard's length.
 
-Each measurement runs in a fresh process: peak RSS (ru_maxrss) minus the RSS after imports and warm-up.
+Each measurement runs in a fresh process: peak RSS (VmHWM) minus the RSS after imports and warm-up.
 
     python -m benchmarks.memory [--chunk-mb 100] [--embed-chunks 10000,100000]
 """
@@ -22,6 +22,15 @@ GOAL_EMBED_GROWTH = 1.25  # the larger shard's peak may exceed the smaller's by 
 
 
 def _rss_mb() -> float:
+    """This process's peak RSS: VmHWM, the high-water mark of its own address space.
+
+    Not `ru_maxrss`: Linux carries the pre-exec image's high-water mark into it, and a spawned child's
+    pre-exec image is a fork of the parent, so ru_maxrss would report the parent's RSS when that is larger.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
