@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, model_info, prefix_token_count
+from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, hidden_size, model_info, prefix_token_count
 
 STAGES = ("download", "chunk", "embed", "summarize")
 BACKENDS = ("local", "modal")
@@ -126,14 +126,6 @@ def resolve_max_tokens(max_tokens: int | str, model: str, prefix: str) -> int:
     return value
 
 
-def _read_hidden_size(model_path: str) -> int | None:
-    config = Path(model_path) / "config.json"
-    try:
-        return int(json.loads(config.read_text()).get("hidden_size") or 0) or None
-    except (OSError, ValueError):
-        return None
-
-
 def build_run_config(
     *,
     source: str | None = None,
@@ -217,7 +209,7 @@ def build_run_config(
         raise ConfigError(f"name {dataset_name!r} must be a plain name (letters, digits, '.', '_', '-')")
 
     info = model_info(model)  # raises ConfigError for an unknown model
-    hidden = _read_hidden_size(info.path)
+    hidden = hidden_size(info.path)
     if dimensions is not None and hidden and int(dimensions) > hidden:
         raise ConfigError(f"dimensions={dimensions} is more than {model}'s {hidden}")
     chunk = ChunkConfig(

@@ -3,11 +3,9 @@ to start when the disk clearly lacks the room. (A Modal Volume has no fixed size
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -15,8 +13,8 @@ from fineweb_modal.chunking import check_columns, chunk_schema, chunk_table, chu
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import BadDataError, DiskSpaceError
 from fineweb_modal.layout import Layout
-from fineweb_modal.models import model_info
-from fineweb_modal.storage import open_arrow_batches
+from fineweb_modal.models import hidden_size, model_info
+from fineweb_modal.storage import sample_arrow_rows
 
 SAMPLE_DOCS = 200
 HEADROOM = 1.1  # estimates from a sample are not exact; ask for a tenth more
@@ -34,13 +32,8 @@ def human_bytes(n: float) -> str:
 
 def _chunk_bytes(path: Path, shard: str, run: RunConfig) -> int:
     """Chunk evenly spaced documents of one arrow shard, write them as the stage would, scale to all rows."""
-    schema, batches = open_arrow_batches(path)
+    schema, sample, total_rows = sample_arrow_rows(path, SAMPLE_DOCS)
     check_columns(schema, run.chunk, path)  # a shard without the text column fails on its own, not here
-    table = pa.Table.from_batches(list(batches), schema)
-    if table.num_rows == 0:
-        return 0
-    picks = np.unique(np.linspace(0, table.num_rows - 1, num=min(SAMPLE_DOCS, table.num_rows), dtype=np.int64))
-    sample = table.take(pa.array(picks)).combine_chunks().to_batches()[0]
     texts = sample.column(run.chunk.text_column).to_pylist()
     rows, _ = chunk_texts(texts, run.chunk)
     if not rows:
@@ -49,14 +42,14 @@ def _chunk_bytes(path: Path, shard: str, run: RunConfig) -> int:
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, out_schema, compression="zstd") as writer:
         writer.write_table(chunk_table(sample, rows, texts, 0, shard, "id" in schema.names, out_schema, run.chunk))
-    return int(sink.getvalue().size * table.num_rows / len(picks))
+    return int(sink.getvalue().size * total_rows / sample.num_rows)
 
 
 def _embed_bytes(path: Path, run: RunConfig) -> int:
     """Rows of the chunk file × (vector + keys); the parts and the joined file coexist until the join ends, but
     parts are written uncompressed and shards finish one by one, so the estimate counts one copy of each shard
     plus one more copy of the largest (in `estimate_stage_bytes`)."""
-    dims = run.embed.dimensions or json.loads((Path(model_info(run.embed.model).path) / "config.json").read_text()).get("hidden_size", 768)
+    dims = run.embed.dimensions or hidden_size(model_info(run.embed.model).path) or 768
     itemsize = 2 if run.embed.embedding_dtype == "float16" else 4
     return pq.read_metadata(path).num_rows * (dims * itemsize + ID_BYTES_PER_ROW)
 

@@ -109,6 +109,14 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
+def hidden_size(model_path: str) -> int | None:
+    """The width of a model's vectors from its config.json (None when it does not say)."""
+    try:
+        return int(_read_json(Path(model_path) / "config.json").get("hidden_size") or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
 def prefix_token_count(model_path: str, prefix: str) -> int:
     """How many tokens a text prefix (e.g. nomic's `search_document: `) adds to every chunk."""
     if not prefix:

@@ -11,14 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-
 from fineweb_modal.chunking import chunk_texts
 from fineweb_modal.config import ChunkConfig
 from fineweb_modal.costs import Resources, cost_usd, stage_resources
 from fineweb_modal.models import model_info, prefix_token_count
-from fineweb_modal.storage import open_arrow_batches
+from fineweb_modal.storage import sample_arrow_rows
 
 SAMPLE_DOCS = 200
 # Estimates for nomic-embed-text-v1.5's shape: the engine measured 1.29 M tokens/s end to end on an H200
@@ -45,16 +42,13 @@ class ShardSample:
 
 def sample_shard(path: Path, shard: str, cfg: ChunkConfig, prefix: str = "", sample_docs: int = SAMPLE_DOCS) -> ShardSample:
     """Chunk evenly spaced documents of one arrow shard and scale the counts up to all its rows."""
-    schema, batches = open_arrow_batches(path)
-    table = pa.Table.from_batches(list(batches), schema)
-    rows = table.num_rows
-    picks = np.unique(np.linspace(0, max(rows - 1, 0), num=min(sample_docs, rows), dtype=np.int64)) if rows else np.array([], np.int64)
-    texts = table.column(cfg.text_column).take(pa.array(picks)).to_pylist() if rows else []
+    _, sample, rows = sample_arrow_rows(path, sample_docs)
+    texts = sample.column(cfg.text_column).to_pylist()
     chunk_rows, stats = chunk_texts(texts, cfg)
     prefix_tokens = prefix_token_count(model_info(cfg.model).path, prefix)
-    scale = rows / len(picks) if len(picks) else 0.0
+    scale = rows / sample.num_rows if sample.num_rows else 0.0
     embed_tokens = sum(r[4] + prefix_tokens for r in chunk_rows)
-    return ShardSample(shard, rows, len(picks), len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
+    return ShardSample(shard, rows, sample.num_rows, len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
 
 
 def measured_tokens_per_s(results_path: Path | None = None) -> dict[str, float]:

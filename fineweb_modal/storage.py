@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -72,6 +73,15 @@ def open_arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]
     with decoding(path, "open as an Arrow IPC stream or file"):
         file_reader = pa.ipc.open_file(source)
     return file_reader.schema, (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+
+
+def sample_arrow_rows(path: Path, count: int) -> tuple[pa.Schema, pa.RecordBatch, int]:
+    """Evenly spaced rows of an arrow shard: (its schema, those rows as one batch, the shard's row count)."""
+    schema, batches = open_arrow_batches(path)
+    table = pa.Table.from_batches(list(batches), schema)
+    picks = np.unique(np.linspace(0, max(table.num_rows - 1, 0), num=min(count, table.num_rows), dtype=np.int64))
+    sample = table.take(pa.array(picks)).combine_chunks()
+    return schema, (sample.to_batches()[0] if sample.num_rows else pa.RecordBatch.from_pylist([], schema=schema)), table.num_rows
 
 
 def parquet_num_rows(path: Path) -> int | None:
