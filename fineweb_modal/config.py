@@ -70,7 +70,7 @@ class EmbedConfig(_Frozen):
     tei_url: str | None = None
     dimensions: int | None = None
     embedding_dtype: Literal["float32", "float16"] = "float32"
-    batch_tokens: int | None = None  # None: the engine picks per device (16 k real tokens on CPU, 64 k packed on CUDA)
+    batch_tokens: int | None = None  # None: the engine picks per device (4 k padded tokens on CPU, 64 k packed on CUDA)
     not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "batch_tokens"})
 
 

@@ -231,3 +231,50 @@ def test_a_model_that_packing_does_not_fit_is_padded_instead(monkeypatch):
     assert engine.attention == "padded"
     reference = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded").embed(TEXTS)
     assert cosine_rows(engine.embed(TEXTS), reference).min() >= 0.99999
+
+
+def test_fp16_on_a_cpu_that_multiplies_it_natively(monkeypatch, sentence_transformer):
+    import torch
+
+    from fineweb_modal import embedding
+
+    monkeypatch.setattr(embedding, "cpu_has_fast_float16", lambda: True)  # whatever this machine's CPU
+    engine = TransformersEngine(DEFAULT_MODEL, device="cpu")
+    assert engine.dtype == torch.float16 and next(engine.model.parameters()).dtype == torch.float16
+    vectors = engine.embed(TEXTS)
+    assert vectors.dtype == np.float32 and engine.tokens_embedded > 0
+    assert cosine_rows(vectors, sentence_transformer.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
+
+    monkeypatch.setattr(embedding, "cpu_has_fast_float16", lambda: False)
+    assert TransformersEngine(DEFAULT_MODEL, device="cpu").dtype == torch.float32
+    assert TransformersEngine(DEFAULT_MODEL, device="cpu", dtype=torch.float32).dtype == torch.float32
+
+
+def test_fp16_that_disagrees_with_fp32_is_not_used(monkeypatch):
+    import torch
+
+    from fineweb_modal import embedding
+
+    monkeypatch.setattr(embedding, "cpu_has_fast_float16", lambda: True)
+    monkeypatch.setattr(embedding, "CPU_HALF_MIN_COSINE", 1.01)  # no fp16 run can agree this well
+    with pytest.warns(RuntimeWarning, match="fp16 vectors disagree with fp32"):
+        engine = TransformersEngine(DEFAULT_MODEL, device="cpu")
+    assert engine.dtype == torch.float32 and next(engine.model.parameters()).dtype == torch.float32
+    assert engine.tokens_embedded == 0
+
+
+def test_an_fp16_overflow_is_recomputed_in_fp32(monkeypatch):
+    import torch
+
+    from fineweb_modal import embedding
+
+    expected = TransformersEngine(DEFAULT_MODEL, device="cpu", dtype=torch.float32).embed(TEXTS)
+    monkeypatch.setattr(embedding, "cpu_has_fast_float16", lambda: True)
+    engine = TransformersEngine(DEFAULT_MODEL, device="cpu", batch_tokens=512)
+    overflowing = engine.model.encoder.layer[-1].register_forward_hook(lambda module, args, output: output * torch.inf)
+    with pytest.warns(RuntimeWarning, match="fp16 overflowed on this block; switching to fp32"):
+        vectors = engine.embed(TEXTS)
+    overflowing.remove()
+    assert engine.dtype == torch.float32 and next(engine.model.parameters()).dtype == torch.float32
+    assert np.isfinite(vectors).all() and cosine_rows(vectors, expected).min() >= 0.99999
+    assert engine.tokens_embedded == sum(len(e.ids) for e in engine.tokenizer.encode_batch(TEXTS))
