@@ -6,7 +6,7 @@
   max − overlap, `decode` of each slice, 4 threads over 200-row batches.
 The stage and raw run with the tokenizer's own threading off, so the ratio measures the chunker's overhead.
 Every rate counts the source documents' tokens. Scaling: k shards at once through the local backend
-(k worker processes) against raw `encode_batch` in k processes.
+(k worker processes) against raw `encode_batch` in k processes, alternating, median of the repeats.
 
     python -m benchmarks.chunk [--tokens 1000000] [--repeats 3]
 """
@@ -21,7 +21,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -64,7 +63,7 @@ def main() -> None:
     """Measure, print, and merge the entries into benchmarks/results/latest.json."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-cores", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
 
@@ -116,22 +115,18 @@ def main() -> None:
 
             backend = LocalBackend(max_workers=cores)
 
-            def chunk_all() -> float:
+            def chunk_all() -> None:
                 for shard in shards:
                     layout.ledger_path("chunk", shard).unlink(missing_ok=True)
-                start = time.perf_counter()
                 with ThreadPoolExecutor(cores) as pool:
                     list(pool.map(lambda s: backend.run(ShardJob(stage="chunk", shard=s, run=run)), shards))
-                return time.perf_counter() - start
 
-            chunk_all()  # starts every worker process and loads the tokenizer in each
-            stage_rate = cores * tokens / chunk_all()
+            with ProcessPoolExecutor(cores) as raw_pool:
+                jobs = [(str(shard_path), model_info(run.chunk.model).path)] * cores
+                # The warm-up starts every worker process and loads the tokenizer in each, for both.
+                seconds = alternate({"stage": chunk_all, "raw": lambda: list(raw_pool.map(_encode_file_texts, jobs))}, args.repeats)
             backend.close()
-            with ProcessPoolExecutor(cores) as pool:
-                list(pool.map(_encode_file_texts, [(str(shard_path), model_info(run.chunk.model).path)] * cores))  # warm
-                start = time.perf_counter()
-                list(pool.map(_encode_file_texts, [(str(shard_path), model_info(run.chunk.model).path)] * cores))
-                raw_rate = cores * tokens / (time.perf_counter() - start)
+            stage_rate, raw_rate = cores * tokens / seconds["stage"], cores * tokens / seconds["raw"]
             scaling[cores] = {"stage_tokens_per_s": round(stage_rate), "raw_tokens_per_s": round(raw_rate)}
         base = scaling[1]
         for cores, entry in scaling.items():

@@ -50,6 +50,8 @@ def rows(entries: dict) -> list[str]:
         )
     if memory := entries.get("memory-embed"):
         sizes = ", ".join(f"{n:,} chunks: {g} MB" for n, g in zip(memory["chunks"], memory["rss_growth_mb"]))
+        if runs := memory.get("rss_growth_mb_runs"):
+            sizes += f" (median of {len(next(iter(runs.values())))})"
         out.append(f"| memory (embed) | peak RSS growth {sizes} | {memory['largest_over_smallest']}× from the smallest to the largest | {memory['verdict']} |")
     return out
 

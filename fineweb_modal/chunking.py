@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.config import ChunkConfig
 from fineweb_modal.errors import BadDataError
+from fineweb_modal.heap import pin_mmap_threshold
 from fineweb_modal.models import load_tokenizer, model_info
 from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches
 
@@ -170,6 +171,7 @@ def _rebatch(batches: Iterator[pa.RecordBatch], text_column: str, max_rows: int,
 
 def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkStats:
     """Chunk one arrow shard into one parquet file, written under a temp name and renamed into place."""
+    pin_mmap_threshold()
     source_schema, batches = open_arrow_batches(input_path)
     check_columns(source_schema, cfg, input_path)
     schema = chunk_schema(source_schema, cfg)

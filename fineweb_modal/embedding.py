@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +33,14 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.attention import PACKED_ATTENTION
 from fineweb_modal.errors import BadDataError, ConfigError
+from fineweb_modal.heap import pin_mmap_threshold
 from fineweb_modal.models import ModelInfo, load_tokenizer, model_info, prefix_token_count
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
 if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
     from fineweb_modal.config import EmbedConfig
 
-READ_BLOCK_ROWS = 8192
+READ_BLOCK_ROWS = 2048  # rows per part; ~1 M tokens of 500-token chunks, so the 2-3 blocks in flight stay small
 CPU_BATCH_TOKENS = 4096  # padded tokens: one batch's activations stay in cache (measured 1.15x faster than 16 k)
 CPU_HALF_MIN_COSINE = 0.9999  # fp16 on CPU is used only when its vectors agree with fp32's this closely
 GPU_BATCH_TOKENS = 65_536  # real tokens per packed batch: enough rows to fill an H100
@@ -116,11 +117,7 @@ class TransformersEngine:
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
-        if model is None:
-            from transformers import AutoModel
-
-            model = AutoModel.from_pretrained(self.info.path, dtype=self.dtype, attn_implementation="sdpa")
-        self.model = model.to(self.device).eval()
+        self.model = self._load_model(self.dtype) if model is None else model.to(self.device).eval()
         hidden = int(self.model.config.hidden_size)
         if dimensions is not None and dimensions > hidden:
             raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
@@ -130,10 +127,11 @@ class TransformersEngine:
             attention = "packed" if self._packing_preferred(on_gpu) else "padded"
         if attention not in ("packed", "padded"):
             raise ConfigError(f"attention must be auto, packed or padded, got {attention!r}")
-        self.attention = attention
         current = self.model.config._attn_implementation
         self.padded_attention = "sdpa" if current == PACKED_ATTENTION else current  # a model shared with a packed engine
-        self.model.set_attn_implementation(packed.register() if attention == "packed" else self.padded_attention)
+        if attention == "packed":
+            packed.register()
+        self._set_attention(attention)
         self.forward = self.model
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
         self.tokens_embedded = 0  # real tokens (prefix and special tokens included), for throughput figures
@@ -146,8 +144,7 @@ class TransformersEngine:
                 # Causal decoders, position ids offset by a padding index (RoBERTa), attention outside
                 # transformers' interface (MPNet): packing would change the vectors. Pad instead.
                 warnings.warn(f"{model_id}: packed attention does not fit this model ({exc}); using padded batches", RuntimeWarning, stacklevel=2)
-                self.attention = "padded"
-                self.model.set_attn_implementation(self.padded_attention)
+                self._set_attention("padded")
                 self.tokens_embedded = 0
         if dtype is None and self.weights_from_path and not on_gpu and cpu_has_fast_float16():
             self._try_half_precision()
@@ -317,17 +314,35 @@ class TransformersEngine:
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled
 
+    def _load_model(self, dtype):
+        """The weights from the model's folder in `dtype`, on this engine's device, in eval mode."""
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(self.info.path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
+
+    def _set_attention(self, attention: str) -> None:
+        """Switch between packed (varlen) and padded batches; the model's attention implementation follows."""
+        self.attention = attention
+        self.model.set_attn_implementation(PACKED_ATTENTION if attention == "packed" else self.padded_attention)
+
+    def _agreement(self, switch: Callable[[], None]) -> float:
+        """The lowest cosine between a few texts' vectors before and after `switch()` changes how the engine runs."""
+        texts = self._agreement_texts()
+        before = self.embed(texts)
+        switch()
+        after = self.embed(texts)
+        self.tokens_embedded = 0  # start-up checks are not throughput
+        return float(np.nan_to_num((before * after).sum(axis=1), nan=-1.0).min())
+
     def _try_half_precision(self) -> None:
         """Run the model in fp16 if a few texts' vectors agree with fp32's (cosine ≥ CPU_HALF_MIN_COSINE)."""
         import torch
 
-        texts = self._agreement_texts()
-        reference = self.embed(texts)
-        self.model.half()
-        self.dtype = torch.float16
-        half = self.embed(texts)
-        self.tokens_embedded = 0
-        agreement = float(np.nan_to_num((reference * half).sum(axis=1), nan=-1.0).min())
+        def to_half() -> None:
+            self.model.half()
+            self.dtype = torch.float16
+
+        agreement = self._agreement(to_half)
         if agreement < CPU_HALF_MIN_COSINE:
             warnings.warn(f"{self.info.model_id}: fp16 vectors disagree with fp32 (cosine {agreement:.5f}); using fp32", RuntimeWarning, stacklevel=3)
             self._use_float32()
@@ -340,12 +355,10 @@ class TransformersEngine:
     def _use_float32(self) -> None:
         """Reload the weights in fp32 (converting fp16 weights back would keep their rounding); a given model is converted."""
         import torch
-        from transformers import AutoModel
 
         if self.weights_from_path:
-            implementation = self.model.config._attn_implementation
-            self.model = AutoModel.from_pretrained(self.info.path, dtype=torch.float32, attn_implementation="sdpa").to(self.device).eval()
-            self.model.set_attn_implementation(implementation)
+            self.model = self._load_model(torch.float32)
+            self._set_attention(self.attention)
         else:
             self.model.float()
         self.forward = self.model
@@ -353,17 +366,10 @@ class TransformersEngine:
 
     def _check_packing(self) -> None:
         """Packed and padded runs of a few texts must agree, or the model ignored the packed attention."""
-        texts = self._agreement_texts()
-        packed = self.embed(texts)
-        self.attention = "padded"
-        self.model.set_attn_implementation(self.padded_attention)
         try:
-            padded = self.embed(texts)
+            agreement = self._agreement(lambda: self._set_attention("padded"))
         finally:
-            self.attention = "packed"
-            self.model.set_attn_implementation(PACKED_ATTENTION)
-        self.tokens_embedded = 0
-        agreement = float((packed * padded).sum(axis=1).min())
+            self._set_attention("packed")
         if agreement < 0.99:
             raise ConfigError(f"packed attention disagrees with padded for {self.info.model_id} (cosine {agreement:.4f}); use attention='padded'")
 
@@ -504,6 +510,7 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     Three stages overlap: a helper thread reads and tokenizes block i+1 while the model runs block i, and
     another writes part i-1. `engine` replaces the configured one (benchmarks).
     """
+    pin_mmap_threshold()
     engine = engine or get_engine(cfg)
     with decoding(input_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(input_path)
