@@ -8,7 +8,7 @@ The stage and raw run with the tokenizer's own threading off, so the ratio measu
 Every rate counts the source documents' tokens. Scaling: k shards at once through the local backend
 (k worker processes) against raw `encode_batch` in k processes, alternating, median of the repeats.
 
-    python -m benchmarks.chunk [--tokens 1000000] [--repeats 3]
+    python -m benchmarks.chunk [--tokens 1000000] [--repeats 5]
 """
 
 from __future__ import annotations

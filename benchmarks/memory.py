@@ -14,8 +14,8 @@ import argparse
 import json
 import multiprocessing
 import resource
-import statistics
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 
