@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m benchmarks.chunk
 	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.embed
+	$(PY) -m benchmarks.host
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.report
 

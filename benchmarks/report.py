@@ -39,6 +39,12 @@ def rows(entries: dict) -> list[str]:
                 f"| embed (GPU) | {gpu['device']}, end to end: {best} {gpu['tokens_per_s'][best]:,} tokens/s, MFU {gpu['mfu_vs_measured_peak'][best]:.0%} of measured bf16 peak "
                 f"| {gpu['engine_vs_seed_style']}× seed style ({gpu['tokens_per_s']['seed_style']:,}/s) | {'PASS' if gpu['pass'] else 'FAIL'}: {gpu['goal']} |"
             )
+    if host := entries.get("embed-host"):
+        out.append(
+            f"| embed host side | device {host['device']}: embed_shard keeps it busy {host['efficiency']['embed_shard']:.1%} of the time "
+            f"(first run after {host['start_s']['embed_shard']} s, last write {host['tail_s']['embed_shard']} s) "
+            f"| {host['embed_shard_vs_serial']}× a one-step-after-another loop ({host['efficiency']['serial']:.1%}) | {'PASS' if host['pass'] else 'FAIL'}: {host['goal']} |"
+        )
     if orchestration := entries.get("orchestration"):
         out.append(
             f"| orchestration | chunk flow over {orchestration['shards']} tiny shards: {orchestration['flow_seconds']} s "

@@ -1,4 +1,4 @@
-"""The benchmarks' own pieces: the corpus is web-like, the seed-style baseline chunks like the seed, the table reads."""
+"""The benchmarks' own pieces: the corpus is web-like, the seed-style baseline chunks like the seed, the table reads,\nthe GPU and host entries run small here."""
 
 from __future__ import annotations
 
@@ -50,6 +50,21 @@ def test_gpu_entry_runs_end_to_end_small_on_cpu(tmp_path):
     # bf16 and fp16 against fp32 on the same weights: close, and the packed engine as close as the padded one.
     assert min(entry["min_cosine_vs_fp32_padded"].values()) > 0.99
     assert entry["pass"] in (True, False)
+
+
+def test_host_entry_measures_what_overlapping_saves(tmp_path, monkeypatch):
+    """With a simulated device nearly as fast as the tokenizer, one block after another leaves the device idle a third of
+    the time; embed_shard overlaps the steps."""
+    import fineweb_modal.embedding as embedding
+    from benchmarks.embed import prepare_gpu_inputs
+    from benchmarks.host import host_entry
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 256)  # several blocks in a small file
+    prepare_gpu_inputs(tmp_path, 400_000)
+    entry = host_entry(0, repeats=1, host_over_device=1.5, inputs=tmp_path)
+    assert entry["tokens"] > entry["chunks"] * 100 and entry["device_tokens_per_s"] == round(entry["tokenizer_tokens_per_s"] / 1.5)
+    assert entry["efficiency"]["serial"] < 0.75, "serial: the device idles while each block is read, tokenized and written"
+    assert entry["efficiency"]["embed_shard"] > entry["efficiency"]["serial"] + 0.1
 
 
 def _report_peak(queue) -> None:

@@ -278,3 +278,49 @@ def test_an_fp16_overflow_is_recomputed_in_fp32(monkeypatch):
     assert engine.dtype == torch.float32 and next(engine.model.parameters()).dtype == torch.float32
     assert np.isfinite(vectors).all() and cosine_rows(vectors, expected).min() >= 0.99999
     assert engine.tokens_embedded == sum(len(e.ids) for e in engine.tokenizer.encode_batch(TEXTS))
+
+
+def test_piece_bounds_cover_a_block_once_and_double_only_in_the_first():
+    from fineweb_modal.embedding import FIRST_PIECE_ROWS, _piece_bounds
+
+    assert _piece_bounds(5000, first=False) == [(0, 5000)]
+    bounds = _piece_bounds(2048, first=True)
+    assert bounds[0] == (0, FIRST_PIECE_ROWS)
+    assert [start for start, _ in bounds[1:]] == [stop for _, stop in bounds[:-1]] and bounds[-1][1] == 2048
+    sizes = [stop - start for start, stop in bounds]
+    assert all(b == 2 * a for a, b in zip(sizes[:-2], sizes[1:-1]))
+    assert _piece_bounds(3, first=True) == [(0, 3)] and _piece_bounds(0, first=True) == []
+
+
+def test_first_block_runs_in_pieces_and_the_output_is_the_same_rows(tmp_path, monkeypatch):
+    import fineweb_modal.embedding as embedding
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 16)
+    monkeypatch.setattr(embedding, "FIRST_PIECE_ROWS", 2)
+    n = 40
+    texts = [f"{TEXTS[i % len(TEXTS)]} (row {i})" for i in range(n)]
+    chunks = pa.table(
+        {"id": [f"r{i}" for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()), "chunk_text": texts}
+    )  # fmt: skip
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL)
+    engine = get_engine(cfg)
+    rows_per_run = []
+    real_run = engine.run
+    monkeypatch.setattr(engine, "run", lambda prepared: rows_per_run.append(prepared.rows) or real_run(prepared))
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts")
+    assert rows_per_run == [2, 4, 8, 2, 16, 8], "pieces of 2, 4, 8 (and the rest) in the first block only"
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.column("id").to_pylist() == [f"r{i}" for i in range(n)] and stats.chunks == n and stats.dims == 384
+    assert table.schema.metadata[b"fineweb_modal.dims"] == b"384"
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert cosine_rows(vectors, real_run(engine.prepare(texts))).min() > 0.99999
+    assert not (tmp_path / "parts").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_empty_chunk_file_gives_an_empty_embedding_file(tmp_path):
+    empty = pa.table({"id": pa.array([], pa.string()), "doc_index": pa.array([], pa.int64()), "chunk_index": pa.array([], pa.int32()), "chunk_text": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "c.parquet")
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert table.num_rows == 0 and stats.chunks == 0 and table.schema.field("embedding").type.list_size == 384
