@@ -147,7 +147,7 @@ def host_entry(tokens: int, repeats: int, host_over_device: float = HOST_OVER_DE
 def main() -> None:
     """Run the entry, merge it into benchmarks/results, print it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="corpus size")
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="size of the generated corpus, as benchmarks.corpus counts tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--host-over-device", type=float, default=HOST_OVER_DEVICE, help="tokenizer rate / simulated device rate")
     args = parser.parse_args()
