@@ -109,7 +109,7 @@ def host_entry(tokens: int, repeats: int, host_over_device: float = HOST_OVER_DE
     out = Path(tempfile.mkdtemp(prefix="host-bench-out-"))
     runs: dict[str, list[dict]] = {"embed_shard": [], "serial": []}
     for _ in range(repeats):
-        for name in runs:
+        for name, results in runs.items():
             device = SimulatedDevice(engine, device_rate)
             start = time.perf_counter()
             if name == "embed_shard":
@@ -117,7 +117,7 @@ def host_entry(tokens: int, repeats: int, host_over_device: float = HOST_OVER_DE
             else:
                 serial_loop(chunk_file, out / "serial.parquet", device, embedding.READ_BLOCK_ROWS)
             end = time.perf_counter()
-            runs[name].append(
+            results.append(
                 {
                     "efficiency": device.busy_s / (end - start),
                     "start_s": device.first_run_at - start,

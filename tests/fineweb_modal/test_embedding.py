@@ -324,3 +324,12 @@ def test_an_empty_chunk_file_gives_an_empty_embedding_file(tmp_path):
     stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.num_rows == 0 and stats.chunks == 0 and table.schema.field("embedding").type.list_size == 384
+
+
+def test_model_encodings_skip_offsets_but_keep_the_ids():
+    from fineweb_modal.models import encode_for_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_info(DEFAULT_MODEL).path)
+    fast, full = encode_for_model(tokenizer, TEXTS), tokenizer.encode_batch(TEXTS, add_special_tokens=True)
+    assert [e.ids for e in fast] == [e.ids for e in full] and [len(e) for e in fast] == [len(e.ids) for e in full]
+    assert fast[0].ids[0] == tokenizer.token_to_id("[CLS]") and fast[0].ids[-1] == tokenizer.token_to_id("[SEP]")
