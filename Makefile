@@ -33,6 +33,7 @@ bench: install
 	$(PY) -m benchmarks.orchestration
 	$(PY) -m benchmarks.embed
 	$(PY) -m benchmarks.host
+	$(PY) -m benchmarks.fp8
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.report
 

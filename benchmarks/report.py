@@ -39,6 +39,12 @@ def rows(entries: dict) -> list[str]:
                 f"| embed (GPU) | {gpu['device']}, end to end: {best} {gpu['tokens_per_s'][best]:,} tokens/s, MFU {gpu['mfu_vs_measured_peak'][best]:.0%} of measured bf16 peak "
                 f"| {gpu['engine_vs_seed_style']}× seed style ({gpu['tokens_per_s']['seed_style']:,}/s) | {'PASS' if gpu['pass'] else 'FAIL'}: {gpu['goal']} |"
             )
+    if fp8 := entries.get("embed-fp8"):
+        cells = "; ".join(
+            f"{label}: " + ", ".join(f"{k} {v}" for k, v in model["min_cosine_vs_fp32"].items()) for label, model in fp8["models"].items()
+        )
+        verdict = "fp8 usable" if fp8["pass"] else f"fp8 left out: no selection keeps min cos ≥ {fp8['min_cosine_bar']} on trained weights"
+        out.append(f"| embed fp8 (numerics, CPU) | min cos vs fp32 over {fp8['chunks']} chunks: {cells} | bf16 in the same run | {verdict} |")
     if host := entries.get("embed-host"):
         out.append(
             f"| embed host side | device {host['device']}: embed_shard keeps it busy {host['efficiency']['embed_shard']:.1%} of the time "

@@ -67,6 +67,42 @@ def test_host_entry_measures_what_overlapping_saves(tmp_path, monkeypatch):
     assert entry["efficiency"]["embed_shard"] > entry["efficiency"]["serial"] + 0.1
 
 
+def test_fp8_linear_rounds_each_row_to_e4m3_at_its_own_scale():
+    """Per-row scales: a row 1000x larger keeps the same relative error; the error is e4m3's (a few %), not zero."""
+    import torch
+
+    from benchmarks.fp8 import FP8, RowwiseFloat8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    fp8 = RowwiseFloat8Linear(linear)
+    inputs = torch.randn(2, 5, 64)
+    inputs[1] *= 1000
+    expected = linear(inputs).detach()
+    got = fp8(inputs)
+    assert fp8.weight.dtype == FP8 and got.shape == expected.shape and got.dtype == inputs.dtype
+    errors = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).flatten()
+    assert 0.002 < errors.min() and errors.max() < 0.1
+    assert errors[5:].mean() < 3 * errors[:5].mean(), "the large rows are scaled on their own"
+
+
+def test_fp8_entry_reports_agreement_and_shares(tmp_path):
+    from benchmarks.fp8 import SELECTIONS, fp8_entry
+
+    tiny = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 192, "num_attention_heads": 2}
+    entry = fp8_entry(4, nomic_config=tiny)
+    nomic = entry["models"]["nomic-embed-text-v1.5 shape (random weights)"]
+    # q, k, v, o: 4 x 64 x 64; gate, up, down: 3 x 64 x 192 -> the feed-forward holds 9/13 of the weights.
+    assert nomic["fp8_share_of_matmul_flops"] == {"all": 1.0, "feed-forward": round(9 / 13, 3), "feed-forward down": round(3 / 13, 3)}
+    for model in entry["models"].values():
+        cosines = model["min_cosine_vs_fp32"]
+        assert set(cosines) == {"bf16", *(f"fp8 {s}" for s in SELECTIONS)}
+        assert all(0.9 < c <= 1.0 for c in cosines.values()) and cosines["fp8 all"] <= cosines["bf16"]
+    trained = entry["models"]["all-MiniLM-L6-v2 (trained)"]["min_cosine_vs_fp32"]
+    assert trained["fp8 all"] < trained["bf16"] - 1e-4, "six trained layers in fp8 move the vectors measurably"
+    assert entry["pass"] == bool(entry["trained_selections_within_bar"])
+
+
 def _report_peak(queue) -> None:
     from benchmarks.memory import _rss_mb
 
