@@ -5,8 +5,10 @@ are unpadded), so the client packs requests by real token counts (chunk + prefix
 count (≤ `max_client_batch_size`) and by JSON size (≤ the payload limit), and keeps several requests in
 flight while the inputs in flight stay within `max_concurrent_requests` (TEI counts permits per input).
 
-429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter;
-413 splits the request; 422 is bisected down to the chunk that caused it and reported by row.
+429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter.
+413 (TEI's answer both to a payload over its limit and to a failed validation) and 422 (its tokenizer's)
+bisect the request down to the chunk that caused it, reported by row. 401/403 are configuration errors,
+never retried.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ class TEIRequestError(BadDataError):
     """TEI rejected a chunk (validation): retrying the same input cannot help."""
 
 
+class TEIAuthError(ConfigError):
+    """TEI refused the API key (or its absence): a configuration error, not retried."""
+
+
 @dataclass(frozen=True)
 class TEIInfo:
     """The limits TEI's `GET /info` reports, and what model it serves."""
@@ -49,8 +55,18 @@ class TEIInfo:
 
     @classmethod
     def from_json(cls, payload: dict) -> TEIInfo:
-        """Parse `/info`, keeping the fields this client uses."""
-        return cls(**{k: payload.get(k) for k in cls.__dataclass_fields__ if k in payload})
+        """Parse `/info`, keeping the fields this client uses; a missing limit is a ConfigError naming it."""
+        required = ("model_id", "max_input_length", "max_batch_tokens", "max_client_batch_size", "max_concurrent_requests")
+        missing = [k for k in required if k not in payload]
+        if missing:
+            raise ConfigError(f"TEI's /info lacks {', '.join(missing)}: not a TEI server, or an unsupported version")
+        fields = {k: payload[k] for k in cls.__dataclass_fields__ if k in payload}
+        # TEI >= 1.0 nests the pooling under model_type.embedding; 0.x had model_pooling at the top.
+        model_type = payload.get("model_type")
+        embedding = model_type.get("embedding") if isinstance(model_type, dict) else None
+        if isinstance(embedding, dict) and embedding.get("pooling"):
+            fields["model_pooling"] = embedding["pooling"]
+        return cls(**fields)
 
 
 @dataclass
@@ -116,6 +132,10 @@ class TEIClient:
         payload_limit: int = DEFAULT_PAYLOAD_LIMIT,
     ):
         self.url = url.rstrip("/")
+        api_key = (api_key or "").strip() or None  # keys pasted from a file or a Secret often end in a newline
+        if api_key and not (api_key.isascii() and api_key.isprintable()):
+            # httpx would refuse the header and quote it in its error: check here, and never echo the key.
+            raise ConfigError("the TEI API key holds characters an HTTP header cannot carry (non-ASCII or control characters)")
         self._api_key = api_key
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -137,10 +157,26 @@ class TEIClient:
         return httpx.AsyncClient(base_url=self.url, headers=self._headers(), timeout=self.timeout_s, limits=limits)
 
     async def info(self) -> TEIInfo:
-        """`GET /info`, retried like any request."""
+        """`GET /info`, retried like any request; anything but TEI's answer is a ConfigError."""
         async with self._client() as client:
             response = await self._send(client, "GET", "/info", None)
-            return TEIInfo.from_json(response.json())
+        self._check_auth(response)
+        if response.status_code != 200:
+            raise ConfigError(f"GET {self.url}/info answered HTTP {response.status_code} ({self._redact(response.text[:200])!r}): is this a TEI server?")
+        try:
+            payload = response.json()
+        except ValueError:
+            raise ConfigError(f"GET {self.url}/info did not answer JSON: is this a TEI server?") from None
+        return TEIInfo.from_json(payload)
+
+    def _redact(self, text: str) -> str:
+        """Error text with the API key masked (servers and proxies sometimes echo headers)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _check_auth(self, response) -> None:
+        if response.status_code in (401, 403):
+            hint = "the API key was refused" if self._api_key else "it needs an API key: set TEI_API_KEY or the Prefect Secret 'tei-api-key'"
+            raise TEIAuthError(f"TEI at {self.url} answered HTTP {response.status_code}: {hint}")
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
@@ -157,11 +193,11 @@ class TEIClient:
             try:
                 response = await client.request(method, path, content=body, headers={"Content-Type": "application/json"} if body else None)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
-                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                last_error = self._redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 continue
             self.stats.statuses[response.status_code] = self.stats.statuses.get(response.status_code, 0) + 1
             if response.status_code in RETRY_STATUSES:
-                last_error = f"HTTP {response.status_code}: {response.text[:200]}"
+                last_error = self._redact(f"HTTP {response.status_code}: {response.text[:200]}")
                 continue
             return response
         raise TEIUnavailable(f"TEI at {self.url} failed {self.max_retries + 1} times; last: {last_error}")
@@ -206,6 +242,7 @@ class TEIClient:
                     response = await self._send(client, "POST", "/embed", body)
                 finally:
                     await permits.release(len(indices))
+            self._check_auth(response)
             if response.status_code in (413, 422) and len(indices) > 1:
                 self.stats.splits += 1  # too big, or one bad input: halve until the culprit stands alone
                 half = len(indices) // 2
@@ -213,13 +250,20 @@ class TEIClient:
                 return
             if response.status_code != 200:
                 name = row_names[indices[0]] if row_names else f"row {indices[0]}"
-                detail = response.text[:300]
+                detail = self._redact(response.text[:300])
                 if response.status_code in (413, 422):
                     raise TEIRequestError(f"TEI rejected chunk {name} ({token_counts[indices[0]]} tokens): HTTP {response.status_code} {detail}")
                 raise TEIUnavailable(f"TEI answered HTTP {response.status_code} for {len(indices)} chunks: {detail}")
             vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)
-            if vectors.shape[0] != len(indices):
-                raise TEIUnavailable(f"TEI returned {vectors.shape[0]} vectors for {len(indices)} inputs")
+            if vectors.ndim != 2 or vectors.shape[0] != len(indices):
+                raise TEIUnavailable(f"TEI returned {vectors.shape[0] if vectors.ndim else 0} vectors for {len(indices)} inputs")
+            if dimensions and vectors.shape[1] != dimensions:
+                if vectors.shape[1] < dimensions:
+                    raise ConfigError(f"TEI returned {vectors.shape[1]}-dim vectors, fewer than dimensions={dimensions}")
+                # A TEI that ignores `dimensions` returns full width: keep the leading dims and renormalize,
+                # as the in-process engine does for Matryoshka models.
+                vectors = vectors[:, :dimensions]
+                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             if filled[indices].any():

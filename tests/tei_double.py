@@ -1,11 +1,14 @@
 """A test double of Text Embeddings Inference's HTTP API — not TEI.
 
-It speaks TEI's `/info`, `/health` and `/embed` on 127.0.0.1 with TEI's limits and status codes (413 over
-the payload limit, 422 over the batch size or input length, 429 when more inputs are in flight than
-allowed, 401 without the API key), computes real embeddings with the in-process engine, records what it
-saw (peak inputs and tokens in flight, largest request), and injects faults on demand: 429 and 503
-answers, connections reset mid-response, answers slower than the client's timeout, and going down and
-coming back. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
+It speaks TEI's `/info`, `/health` and `/embed` on 127.0.0.1 with TEI's limits and status codes, as TEI's
+router maps them: 413 over the payload limit and for a failed validation (over the batch size or the input
+length), 422 for an input the tokenizer rejects, 401 on `/info` and `/embed` without the API key (`/health`
+stays open). Where TEI makes a batch request wait for concurrency permits, the double answers 429 when
+more inputs would be in flight than allowed: stricter, so a client that overshoots is seen. It computes
+real embeddings with the in-process engine, records what it saw (peak inputs and tokens in flight, largest
+request), and injects faults on demand: 429 and 503 answers, connections reset mid-response, answers slower
+than the client's timeout, and going down and coming back. `honors_dimensions=False` plays a TEI that
+ignores `dimensions`. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
 """
 
 from __future__ import annotations
@@ -60,20 +63,22 @@ class TEITestDouble:
         payload_limit: int = 2_000_000,
         api_key: str | None = None,
         compute_delay_s: float = 0.0,
+        honors_dimensions: bool = True,
     ):
         self.engine = TransformersEngine(model_id)
         self.served_model_id = served_model_id or model_id
-        self.limits = dict(
-            max_batch_tokens=max_batch_tokens,
-            max_client_batch_size=max_client_batch_size,
-            max_input_length=max_input_length,
-            max_concurrent_requests=max_concurrent_requests,
-        )
+        self.limits = {
+            "max_batch_tokens": max_batch_tokens,
+            "max_client_batch_size": max_client_batch_size,
+            "max_input_length": max_input_length,
+            "max_concurrent_requests": max_concurrent_requests,
+        }
         self.payload_limit = payload_limit
         self.api_key = api_key
         self.compute_delay_s = compute_delay_s
+        self.honors_dimensions = honors_dimensions
         self.faults: list[str] = []  # consumed one per /embed request: "429", "503", "reset", "slow"
-        self.poison: str | None = None  # any request with an input containing this text gets a 422
+        self.poison: str | None = None  # any request with an input containing this text gets a 422 (the tokenizer's error)
         self.slow_s = 2.0
         self.metrics = DoubleMetrics()
         self._compute = threading.Lock()
@@ -129,13 +134,25 @@ class TEITestDouble:
     async def _health(self, request: Request) -> Response:
         return PlainTextResponse("")
 
+    def _refused(self, request: Request) -> Response | None:
+        """TEI's answer to a request without the right bearer token, or None when it may pass."""
+        if self.api_key is None:
+            return None
+        header = request.headers.get("authorization", "")
+        self.metrics.auth_headers.append(header)
+        if header == f"Bearer {self.api_key}":
+            return None
+        return self._status(Response(status_code=401))  # TEI's auth layer answers with an empty body
+
     async def _info(self, request: Request) -> Response:
+        if refused := self._refused(request):
+            return refused
         return JSONResponse(
             {
                 "model_id": self.served_model_id,
                 "model_sha": "test-double",
                 "model_dtype": "float32",
-                "model_pooling": self.engine.info.pooling,
+                "model_type": {"embedding": {"pooling": self.engine.info.pooling}},
                 "max_batch_requests": None,
                 "auto_truncate": False,
                 "tokenization_workers": 1,
@@ -146,11 +163,8 @@ class TEITestDouble:
 
     async def _embed(self, request: Request) -> Response:
         self.metrics.requests += 1
-        if self.api_key is not None:
-            header = request.headers.get("authorization", "")
-            self.metrics.auth_headers.append(header)
-            if header != f"Bearer {self.api_key}":
-                return self._status(JSONResponse({"error": "Unauthorized", "error_type": "Unauthorized"}, status_code=401))
+        if refused := self._refused(request):
+            return refused
         body = await request.body()
         self.metrics.max_payload_bytes = max(self.metrics.max_payload_bytes, len(body))
         if len(body) > self.payload_limit:
@@ -164,14 +178,14 @@ class TEITestDouble:
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         if self.poison and any(self.poison in text for text in inputs):
-            return self._status(JSONResponse({"error": "Input validation error: poisoned input", "error_type": "Validation"}, status_code=422))
+            return self._status(JSONResponse({"error": "Tokenizer error: poisoned input", "error_type": "Tokenizer"}, status_code=422))
         if len(inputs) > self.limits["max_client_batch_size"]:
             error = f"batch size {len(inputs)} > maximum allowed batch size {self.limits['max_client_batch_size']}"
-            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=422))
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
         lengths = [len(e.ids) for e in self.engine.tokenizer.encode_batch(inputs, add_special_tokens=True)]
         if max(lengths) > self.limits["max_input_length"] and not payload.get("truncate", False):
             error = f"Input validation error: `inputs` must have less than {self.limits['max_input_length']} tokens. Given: {max(lengths)}"
-            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=422))
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
         if self.metrics.inputs_in_flight + len(inputs) > self.limits["max_concurrent_requests"]:
             return self._status(JSONResponse({"error": "Model is overloaded", "error_type": "Overloaded"}, status_code=429))
         m = self.metrics
@@ -182,7 +196,8 @@ class TEITestDouble:
         m.max_request_inputs = max(m.max_request_inputs, len(inputs))
         m.max_request_tokens = max(m.max_request_tokens, sum(lengths))
         try:
-            vectors = await run_in_threadpool(self._vectors, inputs, payload.get("dimensions"), payload.get("normalize", True))
+            dimensions = payload.get("dimensions") if self.honors_dimensions else None
+            vectors = await run_in_threadpool(self._vectors, inputs, dimensions, payload.get("normalize", True))
         finally:
             m.inputs_in_flight -= len(inputs)
             m.tokens_in_flight -= sum(lengths)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fineweb_modal.embedding import TEIEngine, TransformersEngine
-from fineweb_modal.errors import ConfigError
+from fineweb_modal.errors import ConfigError, is_transient
 from fineweb_modal.models import DEFAULT_MODEL
-from fineweb_modal.tei import TEIClient, TEIRequestError, TEIUnavailable, pack_requests
+from fineweb_modal.tei import TEIAuthError, TEIClient, TEIInfo, TEIRequestError, TEIUnavailable, pack_requests
 from tests.tei_double import TEITestDouble
 
 TEXTS = [f"Document {i}: " + "words and more words " * (1 + i % 17) for i in range(120)]
@@ -145,16 +145,51 @@ def test_a_server_with_another_model_is_refused(double):
 def test_api_key_is_sent_as_bearer_and_never_shown(reference, monkeypatch, caplog):
     secret = "tei-secret-0123456789"
     server = TEITestDouble(api_key=secret).start()
-    monkeypatch.setenv("TEI_API_KEY", secret)
+    monkeypatch.setenv("TEI_API_KEY", secret + "\n")  # as pasted from a file: the newline is not part of the key
     caplog.set_level(logging.DEBUG)
     try:
         engine = TEIEngine(server.url, DEFAULT_MODEL)
         assert_same_rows(engine.embed(TEXTS[:10]), reference[:10])
         assert set(server.metrics.auth_headers) == {f"Bearer {secret}"}
         assert secret not in repr(engine.client) and secret not in caplog.text
-        monkeypatch.setenv("TEI_API_KEY", "wrong")
-        with pytest.raises(TEIUnavailable) as failure:
-            TEIEngine(server.url, DEFAULT_MODEL).embed(TEXTS[:2])
-        assert "wrong" not in str(failure.value)
+        # TEI guards /info too: a wrong or missing key is a configuration error at start-up, not retried.
+        monkeypatch.setenv("TEI_API_KEY", "wrong-key-9876")
+        with pytest.raises(TEIAuthError, match="HTTP 401: the API key was refused") as failure:
+            TEIEngine(server.url, DEFAULT_MODEL)
+        assert "wrong-key-9876" not in str(failure.value) and not is_transient(failure.value)
+        monkeypatch.delenv("TEI_API_KEY")
+        with pytest.raises(TEIAuthError, match="set TEI_API_KEY"):
+            TEIEngine(server.url, DEFAULT_MODEL)
     finally:
         server.stop()
+
+
+def test_a_key_no_header_can_carry_is_refused_without_showing_it():
+    with pytest.raises(ConfigError, match="cannot carry") as failure:
+        TEIClient("http://127.0.0.1:9", api_key="abc\ndef-secret")
+    assert "def-secret" not in str(failure.value)
+
+
+def test_something_that_is_not_tei_is_refused_clearly(double):
+    with pytest.raises(ConfigError, match="HTTP 404.*is this a TEI server"):
+        TEIEngine(double.url + "/not-tei", DEFAULT_MODEL)
+
+
+def test_info_is_read_as_tei_serves_it(double):
+    info = asyncio.run(TEIClient(double.url).info())
+    assert info.model_pooling == "mean" and info.max_client_batch_size == 16  # pooling from model_type.embedding
+    assert TEIEngine(double.url, DEFAULT_MODEL).metadata()["pooling"] == "mean"
+    with pytest.raises(ConfigError, match="lacks max_batch_tokens"):
+        TEIInfo.from_json({"model_id": "m", "max_input_length": 1, "max_client_batch_size": 1, "max_concurrent_requests": 1})
+
+
+def test_a_tei_that_ignores_dimensions_is_cut_and_renormalized(reference):
+    full, cut = TEITestDouble().start(), TEITestDouble(honors_dimensions=False).start()
+    try:
+        expected = TEIEngine(full.url, DEFAULT_MODEL, dimensions=128).embed(TEXTS[:20])
+        got = TEIEngine(cut.url, DEFAULT_MODEL, dimensions=128).embed(TEXTS[:20])
+        assert got.shape == (20, 128) and np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        assert (got * expected).sum(axis=1).min() > 0.99999
+    finally:
+        full.stop()
+        cut.stop()
