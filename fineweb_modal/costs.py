@@ -7,6 +7,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fineweb_modal.errors import ConfigError
+
 # Modal's published per-second rates, read 2026-11 (third-party copies of modal.com/pricing). The modal
 # backend replaces them with the workspace's live rates (`Workspace.billing.rates()`, see reconcile_rates)
 # when it can read them; `FINEWEB_MODAL_RATES` overrides by hand.
@@ -42,6 +44,7 @@ STAGE_RESOURCES: dict[str, Resources] = {
     "chunk": Resources(cpu=4, memory_gib=8),
     "embed": Resources(cpu=4, memory_gib=16, gpu="H100"),
     "summarize": Resources(cpu=1, memory_gib=2),
+    "download-hub": Resources(cpu=8, memory_gib=32),  # one container: load_dataset + save_to_disk of a whole dataset
 }
 
 
@@ -93,15 +96,32 @@ def reconcile_rates(reported: Mapping[str, object]) -> dict[str, float]:
     return accepted
 
 
+def parse_gpu(gpu: str) -> tuple[str, int]:
+    """A Modal GPU string as (price-table type, count): `h100!:2` → (`H100`, 2); `A100` is Modal's 40 GB card."""
+    name, _, count = gpu.strip().partition(":")
+    name = name.upper().rstrip("!")  # `H100!`: an H100 that Modal will not upgrade; billed as one
+    if not count:
+        count = "1"
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"GPU {gpu!r}: the count after ':' must be a positive number")
+    return {"A100": "A100-40GB"}.get(name, name), int(count)
+
+
+def check_gpu(gpu: str, rates: dict[str, float] | None = None) -> str:
+    """A GPU string Modal takes and this table prices, returned as the price type; else a ConfigError naming the known ones."""
+    name, _ = parse_gpu(gpu)
+    table = current_rates(rates)
+    if name not in table:
+        raise ConfigError(f"no price for GPU {gpu!r}; known: {', '.join(sorted(k for k in table if k[0].isupper()))} (add one with FINEWEB_MODAL_RATES)")
+    return name
+
+
 def rate_per_second(resources: Resources, rates: dict[str, float] | None = None) -> float:
     """Dollars per second for one container with these resources."""
     table = current_rates(rates)
     rate = resources.cpu * table["cpu_core"] + resources.memory_gib * table["memory_gib"]
     if resources.gpu:
-        gpu = resources.gpu.split(":")[0]
-        if gpu not in table:
-            raise KeyError(f"no price for GPU {gpu!r}; known: {sorted(k for k in table if k[0].isupper())}")
-        rate += table[gpu] * (int(resources.gpu.split(":")[1]) if ":" in resources.gpu else 1)
+        rate += table[check_gpu(resources.gpu, rates)] * parse_gpu(resources.gpu)[1]
     return rate
 
 

@@ -57,11 +57,19 @@ def build_documents(n_docs: int = 200, seed: int = 0) -> list[dict]:
 
 
 def write_demo_source(folder: Path, n_docs: int = 200, n_shards: int = 4, seed: int = 0) -> Path:
-    """Write the demo documents as `n_shards` parquet files (fineweb-edu's naming) into `folder`."""
+    """Write the demo documents as `n_shards` parquet files (fineweb-edu's naming) into `folder`.
+
+    A file that already holds the same bytes is left as it is: the ledger knows a source by its size and
+    modification time, so rewriting it would make a second `make demo` redo every stage.
+    """
+    import io
+
     folder.mkdir(parents=True, exist_ok=True)
     docs = build_documents(n_docs, seed)
     for shard in range(n_shards):
-        part = docs[shard::n_shards]
-        table = pa.Table.from_pylist(part)
-        pq.write_table(table, folder / f"data-{shard:05d}-of-{n_shards:05d}.parquet")
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(docs[shard::n_shards]), buffer)
+        path = folder / f"data-{shard:05d}-of-{n_shards:05d}.parquet"
+        if not path.is_file() or path.read_bytes() != buffer.getvalue():
+            path.write_bytes(buffer.getvalue())
     return folder

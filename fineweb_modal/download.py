@@ -76,11 +76,19 @@ def write_dataset_index(split_dir: Path, split: str) -> bool:
     return True
 
 
-def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int) -> dict[str, int]:
-    """`load_dataset` + `save_to_disk` of a Hub dataset into `split_dir`; returns rows per shard file."""
+def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:
+    """`load_dataset` + `save_to_disk` of a Hub dataset into `split_dir`; returns rows per shard file.
+
+    `keep_cache=False` deletes what `load_dataset` cached (the Hub's files, the Arrow cache) once the shards are saved.
+    """
     from datasets import load_dataset
 
     dataset = load_dataset(repo_id, subset, split=split, num_proc=num_proc)
+    if not keep_cache:
+        import huggingface_hub.constants
+
+        cached = {Path(f["filename"]).parent for f in dataset.cache_files}
+        cached.add(Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}")
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=split_dir.parent))
     try:
         dataset.save_to_disk(str(staging), num_proc=num_proc)
@@ -91,6 +99,10 @@ def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, 
             if path.suffix == ".arrow":
                 _, batches = open_arrow_batches(split_dir / path.name)
                 rows[path.stem] = sum(b.num_rows for b in batches)
+        if not keep_cache:
+            del dataset  # its Arrow files are memory-mapped
+            for folder in cached:
+                shutil.rmtree(folder, ignore_errors=True)
         return rows
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -136,13 +136,29 @@ class Ledger:
 LEASE_TTL_S = float(os.environ.get("FINEWEB_MODAL_LEASE_TTL", "600"))
 
 
+def _process_gone(holder: dict) -> bool:
+    """True when a lease's holder ran on this host and its process has exited (a reused pid only delays the break to the TTL)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 class ShardLease:
     """A claim on one stage/shard while a run works on it: a file created with O_EXCL beside its ledger record.
 
     The holder renews it (a heartbeat thread touches the file every ttl/3); a lease not renewed for `ttl`
-    seconds is expired — its run crashed — and the next run breaks it. Breaking takes a second O_EXCL
-    file as a mutex, so two runs that find the same expired lease cannot both take the shard. The same
-    owner (a Prefect flow run retried or restarted) takes its own lease back at once.
+    seconds is expired — its run crashed — and the next run breaks it. A lease whose holder ran on this
+    host in a process that no longer exists (a run killed with SIGKILL) is broken at once, without waiting
+    for the TTL. Breaking takes a second O_EXCL file as a mutex, so two runs that find the same expired
+    lease cannot both take the shard. The same owner (a Prefect flow run retried or restarted) takes its
+    own lease back at once.
     """
 
     def __init__(self, path: Path, owner: str, ttl_s: float = LEASE_TTL_S):
@@ -165,13 +181,14 @@ class ShardLease:
             if self._create():
                 break
             holder = self._holder()
-            if holder is not None and holder.get("owner") != self.owner and not self._expired():
+            if holder is not None and holder.get("owner") != self.owner and not self._expired() and not _process_gone(holder):
                 age = time.time() - self._mtime()
                 raise ShardBusyError(
                     f"{self.path.stem} is being worked on by {holder.get('owner')} on {holder.get('host')} "
                     f"(lease renewed {age:.0f} s ago, expires {self.ttl_s:.0f} s after its last renewal); rerun when it is done"
                 )
-            self._break(reason="its owner's retry" if holder and holder.get("owner") == self.owner else "it expired")
+            reason = "its owner's retry" if holder and holder.get("owner") == self.owner else "its process is gone" if holder and _process_gone(holder) else "it expired"
+            self._break(reason=reason)
         else:
             raise ShardBusyError(f"{self.path.stem}: could not take the lease (other runs keep taking it)")
         self._heartbeat = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.path.stem}")
@@ -230,7 +247,7 @@ class ShardLease:
         os.close(fd)
         try:
             holder = self._holder()
-            if holder is not None and (holder.get("owner") == self.owner or self._expired()):
+            if holder is not None and (holder.get("owner") == self.owner or self._expired() or _process_gone(holder)):
                 log.warning("%s: taking over the lease of %s (%s)", self.path.stem, holder.get("owner"), reason)
                 self.path.unlink(missing_ok=True)
         finally:

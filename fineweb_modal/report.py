@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -121,17 +122,19 @@ def text_histogram(edges: list[int], counts: list[int], width: int = 40) -> str:
 
 
 def resume_command(run: RunConfig, stage: str) -> str:
-    """The CLI command that reruns a stage; shards done with the same config are skipped."""
+    """The CLI command that reruns a stage and the run's stages after it; shards done with the same config are skipped."""
+    stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)
     parts = ["fineweb-modal run"]
-    if run.download is not None:
+    if run.download is not None and "download" in stages:
         parts.append(f"--source {run.download.source}" + (f" --subset {run.download.subset}" if run.download.subset else ""))
-    parts += [f"--name {run.dataset.name}", f"--data-dir {run.dataset.data_dir}", f"--split {run.dataset.split}", f"--stages {stage}"]
+    data_dir = run.dataset.data_dir if run.backend == "modal" else str(Path(run.dataset.data_dir).resolve())  # from any folder
+    parts += [f"--name {run.dataset.name}", f"--data-dir {data_dir}", f"--split {run.dataset.split}", f"--stages {','.join(stages)}"]
     parts += [f"--backend {run.backend}", f"--model {run.chunk.model}", f"--max-tokens {run.chunk.max_tokens}"]
-    if stage == "chunk":
+    if "chunk" in stages:
         parts += [f"--overlap {run.chunk.overlap}", f"--text-column {run.chunk.text_column}", f"--keep-columns '{','.join(run.chunk.keep_columns)}'"]
     if run.embed.prefix:
         parts.append(f"--prefix '{run.embed.prefix}'")
-    if stage == "embed":
+    if "embed" in stages:
         parts.append(f"--engine {run.embed.engine}" + (f" --tei-url {run.embed.tei_url}" if run.embed.tei_url else ""))
         if run.embed.dimensions:
             parts.append(f"--dimensions {run.embed.dimensions}")

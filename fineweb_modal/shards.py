@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import cost_usd, stage_resources
+from fineweb_modal.costs import rate_per_second, stage_resources
 from fineweb_modal.errors import ShardBusyError
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows
@@ -161,14 +161,12 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
     layout = job.layout()
     ledger = Ledger(layout)
     fingerprint = job_fingerprint(job, ledger)
-    resources = stage_resources(job.stage)
-    common = {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
-    record = ledger.done_record(job.stage, job.shard, fingerprint)
-    if record is not None:
-        earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
-        return ShardResult(**common, **earlier, status="skipped")
+    if (skipped := _skipped_result(job, ledger, fingerprint)) is not None:
+        return skipped
+    common = _result_fields(job)
     if removed := remove_stale_temps(layout.output_path(job.stage, job.shard)):
         log.info("%s/%s: removed %d temp file(s) left by an interrupted writer", job.stage, job.shard, removed)
+    rate = rate_per_second(stage_resources(job.stage))  # an unpriced GPU fails here, before the work, not after it
     started = time.perf_counter()
     try:
         stats = _do_stage(job, fingerprint)
@@ -183,7 +181,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
         raise failure from exc
     seconds = time.perf_counter() - started
     output = layout.output_path(job.stage, job.shard)
-    estimate = cost_usd(seconds, resources)
+    estimate = seconds * rate
     result = ShardResult(
         **common,
         **stats,
@@ -200,6 +198,25 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
         if re.fullmatch(rf"{re.escape(job.shard)}-[0-9a-f]{{16}}", stale.name):  # not shard `s2-b`'s when this is `s2`
             shutil.rmtree(stale, ignore_errors=True)  # parts of earlier configs of this shard
     return result
+
+
+def _result_fields(job: ShardJob) -> dict[str, Any]:
+    resources = stage_resources(job.stage)
+    return {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
+
+
+def _skipped_result(job: ShardJob, ledger: Ledger, fingerprint: str) -> ShardResult | None:
+    record = ledger.done_record(job.stage, job.shard, fingerprint)
+    if record is None:
+        return None
+    earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
+    return ShardResult(**_result_fields(job), **earlier, status="skipped")
+
+
+def done_result(job: ShardJob) -> ShardResult | None:
+    """The `skipped` result run_shard would return for a shard done earlier with this config, else None (no work done)."""
+    ledger = Ledger(job.layout())
+    return _skipped_result(job, ledger, job_fingerprint(job, ledger))
 
 
 def _explain_disk_full(exc: BaseException, layout: Layout, job: ShardJob) -> OSError | None:
@@ -238,17 +255,29 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
     return record.status
 
 
-def download_hub_shards(run: RunConfig) -> list[ShardResult]:
-    """The Hub path of the download stage: one call yields every shard; each gets its ledger record."""
+def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult]:
+    """The Hub path of the download stage: one call yields every shard; each gets its ledger record and a share of the cost.
+
+    On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on the Volume
+    they would keep two more copies of the dataset.
+    """
     assert run.download is not None and run.download.source_kind == "hub"
     layout = layout_for(run)
+    resources = stage_resources("download-hub")
+    rate = rate_per_second(resources)
     started = time.perf_counter()
-    rows = download.download_hub(run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc)
+    rows = download.download_hub(
+        run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc, keep_cache=where == "local"
+    )
     seconds = time.perf_counter() - started
     ledger = Ledger(layout)
     results = []
+    share = seconds / max(len(rows), 1)
     for shard, count in rows.items():
-        result = ShardResult(stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(seconds / max(len(rows), 1), 3), host=socket.gethostname())
+        result = ShardResult(
+            stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(share, 3), host=socket.gethostname(),
+            where=where, cpu=resources.cpu, memory_gib=resources.memory_gib, cost_usd=share * rate if where == "modal" else 0.0, modal_estimate_usd=share * rate,
+        )  # fmt: skip
         fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
         ledger.write_done("download", shard, fingerprint, count, result.model_dump(mode="json"), 1)
         results.append(result)
@@ -261,9 +290,19 @@ def finalize_stage(run: RunConfig, stage: str, summaries: list[dict[str, Any]] |
     if stage == "download":
         return {"datasets_index": download.write_dataset_index(layout.shard_dir("download"), run.dataset.split)}
     if stage == "summarize":
-        totals = summary.combine_summaries(summaries or [])
+        # The totals are the split's, not this run's: a run over some shards (--shards, --only failed) adds
+        # the summaries the ledger holds for the others, where they are current for this config.
+        by_shard = {s["shard"]: s for s in summaries or []}
+        for record in Ledger(layout).records("summarize"):
+            if record.shard in by_shard:
+                continue
+            earlier = done_result(ShardJob(stage="summarize", shard=record.shard, run=run))
+            if earlier is not None and "summary" in earlier.extra:
+                by_shard[record.shard] = earlier.extra["summary"]
+        summaries = [by_shard[shard] for shard in sorted(by_shard)]
+        totals = summary.combine_summaries(summaries)
         path = layout.summary_dir() / f"{run.dataset.split}.json"
-        write_json_atomic(path, {"totals": totals, "shards": summaries or []})
+        write_json_atomic(path, {"totals": totals, "shards": summaries})
         return {"totals": totals, "path": str(path), "charts": _summary_charts(run, layout, totals)}
     return {}
 

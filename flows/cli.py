@@ -144,11 +144,15 @@ def _connect() -> str:
 def run_pipeline(kwargs: dict) -> int:
     """Validate, connect to Prefect, run the pipeline flow, print where things are; return the exit code."""
     run = _validated(**kwargs)
+    from flows.stage import check_source_columns
+
+    check_source_columns(run)  # a missing text column is refused here, before a flow run is made
     _connect()
+    from flows.outcome import outcome
     from flows.pipeline import pipeline
 
     state = pipeline(**kwargs, return_state=True)
-    reports = state.result(raise_on_failure=False)
+    reports = outcome(state)
     if isinstance(reports, ConfigError):  # the first stage refused to start (e.g. no room on the disk): nothing ran
         print(f"error: {reports}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -159,6 +163,10 @@ def run_pipeline(kwargs: dict) -> int:
     print(f"\nFailed: {state.message}", file=sys.stderr)
     if isinstance(reports, dict) and any(r.not_started for r in reports.values()):
         return EXIT_MAX_COST
+    if first_failed := next((stage for stage, report in (reports.items() if isinstance(reports, dict) else []) if report.failed), None):
+        from fineweb_modal.report import resume_command
+
+        print(f"Once the cause is fixed, rerun (done shards are skipped):\n  {resume_command(run, first_failed)}", file=sys.stderr)
     return EXIT_FAILED_SHARDS
 
 
@@ -181,7 +189,7 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
 
 
 def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
-    """Print the ledger's view of a data dir; exit 1 when any shard is failed or missing."""
+    """Print the ledger's view of a data dir; exit 1 when any shard is failed or missing, or nothing is found (a typo must not pass)."""
     import json
 
     from fineweb_modal.costs import format_usd
@@ -204,7 +212,7 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
                 print(f"    failed  {shard}: {error[:150]}")
             for shard in s.missing[:10]:
                 print(f"    missing {shard}")
-    return EXIT_OK if all(not s.failed and not s.missing for s in statuses) else EXIT_FAILED_SHARDS
+    return EXIT_OK if statuses and all(not s.failed and not s.missing for s in statuses) else EXIT_FAILED_SHARDS
 
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
@@ -228,13 +236,14 @@ def plan(dataset: dict, shards: str | None) -> int:
     """Run the plan flow and print its forecast."""
     _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset)
     _connect()
+    from flows.outcome import outcome
     from flows.plan import plan as plan_flow
 
     state = plan_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
-    rows = state.result(raise_on_failure=False)
+    rows = outcome(state)
     if not state.is_completed():
         print(f"error: {rows}", file=sys.stderr)
-        return EXIT_FAILED_SHARDS
+        return EXIT_BAD_CONFIG if isinstance(rows, ConfigError) else EXIT_FAILED_SHARDS
     print(f"{'engine':<13} {'gpu':<6} {'chunks':>12} {'embed tokens':>16} {'tokens/s':>11} {'GPU hours':>10} {'cost $':>9}  rate from")
     for row in rows:
         print(
@@ -251,14 +260,15 @@ def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private:
         return EXIT_BAD_CONFIG
     _validated(stages=["embed"], **dataset)
     _connect()
+    from flows.outcome import outcome
     from flows.publish import publish as publish_flow
 
     state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, return_state=True)
-    outcome = state.result(raise_on_failure=False)
+    published = outcome(state)
     if not state.is_completed():
-        print(f"error: {outcome}", file=sys.stderr)
-        return EXIT_FAILED_SHARDS
-    print(f"dry run: the folder that would be uploaded is {outcome}" if dry_run else f"published: {outcome}")
+        print(f"error: {published}", file=sys.stderr)
+        return EXIT_BAD_CONFIG if isinstance(published, ConfigError) else EXIT_FAILED_SHARDS
+    print(f"dry run: the folder that would be uploaded is {published}" if dry_run else f"published: {published}")
     return EXIT_OK
 
 
@@ -266,10 +276,11 @@ def verify(dataset: dict) -> int:
     """Run the verify flow; exit 1 when any shard has a problem."""
     _validated(stages=["embed"], **dataset)
     _connect()
+    from flows.outcome import outcome
     from flows.verify import verify as verify_flow
 
     state = verify_flow(**dataset, return_state=True)
-    rows = state.result(raise_on_failure=False)
+    rows = outcome(state)
     for row in rows if isinstance(rows, list) else []:
         print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} chunks={row['chunks']} embeddings={row['embeddings']} dims={row['dims']} {row['problems']}")
     print(state.message)

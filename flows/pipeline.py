@@ -15,6 +15,7 @@ from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
+from flows.outcome import failed, outcome
 from flows.stage import check_source_columns, failed_shards
 from flows.summarize import summarize
 
@@ -47,14 +48,18 @@ def pipeline(
     """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
     params = {k: v for k, v in locals().items() if k != "stages"}
     run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
-    check_source_columns(run)  # so does a source without the text column
     logger = get_run_logger()
+    try:
+        check_source_columns(run)  # so does a source without the text column
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return Failed(message=str(exc), data=exc)
     if run.only == "failed":
         params.update(shards=failed_shards(run), only=None)
         if not params["shards"]:
             return Completed(message="no failed shards: nothing to rerun")
         logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
-    failed: dict[str, list[str]] = {}
+    failed_by_stage: dict[str, list[str]] = {}
     reports: dict[str, StageReport] = {}
     spent = 0.0
     for stage in run.stages:
@@ -63,23 +68,23 @@ def pipeline(
         stage_flow = STAGE_FLOWS[stage]
         accepted = inspect.signature(stage_flow.fn).parameters
         state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
-        report = state.result(raise_on_failure=False)
+        report = outcome(state)
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
             if isinstance(report, ConfigError) and not reports:
-                raise report  # nothing ran at all: the run's setup was wrong (the CLI's exit code 2)
-            return Failed(message=f"{stage} could not run: {report}", data=reports)
+                return Failed(message=f"{stage}: {report}", data=report)  # nothing ran: the setup was wrong (the CLI's exit code 2)
+            return failed(f"{stage} could not run: {report}", reports)
         reports[stage] = report
         spent += report.totals()["cost_usd"]
         if report.not_started:
-            return Failed(message=f"max cost ${run.max_cost:.2f} reached after ${spent:.2f}: {state.message}", data=reports)
+            return failed(f"max cost ${run.max_cost:.2f} reached after ${spent:.2f}: {state.message}", reports)
         if report.failed:
-            failed[stage] = sorted(report.failed)
+            failed_by_stage[stage] = sorted(report.failed)
         params["shards"] = report.succeeded  # later stages work on what this one finished
         params["max_tokens"] = run.chunk.max_tokens
         if not report.succeeded:
             logger.error("%s: no shard succeeded; later stages have nothing to do", stage)
             break
-    if failed:
-        listing = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed.items())
-        return Failed(message=f"failed shards — {listing}", data=reports)
+    if failed_by_stage:
+        listing = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed_by_stage.items())
+        return failed(f"failed shards — {listing}", reports)
     return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)

@@ -19,6 +19,7 @@ from fineweb_modal.report import StageReport, group_digits, resume_command, text
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import open_arrow_batches
+from flows.outcome import failed
 from flows.reporting import StageProgress, publish_stage
 from tasks.backends import get_backend
 from tasks.shard_tasks import STAGE_TASKS, download_hub_task
@@ -96,7 +97,19 @@ def failed_shards(run: RunConfig) -> list[str]:
 
 
 def run_stage(stage: str, run: RunConfig) -> State:
-    """Run one stage over its shards; Completed with a StageReport, or Failed listing the failed shards."""
+    """Run one stage over its shards; Completed with a StageReport, or Failed listing the failed shards.
+
+    A stage that cannot start (no input, a missing column, no room on the disk) ends Failed holding the
+    ConfigError: its message, not a traceback.
+    """
+    try:
+        return _run_stage(stage, run)
+    except ConfigError as exc:
+        get_run_logger().error("%s could not start: %s", stage, exc)
+        return Failed(message=f"{stage}: {exc}", data=exc)
+
+
+def _run_stage(stage: str, run: RunConfig) -> State:
     logger = get_run_logger()
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
@@ -136,13 +149,13 @@ def run_stage(stage: str, run: RunConfig) -> State:
     totals = report.totals()
     message = f"{stage}: {len(report.results)} shards, {group_digits(totals['tokens'])} tokens"
     if report.not_started:
-        return Failed(
-            message=f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "
+        return failed(
+            f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "
             f"not started — resume with: {resume_command(run, stage)}",
-            data=report,
+            report,
         )
     if report.failed:
-        return Failed(message=f"{stage}: {len(report.failed)} shard(s) failed: {', '.join(sorted(report.failed))}", data=report)
+        return failed(f"{stage}: {len(report.failed)} shard(s) failed: {', '.join(sorted(report.failed))}", report)
     return Completed(message=message, data=report)
 
 

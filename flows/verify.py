@@ -12,6 +12,7 @@ from fineweb_modal.config import RunConfig, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
+from flows.outcome import failed, outcome
 from tasks.backends import get_backend
 from tasks.shard_tasks import retry_if_transient
 
@@ -21,7 +22,7 @@ def verify_task(shard: str, run: RunConfig) -> dict:
     """Check one shard's outputs."""
     outcome = get_backend(run.backend).verify(run, shard)
     message = "ok" if not outcome["problems"] else "; ".join(outcome["problems"])
-    return (Completed if not outcome["problems"] else Failed)(message=message, data=outcome)
+    return Completed(message=message, data=outcome) if not outcome["problems"] else failed(message, outcome)
 
 
 @flow(name="verify", task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -45,8 +46,12 @@ def verify(
         max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
     )  # fmt: skip
     chosen = select_shards(get_backend(backend).list_shards(run, "embed"), run.shards)
+    if not chosen:  # a misspelt name or data dir must not pass as "0 shard(s) ok"
+        return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}")
     futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
-    outcomes = [f.result(raise_on_failure=False) for f in futures]
+    for future in futures:
+        future.wait()  # sets each final state locally
+    outcomes = [outcome(f.state) for f in futures]
     rows = [
         {"shard": o["shard"], "chunks": o["chunks"], "embeddings": o["embeddings"], "dims": o["dims"], "ok": not o["problems"], "problems": "; ".join(o["problems"])}
         if isinstance(o, dict)
@@ -56,5 +61,5 @@ def verify(
     create_table_artifact(rows, key=artifact_key("verify", run.dataset.name, "shards"), description=f"verify · {run.dataset.name}")
     bad = [row["shard"] for row in rows if not row["ok"]]
     if bad:
-        return Failed(message=f"verify: {len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}", data=rows)
+        return failed(f"verify: {len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}", rows)
     return Completed(message=f"verify: {len(rows)} shard(s) ok", data=rows)

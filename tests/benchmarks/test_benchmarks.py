@@ -62,7 +62,8 @@ def test_host_entry_measures_what_overlapping_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 256)  # several blocks in a small file
     prepare_gpu_inputs(tmp_path, 400_000)
     entry = host_entry(0, repeats=1, host_over_device=1.5, inputs=tmp_path)
-    assert entry["tokens"] > entry["chunks"] * 100 and entry["device_tokens_per_s"] == round(entry["tokenizer_tokens_per_s"] / 1.5)
+    # Both rates are rounded to whole tokens/s in the entry: compare within a token.
+    assert entry["tokens"] > entry["chunks"] * 100 and abs(entry["device_tokens_per_s"] - entry["tokenizer_tokens_per_s"] / 1.5) <= 1
     assert entry["efficiency"]["serial"] < 0.75, "serial: the device idles while each block is read, tokenized and written"
     assert entry["efficiency"]["embed_shard"] > entry["efficiency"]["serial"] + 0.1
 

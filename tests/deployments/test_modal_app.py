@@ -48,7 +48,8 @@ def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config
 
 
 def test_gpu_picks_the_matching_tei_image(modal_app):
-    assert modal_app.tei_image_tag("H100") == "hopper-1.9"
+    assert modal_app.tei_image_tag("H100") == "hopper-1.9" == modal_app.tei_image_tag("h100!")
+    assert modal_app.tei_image_tag("A100") == "1.9" and modal_app.tei_image_tag("a10g:2") == "86-1.9"
     assert modal_app.tei_image_tag("A10G") == "86-1.9"
     assert modal_app.tei_image_tag("L4") == "89-1.9"
     assert modal_app.tei_image_tag("T4") == "cuda-1.9"
@@ -72,3 +73,47 @@ def test_tei_class_embeds_a_shard_through_the_server_it_is_given(modal_app, demo
         assert table.num_rows == result.chunks and table.schema.metadata[b"fineweb_modal.engine"] == b"tei test-double"
     finally:
         double.stop()
+
+
+def test_deploy_settings_travel_to_the_containers_and_a_gpu_without_a_price_is_refused(monkeypatch):
+    """The containers import this module again with only the images' environment: the TEI settings must be in it."""
+    import importlib
+
+    from deployments import modal_app
+    from fineweb_modal.errors import ConfigError
+
+    monkeypatch.setenv("FINEWEB_MODAL_TEI_MODEL", "BAAI/bge-base-en-v1.5")
+    monkeypatch.setenv("FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "65536")
+    try:
+        reloaded = importlib.reload(modal_app)
+        assert reloaded.IMAGE_ENV["FINEWEB_MODAL_TEI_MODEL"] == "BAAI/bge-base-en-v1.5"
+        assert reloaded.IMAGE_ENV["FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS"] == "65536"
+        assert int(reloaded.IMAGE_ENV["FINEWEB_MODAL_TEI_MAX_CONCURRENT_REQUESTS"]) * 400 >= 3 * 262_144, "permits for 3 batches"
+        monkeypatch.setenv("FINEWEB_MODAL_GPU", "Z9")
+        with pytest.raises(ConfigError, match="no price for GPU 'Z9'"):
+            importlib.reload(modal_app)
+    finally:
+        for name in ("FINEWEB_MODAL_TEI_MODEL", "FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "FINEWEB_MODAL_GPU"):
+            monkeypatch.delenv(name, raising=False)
+        importlib.reload(modal_app)
+
+
+def test_a_router_that_died_is_started_again_before_the_next_shard(modal_app, monkeypatch):
+    import subprocess
+    import sys
+
+    embedder = modal_app.TEIEmbedder._get_user_cls()()  # the class as written, outside Modal's wrapper
+    embedder.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    embedder.process.wait()
+    restarts = []
+
+    def start_tei() -> None:
+        restarts.append(embedder.process.returncode)
+        embedder.process, embedder.url = None, "http://127.0.0.1:8000"
+
+    monkeypatch.setattr(embedder, "start_tei", start_tei)
+    monkeypatch.setattr(modal_app, "_run", lambda job: job["run"]["embed"])
+    assert embedder.embed_shard({"run": {"embed": {}}}) == {"engine": "tei", "tei_url": "http://127.0.0.1:8000"}
+    assert restarts == [3]
+    embedder.embed_shard({"run": {"embed": {}}})
+    assert restarts == [3], "a live (here: no) router is not restarted"

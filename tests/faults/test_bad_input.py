@@ -117,9 +117,18 @@ def test_a_dataset_without_its_text_column_is_refused_before_any_work(prefect_ap
     pq.write_table(pa.table({"id": ["a"], "body": ["hello"]}), source / "s0.parquet")
     data = tmp_path / "data"
     assert main(["run", "--source", str(source), "--stages", "download,chunk", "--data-dir", str(data), "--keep-columns", ""]) == 2
-    err = capsys.readouterr().err
-    assert "column(s) ['text'] not found" in err and "--text-column" in err
+    captured = capsys.readouterr()
+    assert "column(s) ['text'] not found" in captured.err and "--text-column" in captured.err
+    assert "Traceback" not in captured.out + captured.err, "refused by the CLI before a flow run exists"
     assert not list(data.rglob("*.arrow")) and not list(data.rglob("*.parquet")), "nothing was downloaded or chunked"
+
+    # Through a deployment (no CLI in front): the pipeline ends Failed holding the ConfigError, without raising.
+    from fineweb_modal.errors import ConfigError
+    from flows.outcome import outcome
+    from flows.pipeline import pipeline
+
+    state = pipeline(source=str(source), data_dir=str(data), stages=["download", "chunk"], keep_columns="", return_state=True)
+    assert state.is_failed() and isinstance(outcome(state), ConfigError) and not list(data.rglob("*.arrow"))
 
 
 def test_a_corrupt_first_source_file_does_not_stop_the_column_check_or_the_run(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 
@@ -63,6 +64,27 @@ def test_an_expired_lease_is_broken_and_a_live_one_is_renewed(tmp_path):
         time.sleep(0.6)
         with pytest.raises(ShardBusyError):
             ShardLease(stale, "third run", ttl_s=0.2).acquire()
+
+
+def test_a_lease_whose_process_is_gone_is_broken_at_once(tmp_path):
+    """A run killed with SIGKILL leaves its lease behind: on the same host a dead pid frees it without the TTL's wait."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / "s0.lease"
+    for host, pid, taken in ((socket.gethostname(), dead.pid, True), ("another-host", dead.pid, False), (socket.gethostname(), os.getpid(), False)):
+        path.write_text(json.dumps({"owner": "killed run", "token": "t", "host": host, "pid": pid}))
+        if taken:
+            with ShardLease(path, "next run", ttl_s=600) as lease:
+                assert lease.token in path.read_text()
+        else:  # another host's process cannot be checked, and a live one holds its lease: both wait for the TTL
+            with pytest.raises(ShardBusyError):
+                ShardLease(path, "next run", ttl_s=600).acquire()
+        path.unlink(missing_ok=True)
 
 
 def test_release_never_removes_a_lease_that_was_taken_over(tmp_path):

@@ -55,6 +55,8 @@ def test_stages_run_in_pipeline_order_and_names_derive_from_the_source(tmp_path)
     assert run.stages == ("chunk", "summarize") and run.dataset.name == "my-corpus"
     hub = build_run_config(source="HuggingFaceFW/fineweb-edu", subset="sample-10BT", stages="download")
     assert hub.dataset.name == "fineweb-edu-sample-10BT" and hub.download.source_kind == "hub"
+    with pytest.raises(ConfigError, match="subset 'sample-10BT' is for a Hub dataset"):
+        build_run_config(source=str(folder), subset="sample-10BT", stages="download")
 
 
 def test_fingerprint_changes_with_what_shapes_the_output():

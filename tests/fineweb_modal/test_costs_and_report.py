@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from fineweb_modal.costs import RATES_USD_PER_SECOND, Resources, cost_usd, format_usd
+from fineweb_modal.costs import RATES_USD_PER_SECOND, Resources, cost_usd, format_usd, parse_gpu
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.report import StageReport, artifact_key, shard_table, stage_markdown, state_message, text_histogram
 from fineweb_modal.shards import ShardResult
 
@@ -22,8 +23,16 @@ def test_cost_is_seconds_times_the_rates():
 def test_rates_can_be_overridden_from_the_environment(monkeypatch):
     monkeypatch.setenv("FINEWEB_MODAL_RATES", '{"H100": 0.002}')
     assert cost_usd(100, Resources(cpu=0, memory_gib=0, gpu="H100")) == pytest.approx(0.2)
-    with pytest.raises(KeyError, match="no price for GPU 'Z9'"):
+    with pytest.raises(ConfigError, match="no price for GPU 'Z9'"):
         cost_usd(1, Resources(cpu=1, memory_gib=1, gpu="Z9"))
+
+
+def test_gpu_strings_are_read_as_modal_reads_them():
+    assert parse_gpu("h100!:2") == ("H100", 2) and parse_gpu("A100") == ("A100-40GB", 1) and parse_gpu("a10g") == ("A10G", 1)
+    two_h100 = cost_usd(10, Resources(cpu=0, memory_gib=0, gpu="H100:2"))
+    assert two_h100 == pytest.approx(20 * RATES_USD_PER_SECOND["H100"]) == cost_usd(10, Resources(cpu=0, memory_gib=0, gpu="h100!:2"))
+    with pytest.raises(ConfigError, match="positive number"):
+        parse_gpu("H100:x")
 
 
 def test_state_message_shows_tokens_and_dollars():

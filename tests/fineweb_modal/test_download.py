@@ -59,3 +59,19 @@ def test_parquet_read_back_is_identical(tmp_path):
     convert_file(source, tmp_path / "a.arrow")
     schema, batches = open_arrow_batches(tmp_path / "a.arrow")
     assert pa.Table.from_batches(list(batches), schema).equals(pq.read_table(source))
+
+
+@pytest.mark.parametrize("keep_cache", [True, False])
+def test_a_dataset_download_keeps_or_deletes_what_load_dataset_cached(tmp_path, demo_source, monkeypatch, keep_cache):
+    """A local folder stands in for a Hub repo (no Hub here): the same load_dataset + save_to_disk path."""
+    import datasets
+
+    from fineweb_modal.download import download_hub
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    docs = sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
+    (tmp_path / "data").mkdir()
+    rows = download_hub(str(demo_source), None, "train", tmp_path / "data" / "train", num_proc=1, keep_cache=keep_cache)
+    assert sum(rows.values()) == docs and all((tmp_path / "data" / "train" / f"{shard}.arrow").is_file() for shard in rows)
+    cached = list((tmp_path / "hf-datasets").rglob("*.arrow"))
+    assert bool(cached) == keep_cache, "the Arrow cache is kept for a local run, deleted on Modal"

@@ -69,3 +69,9 @@ def test_summarize_totals_combine_shards(demo_source, run_config_for):
     assert totals["chunks_under_50"] >= totals["chunks_under_10"]
     for chart in ("histogram", "throughput"):
         assert outcome["charts"][chart].endswith(".png") and open(outcome["charts"][chart], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # A later run over one shard (--shards, --only failed) still writes the split's totals.
+    again = finalize_stage(run, "summarize", [results[0].extra["summary"]])
+    assert again["totals"] == totals
+    # A shard whose chunks changed since its summary no longer counts until it is summarized again.
+    layout_for(run).ledger_path("chunk", results[1].shard).unlink()
+    assert finalize_stage(run, "summarize", [])["totals"]["shards"] == 2

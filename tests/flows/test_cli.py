@@ -51,6 +51,8 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert "download   3 ok (3 skipped), 1 failed" in captured.out and "data-00003-of-00003" in captured.err
+    # The command it suggests reruns the failed stage and the stages after it, from any folder.
+    assert f"--data-dir {(tmp_path / 'data').resolve()} --split train --stages download,chunk" in captured.err
 
     assert main(["status", "--data-dir", str(tmp_path / "data")]) == 1
     out = capsys.readouterr().out
@@ -61,6 +63,11 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     by_stage = {s["stage"]: s for s in json.loads(capsys.readouterr().out)}
     assert by_stage["download"]["counts"] == {"done": 3, "failed": 1, "missing": 0}
     assert by_stage["chunk"]["counts"] == {"done": 3, "failed": 0, "missing": 0} and by_stage["chunk"]["tokens"] > 0
+
+    # A misspelt data dir or name finds nothing: that must not pass a script's check.
+    assert main(["status", "--data-dir", str(tmp_path / "no-such-dir"), "--json"]) == 1
+    assert main(["verify", "--name", "no-such-name", "--data-dir", str(tmp_path / "data"), "--max-tokens", "64"]) == 1
+    assert "verify: no embedded shards of no-such-name" in capsys.readouterr().out
 
 
 def listening_addresses(port: int) -> set[str]:

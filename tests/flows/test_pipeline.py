@@ -24,7 +24,9 @@ def pipeline_flow(prefect_api):
 
 def run_pipeline(pipeline_flow, source, data_dir, **extra):
     state = pipeline_flow(source=str(source), data_dir=str(data_dir), max_tokens=64, return_state=True, **extra)
-    return state, state.result(raise_on_failure=False)
+    from flows.outcome import outcome
+
+    return state, outcome(state)
 
 
 def test_pipeline_end_to_end_then_skip_on_rerun(pipeline_flow, demo_source, tmp_path, run_config_for):

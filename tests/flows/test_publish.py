@@ -26,5 +26,5 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     assert "| chunks | " in card and "384 dims" in card
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    assert main(argv) == 1
+    assert main(argv) == 2, "no token is a configuration error"
     assert "needs a Hub token" in capsys.readouterr().err

@@ -49,6 +49,7 @@ class FakeModal:
         from deployments import modal_app
 
         self.app, self.data_dir, self.calls, self.spawned, self.dict = modal_app, data_dir, {}, [], FakeDict()
+        self.remote_calls: list[str] = []
         fake = self
 
         class Function:
@@ -84,6 +85,13 @@ class FakeModal:
                 fake.spawned.append(call.object_id)
                 return call
 
+            @staticmethod
+            def remote(payload, *args):
+                run = payload.get("run", payload)  # a shard job, or a run config
+                run["dataset"]["data_dir"] = fake.data_dir
+                fake.remote_calls.append(name)
+                return getattr(fake.app, name).local(payload, *args)
+
         return Remote
 
 
@@ -101,6 +109,18 @@ def test_a_call_is_recorded_while_it_runs_and_forgotten_when_it_returns(download
     result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
     assert result.status == "done" and result.where == "modal" and result.cost_usd > 0
     assert result.extra["modal_call_id"] == fake.spawned[0] and fake.dict == {}
+
+
+def test_a_rerun_asks_the_ledger_before_starting_a_gpu_container(downloaded):
+    """An embed shard done earlier is answered by a CPU function reading the ledger: no GPU call is spawned."""
+    run, shard, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    first = backend.run(ShardJob(stage="embed", shard=shard, run=run))
+    assert first.status == "done" and len(fake.spawned) == 2 and fake.remote_calls == ["done_result_fn"]
+    again = backend.run(ShardJob(stage="embed", shard=shard, run=run))
+    assert again.status == "skipped" and again.tokens == first.tokens and again.where == "modal"
+    assert len(fake.spawned) == 2, "no embed call was spawned for a shard done earlier"
 
 
 def test_a_restarted_run_reattaches_instead_of_starting_again(downloaded):
