@@ -51,7 +51,9 @@ def resolve_model_path(model_id: str) -> Path:
         from huggingface_hub import snapshot_download
 
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        return Path(snapshot_download(model_id, local_files_only=offline))
+        # Other runtimes' copies of the weights (ONNX, OpenVINO, TF, Flax, Rust) are not read here.
+        skipped = ["onnx/*", "openvino/*", "*.onnx", "*.h5", "*.msgpack", "*.ot", "*.tflite", "coreml/*"]
+        return Path(snapshot_download(model_id, local_files_only=offline, ignore_patterns=skipped))
     except Exception as exc:  # the hub raises many kinds; all mean "not available here"
         raise ConfigError(
             f"unknown model {model_id!r}: not a local folder, not bundled, and the Hub copy could not be loaded "
