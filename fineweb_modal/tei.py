@@ -231,10 +231,13 @@ class TEIClient:
         out: np.ndarray | None = None
         filled = np.zeros(len(texts), dtype=bool)
 
+        def request_body(inputs: list[bytes]) -> bytes:
+            body = b'{"inputs":[' + b",".join(inputs) + b'],"truncate":false,"normalize":true'
+            return body + (b',"dimensions":%d' % dimensions if dimensions else b"") + b"}"
+
         async def run(client, indices: list[int]) -> None:
             nonlocal out
-            body = b'{"inputs":[' + b",".join(encoded[i] for i in indices) + b'],"truncate":false,"normalize":true'
-            body += (b',"dimensions":%d' % dimensions if dimensions else b"") + b"}"
+            body = request_body([encoded[i] for i in indices])
             async with slots:
                 await permits.acquire(len(indices))
                 try:
@@ -252,6 +255,10 @@ class TEIClient:
                 name = row_names[indices[0]] if row_names else f"row {indices[0]}"
                 detail = self._redact(response.text[:300])
                 if response.status_code in (413, 422):
+                    # One word in the same request: if TEI refuses that too, the request is wrong, not the chunk.
+                    probe = await self._send(client, "POST", "/embed", request_body([b'"a"']))
+                    if probe.status_code != 200:
+                        raise ConfigError(f"TEI rejects every /embed request of this run, not one chunk: HTTP {response.status_code} {detail}")
                     raise TEIRequestError(f"TEI rejected chunk {name} ({token_counts[indices[0]]} tokens): HTTP {response.status_code} {detail}")
                 raise TEIUnavailable(f"TEI answered HTTP {response.status_code} for {len(indices)} chunks: {detail}")
             vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)

@@ -79,6 +79,7 @@ class TEITestDouble:
         self.honors_dimensions = honors_dimensions
         self.faults: list[str] = []  # consumed one per /embed request: "429", "503", "reset", "slow"
         self.poison: str | None = None  # any request with an input containing this text gets a 422 (the tokenizer's error)
+        self.reject_every_embed: str | None = None  # every /embed gets a 413 with this message (a request TEI refuses whole)
         self.slow_s = 2.0
         self.metrics = DoubleMetrics()
         self._compute = threading.Lock()
@@ -171,6 +172,8 @@ class TEITestDouble:
             return self._status(PlainTextResponse("Failed to buffer the request body: length limit exceeded", status_code=413))
         payload = orjson.loads(body)
         inputs = payload["inputs"] if isinstance(payload["inputs"], list) else [payload["inputs"]]
+        if self.reject_every_embed:
+            return self._status(JSONResponse({"error": self.reject_every_embed, "error_type": "Validation"}, status_code=413))
         fault = self.faults.pop(0) if self.faults else None
         if fault in ("429", "503"):
             message = "Model is overloaded" if fault == "429" else "unhealthy"

@@ -130,6 +130,13 @@ def test_a_rejected_chunk_is_named(double):
         engine.embed(TEXTS, row_names=names)
 
 
+def test_a_request_tei_refuses_whole_is_not_blamed_on_a_chunk(double):
+    double.reject_every_embed = "Input validation error: `dimensions` is not supported"
+    with pytest.raises(ConfigError, match="rejects every /embed request of this run, not one chunk.*dimensions") as failure:
+        fast_engine(double.url).embed(TEXTS[:40], row_names=[f"(doc_index={i}, chunk_index=0)" for i in range(40)])
+    assert not isinstance(failure.value, TEIRequestError)
+
+
 def test_a_dead_server_is_a_transient_failure():
     client = TEIClient("http://127.0.0.1:9", max_retries=2, backoff_base_s=0.01, timeout_s=1)
     with pytest.raises(TEIUnavailable, match="failed 3 times"):
