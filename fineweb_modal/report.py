@@ -127,7 +127,7 @@ def resume_command(run: RunConfig, stage: str) -> str:
     parts = ["fineweb-modal run"]
     if run.download is not None and "download" in stages:
         parts.append(f"--source {run.download.source}" + (f" --subset {run.download.subset}" if run.download.subset else ""))
-    data_dir = run.dataset.data_dir if run.backend == "modal" else str(Path(run.dataset.data_dir).resolve())  # from any folder
+    data_dir = Path(run.dataset.data_dir).resolve()  # so it runs from any folder
     parts += [f"--name {run.dataset.name}", f"--data-dir {data_dir}", f"--split {run.dataset.split}", f"--stages {','.join(stages)}"]
     parts += [f"--backend {run.backend}", f"--model {run.chunk.model}", f"--max-tokens {run.chunk.max_tokens}"]
     if "chunk" in stages:

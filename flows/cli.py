@@ -161,11 +161,13 @@ def run_pipeline(kwargs: dict) -> int:
         print(f"\nDone: {state.message}")
         return EXIT_OK
     print(f"\nFailed: {state.message}", file=sys.stderr)
-    if isinstance(reports, dict) and any(r.not_started for r in reports.values()):
-        return EXIT_MAX_COST
-    if first_failed := next((stage for stage, report in (reports.items() if isinstance(reports, dict) else []) if report.failed), None):
-        from fineweb_modal.report import resume_command
+    from fineweb_modal.report import resume_command
 
+    stages = reports.items() if isinstance(reports, dict) else []
+    if stopped := next((stage for stage, report in stages if report.not_started), None):
+        print(f"Resume with a higher --max-cost (done shards are skipped):\n  {resume_command(run, stopped)}", file=sys.stderr)
+        return EXIT_MAX_COST
+    if first_failed := next((stage for stage, report in stages if report.failed), None):
         print(f"Once the cause is fixed, rerun (done shards are skipped):\n  {resume_command(run, first_failed)}", file=sys.stderr)
     return EXIT_FAILED_SHARDS
 

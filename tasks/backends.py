@@ -226,8 +226,10 @@ class ModalBackend:
                 upload.put_file(job.source_file, remote)
             update["source_file"] = MODAL_DATA_DIR + remote
         payload = job.model_copy(update=update).model_dump(mode="json")
-        if job.stage == "embed" and (earlier := self._function("done_result_fn").remote(payload)) is not None:
-            return ShardResult.model_validate(earlier)  # done on an earlier run: no GPU container is started to say so
+        # A shard done on an earlier run is answered from the ledger: no GPU container starts to say so. Only
+        # when no call is recorded for it: a recorded one is re-attached to (and forgotten) by _call.
+        if job.stage == "embed" and not self._calls.get(call_key(job)) and (earlier := self._function("done_result_fn").remote(payload)) is not None:
+            return ShardResult.model_validate(earlier)
         if job.stage == "embed" and job.run.embed.engine == "tei":
             target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
         else:

@@ -92,8 +92,11 @@ def test_deploy_settings_travel_to_the_containers_and_a_gpu_without_a_price_is_r
         monkeypatch.setenv("FINEWEB_MODAL_GPU", "Z9")
         with pytest.raises(ConfigError, match="no price for GPU 'Z9'"):
             importlib.reload(modal_app)
+        # Priced by hand: deployable, and the price travels with the containers (they check the GPU again).
+        monkeypatch.setenv("FINEWEB_MODAL_RATES", '{"Z9": 0.002}')
+        assert importlib.reload(modal_app).IMAGE_ENV["FINEWEB_MODAL_RATES"] == '{"Z9": 0.002}'
     finally:
-        for name in ("FINEWEB_MODAL_TEI_MODEL", "FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "FINEWEB_MODAL_GPU"):
+        for name in ("FINEWEB_MODAL_TEI_MODEL", "FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "FINEWEB_MODAL_GPU", "FINEWEB_MODAL_RATES"):
             monkeypatch.delenv(name, raising=False)
         importlib.reload(modal_app)
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from fineweb_modal.errors import ShardBusyError, is_transient
-from fineweb_modal.ledger import Ledger, ShardLease
+from fineweb_modal.ledger import Ledger, ShardLease, _pid_space
 from fineweb_modal.shards import ShardJob, layout_for, run_shard, run_shard_exclusive
 
 
@@ -76,12 +76,19 @@ def test_a_lease_whose_process_is_gone_is_broken_at_once(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     path = tmp_path / "s0.lease"
-    for host, pid, taken in ((socket.gethostname(), dead.pid, True), ("another-host", dead.pid, False), (socket.gethostname(), os.getpid(), False)):
-        path.write_text(json.dumps({"owner": "killed run", "token": "t", "host": host, "pid": pid}))
+    here = _pid_space()
+    cases = [
+        (socket.gethostname(), here, dead.pid, True),
+        ("another-host", here, dead.pid, False),
+        (socket.gethostname(), "4026531999@another-container", dead.pid, False),  # same hostname, other pids
+        (socket.gethostname(), here, os.getpid(), False),  # alive
+    ]
+    for host, space, pid, taken in cases:
+        path.write_text(json.dumps({"owner": "killed run", "token": "t", "host": host, "pid_space": space, "pid": pid}))
         if taken:
             with ShardLease(path, "next run", ttl_s=600) as lease:
                 assert lease.token in path.read_text()
-        else:  # another host's process cannot be checked, and a live one holds its lease: both wait for the TTL
+        else:  # another host's or namespace's process cannot be checked, and a live one holds its lease: they wait for the TTL
             with pytest.raises(ShardBusyError):
                 ShardLease(path, "next run", ttl_s=600).acquire()
         path.unlink(missing_ok=True)

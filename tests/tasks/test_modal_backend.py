@@ -122,6 +122,13 @@ def test_a_rerun_asks_the_ledger_before_starting_a_gpu_container(downloaded):
     assert again.status == "skipped" and again.tokens == first.tokens and again.where == "modal"
     assert len(fake.spawned) == 2, "no embed call was spawned for a shard done earlier"
 
+    # A call recorded by a run that died while it waited is re-attached to and forgotten, not skipped past:
+    # its record would otherwise outlive the shard's output and answer a later run with a stale result.
+    job = ShardJob(stage="embed", shard=shard, run=run)
+    orphan = FakeCall(lambda: {**again.model_dump(mode="json"), "status": "done"}, fake.calls)
+    fake.dict.put(call_key(job), {"call_id": orphan.object_id, "reserved_at": 0.0, "started": "t"})
+    assert backend.run(job).extra["modal_call_id"] == orphan.object_id and fake.dict == {}
+
 
 def test_a_restarted_run_reattaches_instead_of_starting_again(downloaded):
     run, shard, fake = downloaded
