@@ -87,7 +87,8 @@ class Ledger:
         output = self.layout.output_path(stage, shard)
         rows = count_rows(output)
         if rows is None or rows != record.rows_out:
-            log.warning("%s/%s: ledger says done with %s rows but %s has %s; redoing it", stage, shard, record.rows_out, output, rows)
+            found = "is missing or unreadable" if rows is None else f"has {rows}"
+            log.warning("%s/%s: ledger says done with %s rows but %s %s; redoing it", stage, shard, record.rows_out, output, found)
             return None
         return record
 

@@ -83,8 +83,13 @@ def forecast(samples: list[ShardSample], gpus: tuple[str, ...] = ("H100", "A10G"
                     "embed tokens": round(tokens),
                     "tokens/s": round(rate),
                     "rate from": "benchmark" if engine == "transformers" and gpu in measured else "default estimate",
-                    "GPU hours": round(seconds / 3600, 2),
-                    "cost $": round(cost_usd(seconds, Resources(cpu=embed.cpu, memory_gib=embed.memory_gib, gpu=gpu)), 2),
+                    "GPU hours": _three_digits(seconds / 3600),  # a demo's hours are 0.0003, a corpus's 2.4
+                    "cost $": _three_digits(cost_usd(seconds, Resources(cpu=embed.cpu, memory_gib=embed.memory_gib, gpu=gpu))),
                 }
             )
     return rows
+
+
+def _three_digits(value: float) -> float:
+    """Rounded to 2 decimals, or to 3 significant digits below 1 (so small forecasts do not read 0.0)."""
+    return round(value, 2) if value >= 1 or value == 0 else float(f"{value:.3g}")

@@ -43,7 +43,7 @@ configs:
     lines = [
         f"# {repo_id}",
         "",
-        f"Chunks and embeddings of `{layout.name}` ({layout.split}), made with [fineweb-modal](https://github.com/).",
+        f"Chunks and embeddings of `{layout.name}` ({layout.split}), made with fineweb-modal (a Prefect pipeline over Modal).",
         "",
         "| | |",
         "|---|---|",
@@ -52,7 +52,7 @@ configs:
         f"| embedded tokens | {tokens:,} |",
         f"| chunking | max {layout.max_tokens} tokens per chunk ([CLS]/[SEP] included), exact source substrings with `char_start`/`char_end` |",
         f"| model | `{model}` (revision {embed_meta.get('revision', '?')}), {embed_meta.get('dims', '?')} dims, {embed_meta.get('pooling', '?')} pooling, "
-        f"prefix `{embed_meta.get('prefix', '')}`, {embed_meta.get('dtype', 'float32')}, L2-normalized |",
+        f"prefix {repr(embed_meta['prefix']) if embed_meta.get('prefix') else 'none'}, {embed_meta.get('dtype', 'float32')}, L2-normalized |",
         f"| compute cost | {format_usd(cost)} (Modal container seconds × published rates; $0 for local runs) |",
         "",
         "Columns: `id`, `doc_index`, `chunk_index` (`(doc_index, chunk_index)` is unique per shard), `chunk_text`, "

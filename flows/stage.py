@@ -147,7 +147,8 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     publish_stage(report, run, extra_markdown)
 
     totals = report.totals()
-    message = f"{stage}: {len(report.results)} shards, {group_digits(totals['tokens'])} tokens"
+    amount = f"{group_digits(totals['docs'])} docs" if stage == "download" else f"{group_digits(totals['tokens'])} tokens"
+    message = f"{stage}: {len(report.results)} shards, {amount}"
     if report.not_started:
         return failed(
             f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "

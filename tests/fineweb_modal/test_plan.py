@@ -33,9 +33,11 @@ def test_forecast_prices_tokens_at_each_gpu_rate(monkeypatch, tmp_path):
     embed = stage_resources("embed")
     per_second = embed.cpu * RATES_USD_PER_SECOND["cpu_core"] + embed.memory_gib * RATES_USD_PER_SECOND["memory_gib"] + RATES_USD_PER_SECOND["H100"]
     assert h100["chunks"] == 500 and h100["embed tokens"] == 2_000_000_000
-    assert h100["GPU hours"] == round(seconds / 3600, 2) and h100["cost $"] == pytest.approx(seconds * per_second, abs=0.01)
+    assert h100["GPU hours"] == pytest.approx(seconds / 3600, rel=0.01) and h100["cost $"] == pytest.approx(seconds * per_second, abs=0.01)
     assert rows[("tei", "A10G")]["cost $"] > h100["cost $"], "the seed's A10G TEI costs more per token than an H100"
     assert {r["rate from"] for r in rows.values()} == {"default estimate"}
+    tiny = {(r["engine"], r["gpu"]): r for r in planning.forecast([planning.ShardSample("a", 10, 1, 250.0, 900.0, 1.0e5)])}
+    assert 0 < tiny[("transformers", "H100")]["GPU hours"] < 0.01 and tiny[("transformers", "H100")]["cost $"] > 0, "a demo's forecast does not read 0.0"
 
 
 def test_a_gpu_benchmark_replaces_the_default_rate(monkeypatch, tmp_path):
