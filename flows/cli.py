@@ -144,10 +144,10 @@ def _connect() -> str:
 def run_pipeline(kwargs: dict) -> int:
     """Validate, connect to Prefect, run the pipeline flow, print where things are; return the exit code."""
     run = _validated(**kwargs)
+    _connect()  # first: Prefect reads its API URL when its modules are first imported
     from flows.stage import check_source_columns
 
     check_source_columns(run)  # a missing text column is refused here, before a flow run is made
-    _connect()
     from flows.outcome import outcome
     from flows.pipeline import pipeline
 
