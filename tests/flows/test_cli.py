@@ -98,3 +98,29 @@ def test_local_server_starts_answers_and_stops(tmp_path, monkeypatch):
     finally:
         assert server.stop()
     assert server.status() is None and not server.healthy(info["api_url"], timeout=0.5)
+
+
+def test_prefect_is_first_imported_after_the_cli_has_set_its_api_url(demo_source, tmp_path):
+    """Prefect fixes its settings when first imported: imported before `ensure_api` sets PREFECT_API_URL, the run
+    would go to a temporary server whose records are lost. Checked in a fresh interpreter (pytest has Prefect loaded)."""
+    import os
+    import subprocess
+    import sys
+
+    probe = f"""
+import sys
+from flows import cli, server
+seen = {{}}
+def ensure_api():
+    seen["prefect imported"] = "prefect" in sys.modules
+    raise SystemExit(7)
+server.ensure_api = ensure_api
+try:
+    cli.main(["run", "--source", {str(demo_source)!r}, "--data-dir", {str(tmp_path / "data")!r}, "--stages", "download"])
+except SystemExit as stop:
+    assert stop.code == 7, stop.code
+print(seen)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.strip() == "{'prefect imported': False}", done.stdout + done.stderr
