@@ -39,7 +39,7 @@ def test_other_fingerprint_missing_output_or_wrong_rows_is_not_done(tmp_path, ca
     output.unlink()
     caplog.clear()
     assert ledger.done_record("chunk", "s0", "fp1") is None
-    assert "has None; redoing it" in caplog.text
+    assert "is missing or unreadable; redoing it" in caplog.text
 
 
 def test_failed_record_keeps_error_and_attempts(tmp_path):
