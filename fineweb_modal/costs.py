@@ -107,22 +107,23 @@ def parse_gpu(gpu: str) -> tuple[str, int]:
     return {"A100": "A100-40GB"}.get(name, name), int(count)
 
 
-def check_gpu(gpu: str, rates: dict[str, float] | None = None) -> str:
-    """A GPU string Modal takes and this table prices, returned as the price type; else a ConfigError naming the known ones."""
-    name, _ = parse_gpu(gpu)
-    table = current_rates(rates)
+def _gpu_rate(gpu: str, table: dict[str, float]) -> float:
+    name, count = parse_gpu(gpu)
     if name not in table:
         raise ConfigError(f"no price for GPU {gpu!r}; known: {', '.join(sorted(k for k in table if k[0].isupper()))} (add one with FINEWEB_MODAL_RATES)")
-    return name
+    return table[name] * count
+
+
+def check_gpu(gpu: str, rates: dict[str, float] | None = None) -> None:
+    """Refuse a GPU string this table cannot price (a ConfigError naming the known ones)."""
+    _gpu_rate(gpu, current_rates(rates))
 
 
 def rate_per_second(resources: Resources, rates: dict[str, float] | None = None) -> float:
     """Dollars per second for one container with these resources."""
     table = current_rates(rates)
     rate = resources.cpu * table["cpu_core"] + resources.memory_gib * table["memory_gib"]
-    if resources.gpu:
-        rate += table[check_gpu(resources.gpu, rates)] * parse_gpu(resources.gpu)[1]
-    return rate
+    return rate + (_gpu_rate(resources.gpu, table) if resources.gpu else 0.0)
 
 
 def cost_usd(seconds: float, resources: Resources, rates: dict[str, float] | None = None) -> float:

@@ -195,14 +195,17 @@ class ShardLease:
             if self._create():
                 break
             holder = self._holder()
-            if holder is not None and holder.get("owner") != self.owner and not self._expired() and not _process_gone(holder):
+            gone = holder is not None and _process_gone(holder)
+            if holder is not None and holder.get("owner") != self.owner and not self._expired() and not gone:
                 age = time.time() - self._mtime()
                 raise ShardBusyError(
                     f"{self.path.stem} is being worked on by {holder.get('owner')} on {holder.get('host')} "
                     f"(lease renewed {age:.0f} s ago, expires {self.ttl_s:.0f} s after its last renewal); rerun when it is done"
                 )
-            reason = "its owner's retry" if holder and holder.get("owner") == self.owner else "its process is gone" if holder and _process_gone(holder) else "it expired"
-            self._break(reason=reason)
+            if holder and holder.get("owner") == self.owner:
+                self._break(reason="its owner's retry")
+            else:
+                self._break(reason="its process is gone" if gone else "it expired")
         else:
             raise ShardBusyError(f"{self.path.stem}: could not take the lease (other runs keep taking it)")
         self._heartbeat = threading.Thread(target=self._renew, daemon=True, name=f"lease-{self.path.stem}")

@@ -38,6 +38,11 @@ class StageReport(BaseModel):
         totals["tokens_per_second"] = sum(r.tokens for r in worked) / work_seconds if work_seconds else 0.0
         return totals
 
+    def amount(self) -> str:
+        """What the stage went through: `200 docs` for download (it counts no tokens), else `112 402 tokens`."""
+        totals = self.totals()
+        return f"{group_digits(totals['docs'])} docs" if self.stage == "download" else f"{group_digits(totals['tokens'])} tokens"
+
 
 def group_digits(value: int | float) -> str:
     """`1234567` → `1 234 567` (thin groups read well in tables and state messages)."""

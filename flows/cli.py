@@ -173,7 +173,6 @@ def run_pipeline(kwargs: dict) -> int:
 
 
 def _print_outcome(run: RunConfig, reports: dict) -> None:
-    from fineweb_modal.report import group_digits
     from fineweb_modal.shards import layout_for
 
     layout = layout_for(run)
@@ -181,10 +180,9 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
     for stage, report in reports.items():
         totals = report.totals()
         skipped = sum(r.status == "skipped" for r in report.results)
-        amount = f"{group_digits(totals['docs'])} docs" if stage == "download" else f"{group_digits(totals['tokens'])} tokens"
         print(
             f"{stage:<10} {len(report.results)} ok ({skipped} skipped), {len(report.failed)} failed · "
-            f"{amount} · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
+            f"{report.amount()} · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
         )
         for shard, error in report.failed.items():
             print(f"           {shard}: {error[:200]}")

@@ -23,6 +23,14 @@ def failed(message: str, data: Any) -> State:
     return Failed(message=message, data=FlowFailed(message, data))
 
 
+def refused(what: str, error: Exception) -> State:
+    """A flow that could not start (a ConfigError): its message in the log and the state, not a traceback."""
+    from prefect import get_run_logger
+
+    get_run_logger().error("%s could not start: %s", what, error)
+    return Failed(message=f"{what}: {error}", data=error)
+
+
 def outcome(state: State) -> Any:
     """What a finished flow or task produced: its result, the data a FlowFailed carries, or the exception it failed with."""
     result = state.result(raise_on_failure=False)

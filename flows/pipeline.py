@@ -15,7 +15,7 @@ from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
-from flows.outcome import failed, outcome
+from flows.outcome import failed, outcome, refused
 from flows.stage import check_source_columns, failed_shards
 from flows.summarize import summarize
 
@@ -52,8 +52,7 @@ def pipeline(
     try:
         check_source_columns(run)  # so does a source without the text column
     except ConfigError as exc:
-        logger.error("%s", exc)
-        return Failed(message=str(exc), data=exc)
+        return refused("pipeline", exc)
     if run.only == "failed":
         params.update(shards=failed_shards(run), only=None)
         if not params["shards"]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.futures import as_completed
-from prefect.states import Completed, Failed, State
+from prefect.states import Completed, State
 
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
@@ -19,7 +19,7 @@ from fineweb_modal.report import StageReport, group_digits, resume_command, text
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import open_arrow_batches
-from flows.outcome import failed
+from flows.outcome import failed, refused
 from flows.reporting import StageProgress, publish_stage
 from tasks.backends import get_backend
 from tasks.shard_tasks import STAGE_TASKS, download_hub_task
@@ -105,8 +105,7 @@ def run_stage(stage: str, run: RunConfig) -> State:
     try:
         return _run_stage(stage, run)
     except ConfigError as exc:
-        get_run_logger().error("%s could not start: %s", stage, exc)
-        return Failed(message=f"{stage}: {exc}", data=exc)
+        return refused(stage, exc)
 
 
 def _run_stage(stage: str, run: RunConfig) -> State:
@@ -147,8 +146,7 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     publish_stage(report, run, extra_markdown)
 
     totals = report.totals()
-    amount = f"{group_digits(totals['docs'])} docs" if stage == "download" else f"{group_digits(totals['tokens'])} tokens"
-    message = f"{stage}: {len(report.results)} shards, {amount}"
+    message = f"{stage}: {len(report.results)} shards, {report.amount()}"
     if report.not_started:
         return failed(
             f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "
