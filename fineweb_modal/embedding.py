@@ -93,6 +93,11 @@ class TransformersEngine:
     CUDA when torch has `varlen_attn` and the model takes it, else pads. `compile` wraps the model in
     `torch.compile` (default: on CUDA, where it measured 1.33× eager; a compile failure falls back to eager). `model` replaces loading the weights from `model_id` (benchmarks use random weights of
     another architecture); the tokenizer, limit and pooling still come from `model_id`.
+
+    Two options not yet measured on a GPU, off by default, for `benchmarks/embed.py` to compare: `freeze`
+    compiles with inductor's freezing (weights become constants, so q/k/v and SwiGLU's gate/up each run as
+    one matmul); `fused_swiglu` runs each SwiGLU feed-forward's gate and up projections in one Triton kernel
+    (`fineweb_modal.kernels`; CUDA, or Triton's interpreter in tests). It changes `model` in place.
     """
 
     def __init__(
@@ -106,6 +111,8 @@ class TransformersEngine:
         attention: str = "auto",
         compile: bool | None = None,
         dtype=None,
+        freeze: bool = False,
+        fused_swiglu: bool = False,
     ):
         import torch
 
@@ -116,6 +123,10 @@ class TransformersEngine:
         self.tokenizer = load_tokenizer(self.info.path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         on_gpu = self.device.type == "cuda"
+        compiled = compile if compile is not None else on_gpu
+        if freeze and not compiled:
+            raise ConfigError("freeze=True needs compile: freezing is a torch.compile (inductor) pass")
+        self.freeze = freeze
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
@@ -150,8 +161,21 @@ class TransformersEngine:
                 self.tokens_embedded = 0
         if dtype is None and self.weights_from_path and not on_gpu and cpu_has_fast_float16():
             self._try_half_precision()
-        if compile if compile is not None else on_gpu:
+        if fused_swiglu:
+            self._fuse_swiglu(model_id)
+        if compiled:
             self.forward = torch.compile(self.model)
+
+    def _fuse_swiglu(self, model_id: str) -> None:
+        """Swap the model's SwiGLU feed-forwards for FusedSwiGLU, or say why not."""
+        try:
+            from fineweb_modal import kernels
+        except ImportError as exc:
+            raise ConfigError(f"fused_swiglu needs triton (CUDA builds of torch bring it): {exc}") from exc
+        if self.device.type != "cuda" and not kernels.INTERPRETED:
+            raise ConfigError("fused_swiglu runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
+        if not kernels.fuse_swiglu(self.model):
+            raise ConfigError(f"fused_swiglu: {model_id} has no SwiGLU feed-forward (gate_proj, up_proj, down_proj, SiLU, no biases)")
 
     def _packing_preferred(self, on_gpu: bool) -> bool:
         from fineweb_modal import attention as packed
@@ -221,6 +245,13 @@ class TransformersEngine:
         import torch
 
         try:
+            if self.freeze and self.forward is not self.model:
+                import torch._inductor.config
+
+                # Around every call, not only the first: a new batch shape recompiles, and must freeze too.
+                # (torch.compile's `options` do not reach the freezing pass.) Freezing needs grad off.
+                with torch._inductor.config.patch(freezing=True):
+                    return self.forward(**inputs)
             return self.forward(**inputs)
         except Exception as exc:
             if self.forward is self.model or isinstance(exc, torch.OutOfMemoryError):

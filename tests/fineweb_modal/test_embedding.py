@@ -9,7 +9,7 @@ import pytest
 
 from fineweb_modal.config import EmbedConfig
 from fineweb_modal.embedding import TransformersEngine, embed_shard, get_engine
-from fineweb_modal.errors import BadDataError
+from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.models import DEFAULT_MODEL, model_info
 
 TEXTS = [
@@ -333,3 +333,31 @@ def test_model_encodings_skip_offsets_but_keep_the_ids():
     fast, full = encode_for_model(tokenizer, TEXTS), tokenizer.encode_batch(TEXTS, add_special_tokens=True)
     assert [e.ids for e in fast] == [e.ids for e in full] and [len(e) for e in fast] == [len(e.ids) for e in full]
     assert fast[0].ids[0] == tokenizer.token_to_id("[CLS]") and fast[0].ids[-1] == tokenizer.token_to_id("[SEP]")
+
+
+def test_freeze_needs_compile():
+    with pytest.raises(ConfigError, match="freeze=True needs compile"):
+        TransformersEngine(DEFAULT_MODEL, compile=False, freeze=True)
+
+
+def test_freeze_compiles_q_k_v_and_gate_up_as_one_matmul_each():
+    """Inductor's freezing, switched on around every call (a new shape recompiles frozen too); vectors unchanged."""
+    import torch
+    import torch._inductor.config as inductor
+    from transformers import NomicBertConfig, NomicBertModel
+
+    torch.manual_seed(0)
+    model = NomicBertModel(NomicBertConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=2)).eval()
+    expected = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded", compile=False, device="cpu").embed(TEXTS)
+    frozen = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded", compile=True, freeze=True, device="cpu", batch_tokens=256)
+    matmuls_per_graph = []
+
+    def count_matmuls(graph):
+        matmuls_per_graph.append(sum(1 for node in graph.nodes if node.target is torch.ops.aten.mm.default))
+
+    # On the CPU, inductor packs weights for oneDNN and concatenates only when asked; CUDA does the latter by default.
+    with inductor.patch(post_grad_custom_post_pass=count_matmuls, **{"cpp.weight_prepack": False, "cpp.enable_concat_linear": True}):
+        vectors = frozen.embed(TEXTS)
+    assert cosine_rows(vectors, expected).min() >= 0.99999
+    assert len(matmuls_per_graph) >= 2, "batches of different shapes compiled more than once"
+    assert set(matmuls_per_graph) == {4}, "q/k/v, o, gate/up, down: 4 matmuls where 7 run unfrozen"
