@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not
 
 READ_BLOCK_ROWS = 2048  # rows per part; ~1 M tokens of 500-token chunks, so the 2-3 blocks in flight stay small
 CPU_BATCH_TOKENS = 4096  # padded tokens: one batch's activations stay in cache (measured 1.15x faster than 16 k)
-CPU_HALF_MIN_COSINE = 0.9999  # fp16 on CPU is used only when its vectors agree with fp32's this closely
+CPU_HALF_MIN_COSINE = 0.9999  # fp16 or bf16 on CPU is used only when its vectors agree with fp32's this closely
 FIRST_PIECE_ROWS = 128  # the first block runs in pieces of 128, 256, 512, … rows: the model starts early
 GPU_BATCH_TOKENS = 65_536  # real tokens per packed batch: enough rows to fill an H100
 KEY_COLUMNS = ("id", "doc_index", "chunk_index")
@@ -159,8 +159,8 @@ class TransformersEngine:
                 warnings.warn(f"{model_id}: packed attention does not fit this model ({exc}); using padded batches", RuntimeWarning, stacklevel=2)
                 self._set_attention("padded")
                 self.tokens_embedded = 0
-        if dtype is None and self.weights_from_path and not on_gpu and cpu_has_fast_float16():
-            self._try_half_precision()
+        if dtype is None and self.weights_from_path and not on_gpu and (half := cpu_half_dtype()) is not None:
+            self._try_half_precision(half)
         if fused_swiglu:
             self._fuse_swiglu(model_id)
         if compiled:
@@ -228,9 +228,9 @@ class TransformersEngine:
                     pooled.append(self._pool(hidden, inputs["attention_mask"]))
             # One device→host copy per block, not one per batch: the GPU never waits for the host.
             vectors = torch.cat(pooled).cpu().numpy() if pooled else np.zeros((0, self.dims), np.float32)
-        if self.dtype == torch.float16 and self.device.type == "cpu" and not np.isfinite(vectors).all():
+        if self.dtype != torch.float32 and self.device.type == "cpu" and not np.isfinite(vectors).all():
             # fp16's range is small: a text whose activations overflow gets the fp32 model, from then on.
-            warnings.warn(f"{self.info.model_id}: fp16 overflowed on this block; switching to fp32", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.info.model_id}: {_short_name(self.dtype)} overflowed on this block; switching to fp32", RuntimeWarning, stacklevel=2)
             self._use_float32()
             return self.run(prepared)
         self.tokens_embedded += prepared.tokens
@@ -367,17 +367,18 @@ class TransformersEngine:
         self.tokens_embedded = 0  # start-up checks are not throughput
         return float(np.nan_to_num((before * after).sum(axis=1), nan=-1.0).min())
 
-    def _try_half_precision(self) -> None:
-        """Run the model in fp16 if a few texts' vectors agree with fp32's (cosine ≥ CPU_HALF_MIN_COSINE)."""
-        import torch
+    def _try_half_precision(self, half) -> None:
+        """Run the model in `half` (fp16 or bf16) if a few texts' vectors agree with fp32's (cosine ≥ CPU_HALF_MIN_COSINE)."""
 
         def to_half() -> None:
-            self.model.half()
-            self.dtype = torch.float16
+            self.model.to(half)
+            self.dtype = half
 
         agreement = self._agreement(to_half)
         if agreement < CPU_HALF_MIN_COSINE:
-            warnings.warn(f"{self.info.model_id}: fp16 vectors disagree with fp32 (cosine {agreement:.5f}); using fp32", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{self.info.model_id}: {_short_name(half)} vectors disagree with fp32 (cosine {agreement:.5f}); using fp32", RuntimeWarning, stacklevel=3
+            )
             self._use_float32()
 
     def _agreement_texts(self) -> list[str]:
@@ -407,14 +408,29 @@ class TransformersEngine:
             raise ConfigError(f"packed attention disagrees with padded for {self.info.model_id} (cosine {agreement:.4f}); use attention='padded'")
 
 
-def cpu_has_fast_float16() -> bool:
-    """Whether this CPU multiplies fp16 natively (AVX512-FP16 or AMX-FP16); elsewhere fp16 is emulated and slow."""
+def cpu_half_dtype():
+    """The 16-bit float this CPU multiplies natively, or None (emulated, either is slower than fp32).
+
+    fp16 (AVX512-FP16, AMX-FP16) comes first: its mantissa is 3 bits longer than bf16's (AVX512-BF16, AMX).
+    """
     import torch
 
+    try:  # private checks: absent from some torch builds
+        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+            return torch.float16
+    except (AttributeError, RuntimeError):
+        pass
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):  # a private check: absent from some torch builds
-        return False
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return torch.bfloat16
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def _short_name(dtype) -> str:
+    """fp16, bf16, fp32: how warnings name a torch dtype."""
+    return {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(str(dtype).removeprefix("torch."), str(dtype))
 
 
 class TEIEngine:
