@@ -27,7 +27,9 @@ def rows(entries: dict) -> list[str]:
         out.append(
             f"| embed (CPU) | engine ({cpu.get('engine_dtype', 'float32')}) {cpu['tokens_per_s']['engine']:,} tokens/s, "
             f"MFU {cpu['mfu_vs_measured_peak']['engine']:.0%} of its measured {cpu.get('engine_dtype', 'float32')} peak; cos ≥ {cpu['min_cosine_vs_sentence_transformers']} "
-            f"| {cpu['engine_vs_sentence_transformers']}× sentence-transformers (fp32 engine: {cpu.get('engine_fp32_vs_sentence_transformers', '—')}×); {cpu['engine_vs_seed_style']}× seed style "
+            f"| {cpu['engine_vs_sentence_transformers']}× sentence-transformers (fp32 engine: {cpu.get('engine_fp32_vs_sentence_transformers', '—')}×"
+            + "".join(f"; {name.replace('_', ' ')}: {ratio}×" for name, ratio in cpu.get("compiled_vs_sentence_transformers", {}).items())
+            + f"); {cpu['engine_vs_seed_style']}× seed style "
             f"| {'PASS' if cpu['pass'] else 'FAIL'}: {cpu['goal']} |"
         )
     if gpu := entries.get("embed-gpu"):

@@ -17,6 +17,7 @@ STAGES = ("download", "chunk", "embed", "summarize")
 BACKENDS = ("local", "modal")
 ENGINES = ("transformers", "tei")
 EMBEDDING_DTYPES = ("float32", "float16")
+COMPILE_CHOICES = ("auto", "on", "off")
 MIN_MAX_TOKENS = 16
 DEFAULT_KEEP_COLUMNS = ("url", "score", "dump")  # fineweb-edu's
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -71,7 +72,8 @@ class EmbedConfig(_Frozen):
     dimensions: int | None = None
     embedding_dtype: Literal["float32", "float16"] = "float32"
     batch_tokens: int | None = None  # None: the engine picks per device (4 k padded tokens on CPU, 64 k packed on CUDA)
-    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "batch_tokens"})
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: on CUDA only (on the CPU it costs ~30 s per worker)
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "batch_tokens", "compile"})
 
 
 class RunConfig(_Frozen):
@@ -146,6 +148,7 @@ def build_run_config(
     tei_url: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
+    compile: str = "auto",
     only: str | None = None,
     max_cost: float | None = None,
     num_proc: int = 4,
@@ -177,6 +180,10 @@ def build_run_config(
         raise ConfigError(f"only must be 'failed' (or unset), got {only!r}")
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ConfigError(f"embedding_dtype must be one of {EMBEDDING_DTYPES}, got {embedding_dtype!r}")
+    if compile not in COMPILE_CHOICES:
+        raise ConfigError(f"compile must be one of {COMPILE_CHOICES}, got {compile!r}")
+    if compile != "auto" and engine == "tei":
+        raise ConfigError("compile is for the transformers engine; TEI compiles its own kernels")
     if dimensions is not None and (not str(dimensions).isdigit() or int(dimensions) < 1):
         raise ConfigError(f"dimensions must be a positive integer, got {dimensions!r}")
     try:
@@ -233,6 +240,7 @@ def build_run_config(
             tei_url=tei_url or None,
             dimensions=int(dimensions) if dimensions is not None else None,
             embedding_dtype=embedding_dtype,
+            compile=compile,
         ),
         stages=stage_list,
         backend=backend,

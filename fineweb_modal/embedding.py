@@ -94,10 +94,12 @@ class TransformersEngine:
     `torch.compile` (default: on CUDA, where it measured 1.33× eager; a compile failure falls back to eager). `model` replaces loading the weights from `model_id` (benchmarks use random weights of
     another architecture); the tokenizer, limit and pooling still come from `model_id`.
 
-    Two options not yet measured on a GPU, off by default, for `benchmarks/embed.py` to compare: `freeze`
-    compiles with inductor's freezing (weights become constants, so q/k/v and SwiGLU's gate/up each run as
-    one matmul); `fused_swiglu` runs each SwiGLU feed-forward's gate and up projections in one Triton kernel
-    (`fineweb_modal.kernels`; CUDA, or Triton's interpreter in tests). It changes `model` in place.
+    `freeze` compiles with inductor's freezing: weights become constants, so q/k/v and SwiGLU's gate/up
+    each run as one matmul, and on the CPU weights are prepacked for oneDNN (1.1× eager in bf16, 2× in fp32
+    there). Default: when compiling on the CPU; on CUDA not yet measured, so off unless asked.
+    `fused_swiglu` (off by default, for `benchmarks/embed.py` to compare on a GPU) runs each SwiGLU
+    feed-forward's gate and up projections in one Triton kernel (`fineweb_modal.kernels`; CUDA, or
+    Triton's interpreter in tests). It changes `model` in place.
     """
 
     def __init__(
@@ -111,7 +113,7 @@ class TransformersEngine:
         attention: str = "auto",
         compile: bool | None = None,
         dtype=None,
-        freeze: bool = False,
+        freeze: bool | None = None,
         fused_swiglu: bool = False,
     ):
         import torch
@@ -126,7 +128,7 @@ class TransformersEngine:
         compiled = compile if compile is not None else on_gpu
         if freeze and not compiled:
             raise ConfigError("freeze=True needs compile: freezing is a torch.compile (inductor) pass")
-        self.freeze = freeze
+        self.freeze = compiled and (freeze if freeze is not None else not on_gpu)
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
@@ -532,7 +534,8 @@ def _cached_engine(cfg: EmbedConfig, api_key_digest: str) -> Engine:
         if not cfg.tei_url:
             raise ConfigError("the tei engine needs tei_url")
         return TEIEngine(cfg.tei_url, cfg.model, prefix=cfg.prefix, dimensions=cfg.dimensions)
-    return TransformersEngine(cfg.model, prefix=cfg.prefix, batch_tokens=cfg.batch_tokens, dimensions=cfg.dimensions)
+    compile = {"auto": None, "on": True, "off": False}[cfg.compile]
+    return TransformersEngine(cfg.model, prefix=cfg.prefix, batch_tokens=cfg.batch_tokens, dimensions=cfg.dimensions, compile=compile)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 nomic-embed-text-v1.5's feed-forward is `down(silu(x @ gate.T) * (x @ up.T))`. Run as torch ops (even
 compiled), the gate and up matmuls write 2 × 3072 values per token and layer, and the gate reads them
-back; here one kernel keeps both accumulators in registers and writes only the gated 3072 — ~18 KB of
+back; here one kernel keeps both accumulators in registers and writes only the gated 3072 — ~24 KB of
 bf16 memory traffic saved per token and layer. Whether that beats cuBLAS plus inductor's separate
 elementwise kernel is a GPU measurement (`benchmarks/embed.py`, variant `engine_fused`); the engine
 leaves it off unless asked (`TransformersEngine(fused_swiglu=True)`).

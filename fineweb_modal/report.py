@@ -145,4 +145,6 @@ def resume_command(run: RunConfig, stage: str) -> str:
             parts.append(f"--dimensions {run.embed.dimensions}")
         if run.embed.embedding_dtype != "float32":
             parts.append(f"--embedding-dtype {run.embed.embedding_dtype}")
+        if run.embed.compile != "auto":
+            parts.append(f"--compile {run.embed.compile}")
     return " ".join(parts)

@@ -29,11 +29,12 @@ def embed(
     tei_url: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
+    compile: str = "auto",
 ):
     """Embed `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>-<model>/<split>/`, one task per shard."""
     run = build_run_config(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
         max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards, only=only, max_cost=max_cost, tei_url=tei_url,
-        dimensions=dimensions, embedding_dtype=embedding_dtype,
+        dimensions=dimensions, embedding_dtype=embedding_dtype, compile=compile,
     )  # fmt: skip
     return run_stage("embed", run)

@@ -44,6 +44,7 @@ def pipeline(
     tei_url: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
+    compile: str = "auto",
 ):
     """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
     params = {k: v for k, v in locals().items() if k != "stages"}

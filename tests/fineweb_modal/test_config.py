@@ -39,6 +39,8 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"engine": "tei", "tei_url": "localhost:8080"}, "must be an http"),
         ({"tei_url": "http://127.0.0.1:8080"}, "only used with --engine tei"),
         ({"embedding_dtype": "int8"}, "embedding_dtype must be one of"),
+        ({"compile": "yes"}, "compile must be one of"),
+        ({"engine": "tei", "tei_url": "http://127.0.0.1:8080", "compile": "on"}, "compile is for the transformers engine"),
         ({"dimensions": 0}, "dimensions must be a positive integer"),
     ],
 )
@@ -107,6 +109,8 @@ def _invalid_fields(p: dict) -> dict[str, tuple[str, ...]]:
         bad["only"] = ("only",)
     if p["embedding_dtype"] not in ("float32", "float16"):
         bad["embedding_dtype"] = ("embedding_dtype",)
+    if p["compile"] not in ("auto", "on", "off") or (p["compile"] != "auto" and p["engine"] == "tei"):
+        bad["compile"] = ("compile",)
     dims = p["dimensions"]
     if dims is not None and (not str(dims).isdigit() or int(dims) < 1 or int(dims) > 384):
         bad["dimensions"] = ("dimensions",)
@@ -139,6 +143,7 @@ def _parameters():
         "max_cost": st.one_of(st.none(), st.floats(0, 100, allow_nan=False)),
         "only": st.sampled_from([None, "", "failed"]),
         "embedding_dtype": st.sampled_from(["float32", "float16"]),
+        "compile": st.sampled_from(["auto", "on", "off"]),
         "dimensions": st.one_of(st.none(), st.integers(1, 384), st.just("64")),
         "overlap": st.floats(0, 0.5, allow_nan=False),
         "text_column": st.sampled_from(["text", "body"]),
@@ -154,6 +159,7 @@ def _parameters():
         "max_cost": st.one_of(st.floats(-100, -0.01), st.sampled_from(["five", ""])),
         "only": st.sampled_from(["missing", "FAILED", "all"]),
         "embedding_dtype": st.sampled_from(["int8", "bf16", ""]),
+        "compile": st.sampled_from(["yes", "", "ON", None]),
         "dimensions": st.one_of(st.integers(-5, 0), st.integers(385, 5000), st.sampled_from(["abc", "1.5"])),
         "overlap": st.one_of(st.floats(-1, -0.001), st.floats(0.501, 5), st.sampled_from(["0.1x"])),
         "text_column": st.just(""),
@@ -188,5 +194,6 @@ def test_the_validator_accepts_exactly_the_valid_combinations(tmp_path):
             return
         assert not bad, f"accepted invalid {sorted(bad)}"
         assert run.backend == params["backend"] and run.embed.embedding_dtype == params["embedding_dtype"]
+        assert run.embed.compile == params["compile"]
 
     check()

@@ -89,3 +89,20 @@ def test_live_rates_are_matched_by_name_and_read_per_second_or_per_hour():
     assert "L4" not in accepted, "a rate off by more than 4x in both readings is not trusted"
     assert "A10" not in accepted and "A100-40GB" not in accepted, "no key is matched to a shorter or sibling GPU name"
     assert set(accepted) <= set(RATES_USD_PER_SECOND)
+
+
+def test_the_resume_command_rebuilds_the_same_run(tmp_path):
+    """Parsed back by the CLI, the printed command gives the run's own config: every non-default embed option carried."""
+    import shlex
+
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.report import resume_command
+    from flows.cli import _parser, _run_kwargs
+
+    run = build_run_config(
+        name="demo", data_dir=str(tmp_path), stages="chunk,embed", prefix="search_document: ", dimensions=128, embedding_dtype="float16", compile="on"
+    )
+    command = resume_command(run, "embed")
+    args = _parser().parse_args(shlex.split(command)[1:])
+    again = build_run_config(**_run_kwargs(args))
+    assert again.embed == run.embed and again.chunk == run.chunk and again.stages == ("embed",)
