@@ -71,11 +71,9 @@ def cpu_model_name() -> str:
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """The best of a few large matmuls: what this device really does, not its data sheet.
-
-    On the CPU also through oneDNN (as a frozen, compiled model multiplies): on AMD CPUs MKL's sgemm, behind
-    `a @ b`, runs ~half oneDNN's fp32 rate, so `a @ b` alone would understate the peak.
-    """
+    """The best of a few large matmuls: what this device really does, not its data sheet."""
+    # On the CPU also through oneDNN, as a frozen compiled model multiplies: on AMD CPUs MKL's sgemm,
+    # behind `a @ b`, runs at about half oneDNN's fp32 rate.
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     ways = [lambda: a @ b]
@@ -221,6 +219,13 @@ def log(message: str) -> None:
     print(f"[embed bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def best_engine(rates: dict[str, float], agreement: dict[str, float]) -> str:
+    """The fastest engine variant whose vectors keep MIN_COSINE against fp32 (else the fastest; else seed_style)."""
+    engines = [name for name in rates if name == "engine" or name in COMPILED_VARIANTS]
+    accurate = [name for name in engines if agreement.get(name, 0.0) >= MIN_COSINE]
+    return max(accurate or engines or ["seed_style"], key=rates.get)
+
+
 def prepare_gpu_inputs(folder: Path, tokens: int) -> None:
     """Write what the GPU entry needs: a model folder (bert-base-uncased's tokenizer, nomic's configs) and a chunk parquet."""
     import shutil
@@ -301,7 +306,13 @@ def gpu_entry(
     sample = texts[:512]
     reference = TransformersEngine(model_dir, prefix=NOMIC_PREFIX, model=copy.deepcopy(base).to(device), device=device.type, attention="padded", dtype=torch.float32, compile=False)
     expected = reference.embed(sample)
-    agreement = {name: float((e.embed(sample) * expected).sum(axis=1).min()) for name, e in engines.items()}
+    agreement = {}
+    for name, engine in list(engines.items()):
+        try:  # a variant that cannot run is reported, and the others still measure
+            agreement[name] = float((engine.embed(sample) * expected).sum(axis=1).min())
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"[:300]
+            del engines[name]
     del reference
     log(f"agreement with fp32 padded: {agreement}")
 
@@ -331,6 +342,9 @@ def gpu_entry(
             except Exception as exc:
                 errors[name] = f"{type(exc).__name__}: {exc}"[:300]
             log(f"{name} warm-up: {time.perf_counter() - start:.1f} s {errors.get(name, '')}")
+    for name in COMPILED_VARIANTS:
+        if name in engines and name not in errors and not engines[name].compiled:
+            errors[name] = "torch.compile failed and the engine fell back to eager: not timed under this name"
     variants = {name: run for name, run in variants.items() if name not in errors}
     seconds = compare(variants, repeats, sync=on_gpu, warmup=False)
     # The model alone, pre-tokenized: the fastest packed variant end to end.
@@ -346,8 +360,7 @@ def gpu_entry(
     peak = matmul_peak_tflops(device, torch.bfloat16, 8192 if on_gpu else 512)
     flops = flops_per_token(base, tokens / rows)
     name = torch.cuda.get_device_name() if on_gpu else f"CPU ({device})"
-    eligible = [n for n in rates if (n == "engine" or n in COMPILED_VARIANTS) and agreement.get(n, 0.0) >= MIN_COSINE]
-    best = max(eligible or ["engine"], key=rates.get)
+    best = best_engine(rates, agreement)
     return {
         "device": name,
         "model": "NomicBertModel (nomic-embed-text-v1.5 shape, random weights), prefix 'search_document: '",
@@ -367,7 +380,7 @@ def gpu_entry(
         "dollars_for_sample_10bt_at_h100_rate": round(10.5e9 / rates[best] / 3600 * H100_DOLLARS_PER_HOUR, 2),
         "errors": errors,
         "goal": f">= {GOALS['gpu_tokens_per_s'] / 1e6:.1f} M tokens/s end to end and >= {GOALS['gpu_vs_seed']}x seed style",
-        "pass": rates[best] >= GOALS["gpu_tokens_per_s"] and rates[best] / rates["seed_style"] >= GOALS["gpu_vs_seed"],
+        "pass": rates[best] >= GOALS["gpu_tokens_per_s"] and rates[best] / rates["seed_style"] >= GOALS["gpu_vs_seed"] and agreement.get(best, 0.0) >= MIN_COSINE,
     }
 
 

@@ -39,6 +39,10 @@ from fineweb_modal.models import ModelInfo, encode_for_model, load_tokenizer, mo
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
 if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
+    from types import ModuleType
+
+    import torch
+
     from fineweb_modal.config import EmbedConfig
 
 READ_BLOCK_ROWS = 2048  # rows per part; ~1 M tokens of 500-token chunks, so the 2-3 blocks in flight stay small
@@ -94,9 +98,9 @@ class TransformersEngine:
     `torch.compile` (default: on CUDA, where it measured 1.33× eager; a compile failure falls back to eager). `model` replaces loading the weights from `model_id` (benchmarks use random weights of
     another architecture); the tokenizer, limit and pooling still come from `model_id`.
 
-    `freeze` compiles with inductor's freezing: weights become constants, so q/k/v and SwiGLU's gate/up
-    each run as one matmul, and on the CPU weights are prepacked for oneDNN (1.1× eager in bf16, 2× in fp32
-    there). Default: when compiling on the CPU; on CUDA not yet measured, so off unless asked.
+    `freeze` compiles with inductor's freezing: weights become constants; on CUDA q/k/v and SwiGLU's
+    gate/up then each run as one matmul, on the CPU weights are prepacked for oneDNN (there 1.03× eager in
+    bf16, 1.9× in fp32). Default: when compiling on the CPU; on CUDA not yet measured, so off unless asked.
     `fused_swiglu` (off by default, for `benchmarks/embed.py` to compare on a GPU) runs each SwiGLU
     feed-forward's gate and up projections in one Triton kernel (`fineweb_modal.kernels`; CUDA, or
     Triton's interpreter in tests). It changes `model` in place.
@@ -129,6 +133,8 @@ class TransformersEngine:
         if freeze and not compiled:
             raise ConfigError("freeze=True needs compile: freezing is a torch.compile (inductor) pass")
         self.freeze = compiled and (freeze if freeze is not None else not on_gpu)
+        kernels = self._kernels_for_fused_swiglu() if fused_swiglu else None  # before the weights load
+        self.compiled = False  # until the end: the start-up checks run the model eagerly
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
@@ -163,21 +169,26 @@ class TransformersEngine:
                 self.tokens_embedded = 0
         if dtype is None and self.weights_from_path and not on_gpu and (half := cpu_half_dtype()) is not None:
             self._try_half_precision(half)
-        if fused_swiglu:
-            self._fuse_swiglu(model_id)
+        if kernels is not None:
+            try:
+                fused = kernels.fuse_swiglu(self.model)
+            except ValueError as exc:  # a hidden size or dtype the kernel does not take
+                raise ConfigError(f"fused_swiglu: {exc}") from exc
+            if not fused:
+                raise ConfigError(f"fused_swiglu: {model_id} has no SwiGLU feed-forward (gate_proj, up_proj, down_proj, SiLU, no biases)")
+        self.compiled = compiled  # False again if compiling fails
         if compiled:
             self.forward = torch.compile(self.model)
 
-    def _fuse_swiglu(self, model_id: str) -> None:
-        """Swap the model's SwiGLU feed-forwards for FusedSwiGLU, or say why not."""
+    def _kernels_for_fused_swiglu(self) -> ModuleType:
+        """fineweb_modal.kernels, where it can run: triton installed, and a CUDA device (or Triton's interpreter)."""
         try:
             from fineweb_modal import kernels
         except ImportError as exc:
             raise ConfigError(f"fused_swiglu needs triton (CUDA builds of torch bring it): {exc}") from exc
         if self.device.type != "cuda" and not kernels.INTERPRETED:
             raise ConfigError("fused_swiglu runs a Triton kernel: it needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
-        if not kernels.fuse_swiglu(self.model):
-            raise ConfigError(f"fused_swiglu: {model_id} has no SwiGLU feed-forward (gate_proj, up_proj, down_proj, SiLU, no biases)")
+        return kernels
 
     def _packing_preferred(self, on_gpu: bool) -> bool:
         from fineweb_modal import attention as packed
@@ -260,6 +271,7 @@ class TransformersEngine:
                 raise
             warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running the model eagerly", RuntimeWarning, stacklevel=2)
             self.forward = self.model
+            self.compiled = False
             return self.model(**inputs)
 
     def _padded_batches(self, encodings, lengths: np.ndarray, order: np.ndarray) -> list[dict]:
@@ -369,7 +381,7 @@ class TransformersEngine:
         self.tokens_embedded = 0  # start-up checks are not throughput
         return float(np.nan_to_num((before * after).sum(axis=1), nan=-1.0).min())
 
-    def _try_half_precision(self, half) -> None:
+    def _try_half_precision(self, half: torch.dtype) -> None:
         """Run the model in `half` (fp16 or bf16) if a few texts' vectors agree with fp32's (cosine ≥ CPU_HALF_MIN_COSINE)."""
 
         def to_half() -> None:
@@ -397,7 +409,8 @@ class TransformersEngine:
             self._set_attention(self.attention)
         else:
             self.model.float()
-        self.forward = self.model
+        # A compiled engine stays compiled: `--compile on` measured ~2× eager in fp32 on the CPU.
+        self.forward = torch.compile(self.model) if self.compiled else self.model
         self.dtype = torch.float32
 
     def _check_packing(self) -> None:
@@ -410,23 +423,24 @@ class TransformersEngine:
             raise ConfigError(f"packed attention disagrees with padded for {self.info.model_id} (cosine {agreement:.4f}); use attention='padded'")
 
 
-def cpu_half_dtype():
-    """The 16-bit float this CPU multiplies natively, or None (emulated, either is slower than fp32).
-
-    fp16 (AVX512-FP16, AMX-FP16) comes first: its mantissa is 3 bits longer than bf16's (AVX512-BF16, AMX).
-    """
+def cpu_half_dtype() -> torch.dtype | None:
+    """The 16-bit float this CPU multiplies natively, or None (emulated, either is slower than fp32)."""
     import torch
 
-    try:  # private checks: absent from some torch builds
-        if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-            return torch.float16
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return torch.bfloat16
-    except (AttributeError, RuntimeError):
-        pass
+    # AMX first (its bf16 tiles are many times AVX-512's rate; Sapphire Rapids has AMX-BF16 and AVX512-FP16 but
+    # no AMX-FP16), then AVX-512; fp16 before bf16 at the same level, its mantissa being 3 bits longer.
+    checks = (
+        (lambda: torch.cpu._is_amx_fp16_supported(), torch.float16),
+        (lambda: torch.cpu._is_amx_tile_supported(), torch.bfloat16),
+        (lambda: torch.ops.mkldnn._is_mkldnn_fp16_supported(), torch.float16),  # AVX512-FP16
+        (lambda: torch.cpu._is_avx512_bf16_supported(), torch.bfloat16),
+    )
+    for supported, dtype in checks:
+        try:  # private checks: absent from some torch builds
+            if supported():
+                return dtype
+        except (AttributeError, RuntimeError):
+            continue
     return None
 
 

@@ -30,11 +30,15 @@ AUTOTUNE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
 ]
 K_MULTIPLE = max(c.kwargs["BLOCK_K"] for c in AUTOTUNE_CONFIGS)  # any config may win, so K must suit them all
+HALF_TYPES = (torch.float16, torch.bfloat16)
 INTERPRETER_TILES = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}  # autotuning times on a GPU; the interpreter has none
 
 
 @triton.jit
-def _swiglu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _swiglu_kernel(
+    x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
     """out[M, N] = silu(x @ w[:N].T) * (x @ w[N:].T) for x (M, K) and w (2N, K), both row-major; K % BLOCK_K == 0."""
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
@@ -46,7 +50,7 @@ def _swiglu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # rows × 3072 passes 2**31 at ~700 k rows
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows[:, None] < M
@@ -56,7 +60,7 @@ def _swiglu_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_
     up_ptrs = gate_ptrs + N * stride_wn
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K // BLOCK_K):
+    for _ in range(K // BLOCK_K):
         x = tl.load(x_ptrs, mask=row_ok, other=0.0)
         gate = tl.dot(x, tl.load(gate_ptrs, mask=col_ok, other=0.0), gate)
         up = tl.dot(x, tl.load(up_ptrs, mask=col_ok, other=0.0), up)
@@ -74,6 +78,9 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, config: dict[str, int] | None
     """silu(x @ gate.T) * (x @ up.T) for gate_up = cat([gate, up]) of shape (2N, K); x is (M, K). `config`: fixed tiles (tests)."""
     if x.dim() != 2 or gate_up.dim() != 2 or x.shape[1] != gate_up.shape[1] or gate_up.shape[0] % 2:
         raise ValueError(f"swiglu takes x (M, K) and gate_up (2N, K); got {tuple(x.shape)} and {tuple(gate_up.shape)}")
+    if x.dtype not in HALF_TYPES or gate_up.dtype != x.dtype or gate_up.device != x.device:
+        # fp32 would run tl.dot in TF32, silently less precise than the matmul it replaces.
+        raise ValueError(f"swiglu takes fp16 or bf16 x and gate_up of one dtype on one device; got {x.dtype} and {gate_up.dtype}")
     x = x.contiguous()
     gate_up = gate_up.contiguous()
     (m, k), n = x.shape, gate_up.shape[0] // 2
@@ -95,6 +102,8 @@ class FusedSwiGLU(torch.nn.Module):
         super().__init__()
         if mlp.gate_proj.in_features % K_MULTIPLE:
             raise ValueError(f"FusedSwiGLU needs the hidden size (here {mlp.gate_proj.in_features}) to be a multiple of {K_MULTIPLE}")
+        if mlp.gate_proj.weight.dtype not in HALF_TYPES:
+            raise ValueError(f"FusedSwiGLU needs fp16 or bf16 weights, got {mlp.gate_proj.weight.dtype}")
         self.gate_up = torch.nn.Parameter(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().contiguous(), requires_grad=False)
         self.down_proj = mlp.down_proj
 

@@ -42,11 +42,14 @@ def test_gpu_entry_runs_end_to_end_small_on_cpu(tmp_path):
 
     prepare_gpu_inputs(tmp_path, 20_000)
     tiny = {"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}
-    entry = gpu_entry(tmp_path, repeats=1, compile_variant=False, device="cpu", model_config=tiny)
+    # engine_fused cannot run on a CPU: it must be reported, and everything else still measured.
+    variants = ("engine", "padded_bf16", "seed_style", "engine_fused")
+    entry = gpu_entry(tmp_path, repeats=1, device="cpu", model_config=tiny, variants=variants)
     rows = pq.read_metadata(tmp_path / "chunks.parquet").num_rows
     assert entry["chunks"] == rows and entry["tokens"] > rows * 100
     assert set(entry["tokens_per_s"]) == {"engine", "padded_bf16", "seed_style", "engine_model_only"}
-    assert not entry["errors"]
+    assert set(entry["errors"]) == {"engine_fused"} and "needs a CUDA device" in entry["errors"]["engine_fused"]
+    assert entry["best_engine"] == "engine"
     # bf16 and fp16 against fp32 on the same weights: close, and the packed engine as close as the padded one.
     assert min(entry["min_cosine_vs_fp32_padded"].values()) > 0.99
     assert entry["pass"] in (True, False)
@@ -119,3 +122,14 @@ def test_a_childs_peak_memory_is_its_own_not_its_parents():
     held[:: 4096] = b"\x01" * len(held[:: 4096])  # touch every page: 300 MB resident in this process
     assert _in_child(_report_peak)["peak_mb"] < 200
     del held
+
+
+def test_the_best_engine_is_the_fastest_that_keeps_the_vectors():
+    from benchmarks.embed import MIN_COSINE, best_engine
+
+    rates = {"engine": 1.0e6, "engine_compiled": 1.3e6, "engine_fused": 1.6e6, "engine_compiled_model_only": 1.9e6, "seed_style": 0.7e6}
+    agreement = {"engine": 0.99995, "engine_compiled": 0.99998, "engine_fused": MIN_COSINE - 0.001, "seed_style": 1.0}
+    assert best_engine(rates, agreement) == "engine_compiled", "the fused variant is faster but below the bar; model-only is not an engine"
+    assert best_engine(rates, agreement | {"engine_fused": 0.9995}) == "engine_fused"
+    assert best_engine({"engine_fused": 1.6e6, "seed_style": 0.7e6}, {"engine_fused": 0.99}) == "engine_fused", "nothing accurate: the fastest, to be failed"
+    assert best_engine({"seed_style": 0.7e6}, {}) == "seed_style"

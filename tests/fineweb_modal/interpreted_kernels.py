@@ -52,6 +52,16 @@ def test_swiglu_matches_the_unfused_math(rows, n):
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("config", [c.kwargs for c in kernels.AUTOTUNE_CONFIGS], ids=lambda c: "x".join(str(v) for v in c.values()))
+def test_every_tile_shape_the_autotuner_may_pick_is_right(config):
+    """The shipped configs, which only a GPU autotunes between: each on rows and columns that leave partial tiles."""
+    torch.manual_seed(1)
+    x = torch.randn(150, 128, dtype=DTYPE)
+    gate_up = (torch.randn(2 * 200, 128) / 8).to(DTYPE)
+    out = kernels.swiglu(x, gate_up, config)
+    torch.testing.assert_close(out.float(), reference_swiglu(x, gate_up), atol=2e-2, rtol=2e-2)
+
+
 def test_swiglu_rejects_shapes_it_cannot_run():
     x = torch.zeros(4, 64, dtype=DTYPE)
     with pytest.raises(ValueError, match="swiglu takes x"):
@@ -60,6 +70,10 @@ def test_swiglu_rejects_shapes_it_cannot_run():
         kernels.swiglu(x, torch.zeros(4, 32, dtype=DTYPE))
     with pytest.raises(ValueError, match="multiple of 64"):
         kernels.swiglu(torch.zeros(4, 48, dtype=DTYPE), torch.zeros(8, 48, dtype=DTYPE))
+    with pytest.raises(ValueError, match="fp16 or bf16"):  # fp32 would multiply in TF32 on a GPU
+        kernels.swiglu(torch.zeros(4, 64), torch.zeros(8, 64))
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.swiglu(x, torch.zeros(8, 64, dtype=torch.bfloat16))
 
 
 def test_fuse_swiglu_replaces_every_feed_forward_and_keeps_the_outputs():
@@ -95,3 +109,8 @@ def test_engine_with_fused_swiglu_embeds_as_the_plain_engine():
 def test_engine_refuses_fused_swiglu_on_a_model_without_one():
     with pytest.raises(ConfigError, match="has no SwiGLU feed-forward"):
         TransformersEngine(DEFAULT_MODEL, compile=False, device="cpu", fused_swiglu=True)  # all-MiniLM-L6-v2: GELU, biases
+
+
+def test_engine_refuses_fused_swiglu_in_fp32():
+    with pytest.raises(ConfigError, match="fused_swiglu: FusedSwiGLU needs fp16 or bf16 weights"):
+        TransformersEngine(DEFAULT_MODEL, model=tiny_nomic(), attention="packed", dtype=torch.float32, compile=False, device="cpu", fused_swiglu=True)

@@ -40,7 +40,7 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"tei_url": "http://127.0.0.1:8080"}, "only used with --engine tei"),
         ({"embedding_dtype": "int8"}, "embedding_dtype must be one of"),
         ({"compile": "yes"}, "compile must be one of"),
-        ({"engine": "tei", "tei_url": "http://127.0.0.1:8080", "compile": "on"}, "compile is for the transformers engine"),
+        ({"engine": "tei", "tei_url": "http://127.0.0.1:8080", "compile": "on"}, "compile=on is for the transformers engine"),
         ({"dimensions": 0}, "dimensions must be a positive integer"),
     ],
 )
@@ -109,7 +109,7 @@ def _invalid_fields(p: dict) -> dict[str, tuple[str, ...]]:
         bad["only"] = ("only",)
     if p["embedding_dtype"] not in ("float32", "float16"):
         bad["embedding_dtype"] = ("embedding_dtype",)
-    if p["compile"] not in ("auto", "on", "off") or (p["compile"] != "auto" and p["engine"] == "tei"):
+    if p["compile"] not in ("auto", "on", "off") or (p["compile"] == "on" and p["engine"] == "tei"):
         bad["compile"] = ("compile",)
     dims = p["dimensions"]
     if dims is not None and (not str(dims).isdigit() or int(dims) < 1 or int(dims) > 384):

@@ -256,22 +256,35 @@ def test_half_precision_on_a_cpu_that_multiplies_it_natively(half, monkeypatch, 
     assert TransformersEngine(DEFAULT_MODEL, device="cpu", dtype=torch.float32).dtype == torch.float32
 
 
-def test_cpu_half_dtype_prefers_fp16_and_needs_native_support(monkeypatch):
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [
+        ({}, None),  # AVX-512 alone emulates both: slower than fp32
+        ({"avx512_bf16"}, "bfloat16"),  # this project's AMD EPYC
+        ({"avx512_fp16", "avx512_bf16"}, "float16"),
+        ({"amx", "avx512_fp16", "avx512_bf16"}, "bfloat16"),  # Sapphire Rapids: AMX-BF16 beats AVX512-FP16
+        ({"amx", "amx_fp16", "avx512_fp16", "avx512_bf16"}, "float16"),  # Granite Rapids
+        ({"raises"}, None),  # a torch build without the private checks
+    ],
+)
+def test_cpu_half_dtype_takes_the_fastest_native_type(cpu, expected, monkeypatch):
     import torch
 
     from fineweb_modal.embedding import cpu_half_dtype
 
-    flags = {"fp16": False, "avx512_bf16": False, "amx": False}
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: flags["fp16"], raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags["avx512_bf16"], raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: flags["amx"], raising=False)
-    assert cpu_half_dtype() is None, "AVX-512 alone emulates bf16: slower than fp32"
-    flags["amx"] = True
-    assert cpu_half_dtype() == torch.bfloat16
-    flags.update(amx=False, avx512_bf16=True)
-    assert cpu_half_dtype() == torch.bfloat16
-    flags["fp16"] = True
-    assert cpu_half_dtype() == torch.float16
+    def has(flag):
+        def check():
+            if "raises" in cpu:
+                raise AttributeError("no such check in this build")
+            return flag in cpu
+
+        return check
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", has("amx_fp16"), raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", has("amx"), raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", has("avx512_fp16"), raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", has("avx512_bf16"), raising=False)
+    assert cpu_half_dtype() == (getattr(torch, expected) if expected else None)
 
 
 def test_fp16_that_disagrees_with_fp32_is_not_used(monkeypatch):
@@ -394,3 +407,18 @@ def test_the_compile_choice_reaches_the_engine(choice, compiled):
     engine = get_engine(EmbedConfig(model=DEFAULT_MODEL, compile=choice))
     assert (engine.forward is not engine.model) == compiled
     assert engine.freeze == compiled
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_falling_back_to_fp32_keeps_a_compiled_engine_compiled(compiled):
+    """A bf16/fp16 overflow reloads the weights in fp32; `--compile on` must not silently become eager (~1.9× slower)."""
+    import torch
+
+    engine = TransformersEngine(DEFAULT_MODEL, device="cpu", dtype=torch.bfloat16, compile=compiled)
+    old_model = engine.model
+    engine._use_float32()
+    assert engine.dtype == torch.float32 and engine.model is not old_model
+    if compiled:
+        assert engine.forward is not engine.model and engine.forward._orig_mod is engine.model
+    else:
+        assert engine.forward is engine.model
