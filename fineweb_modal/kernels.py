@@ -81,18 +81,12 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, config: dict[str, int] | None
     if x.dtype not in HALF_TYPES or gate_up.dtype != x.dtype or gate_up.device != x.device:
         # fp32 would run tl.dot in TF32, silently less precise than the matmul it replaces.
         raise ValueError(f"swiglu takes fp16 or bf16 x and gate_up of one dtype on one device; got {x.dtype} and {gate_up.dtype}")
-    x = x.contiguous()
     gate_up = gate_up.contiguous()
-    (m, k), n = x.shape, gate_up.shape[0] // 2
+    k = x.shape[1]
     multiple = config["BLOCK_K"] if config else K_MULTIPLE
     if k % multiple:
         raise ValueError(f"swiglu needs K (here {k}) to be a multiple of {multiple}")
-    if config is None:
-        return _swiglu_op(x, gate_up)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _swiglu_kernel[grid](x, gate_up, out, m, n, k, x.stride(0), gate_up.stride(0), out.stride(0), **config)
-    return out
+    return _swiglu_op(x, gate_up) if config is None else _launch(x, gate_up, tiles=config)
 
 
 class FusedSwiGLU(torch.nn.Module):
@@ -131,8 +125,8 @@ def fuse_swiglu(model: torch.nn.Module) -> int:
     return len(targets)
 
 
-def _launch(x: torch.Tensor, gate_up: torch.Tensor, launch=lambda kernel: kernel) -> torch.Tensor:
-    """Run the kernel (autotuned; fixed tiles in the interpreter, which has no GPU to time on); `launch` wraps it for torch.compile."""
+def _launch(x: torch.Tensor, gate_up: torch.Tensor, launch=lambda kernel: kernel, tiles: dict[str, int] | None = None) -> torch.Tensor:
+    """Run the kernel: with `tiles`, else autotuned (fixed tiles in the interpreter: no GPU to time on); `launch` wraps it for torch.compile."""
     x = x.contiguous()
     (m, k), n = x.shape, gate_up.shape[0] // 2
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -141,8 +135,8 @@ def _launch(x: torch.Tensor, gate_up: torch.Tensor, launch=lambda kernel: kernel
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     args = (x, gate_up, out, m, n, k, x.stride(0), gate_up.stride(0), out.stride(0))
-    if INTERPRETED:
-        launch(_swiglu_kernel)[grid](*args, **INTERPRETER_TILES)
+    if tiles or INTERPRETED:
+        launch(_swiglu_kernel)[grid](*args, **(tiles or INTERPRETER_TILES))
     else:
         launch(_swiglu_autotuned)[grid](*args)
     return out

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
+from fineweb_modal.config import COMPILE_CHOICES, DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from flows import server
@@ -41,7 +41,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
     parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="how vectors are stored")
     parser.add_argument(
-        "--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the in-process model (auto: on CUDA; on: also on the CPU, ~15-30 s per worker)"
+        "--compile", default="auto", choices=COMPILE_CHOICES, help="torch.compile the in-process model (auto: on CUDA; on: also on the CPU, ~15-30 s per worker)"
     )
 
 
