@@ -5,8 +5,10 @@ name. Data lives on the Volume `fineweb-modal-data`, mounted at /data, in the sa
 (No `from __future__ import annotations` here: Modal reads class parameters' types at runtime.)
 """
 
+import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import modal
@@ -15,7 +17,7 @@ from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import check_gpu, parse_gpu, stage_resources
 from fineweb_modal.shards import ShardJob, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
-from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME
+from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
 
 # Deploy-time settings: `FINEWEB_MODAL_GPU=A10G modal deploy deployments/modal_app.py`. The containers import
 # this module again: every setting they read travels in the images' environment (IMAGE_ENV).
@@ -86,13 +88,29 @@ def _resources(stage: str) -> dict[str, Any]:
     return {"cpu": spec.cpu, "memory": int(spec.memory_gib * 1024), **({"gpu": spec.gpu} if spec.gpu else {})}
 
 
+@contextlib.contextmanager
+def _failing_in_the_container() -> Iterator[None]:
+    """Send a Modal link error met in here back as a plain ConnectionError (still retried).
+
+    The caller keeps a call's record when *its own* link to Modal fails (the call may still run); an error
+    of the same class raised by the call must read as the call's failure, or the caller re-attaches to it.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if lost_modal_link(exc):
+            raise ConnectionError(f"in the Modal container: {type(exc).__name__}: {exc}") from exc
+        raise
+
+
 def _run(job: dict) -> dict:
     """Run one shard job against the Volume: see others' writes first, publish ours after."""
-    if not modal.is_local():
-        volume.reload()
-    result = run_shard(ShardJob.model_validate(job))
-    if not modal.is_local():
-        volume.commit()
+    with _failing_in_the_container():
+        if not modal.is_local():
+            volume.reload()
+        result = run_shard(ShardJob.model_validate(job))
+        if not modal.is_local():
+            volume.commit()
     return result.model_dump(mode="json")
 
 
@@ -126,9 +144,10 @@ def summarize_shard(job: dict) -> dict:
 @app.function(image=cpu_image, **_resources("download-hub"), **common)
 def download_hub(run: dict) -> list[dict]:
     """download from the Hub: `load_dataset` + `save_to_disk` onto the Volume, one ledger record per shard."""
-    results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal")
-    if not modal.is_local():
-        volume.commit()
+    with _failing_in_the_container():
+        results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal")
+        if not modal.is_local():
+            volume.commit()
     return [r.model_dump(mode="json") for r in results]
 
 
@@ -194,6 +213,10 @@ class TEIEmbedder:
     @modal.enter()
     def start_tei(self) -> None:
         """Start the router on localhost and wait until it has loaded and warmed the model."""
+        self._start_router()
+
+    def _start_router(self) -> None:
+        # A plain method: inside a container, `self.start_tei` is Modal's lifecycle wrapper, not callable again.
         self.process = None
         if self.tei_url:
             self.url = self.tei_url
@@ -217,7 +240,7 @@ class TEIEmbedder:
         """embed, one shard, through the TEI in this container (started again first if it has died)."""
         if self.process is not None and self.process.poll() is not None:
             print(f"text-embeddings-router exited with code {self.process.returncode}; starting it again")
-            self.start_tei()
+            self._start_router()
         job["run"]["embed"] = {**job["run"]["embed"], "engine": "tei", "tei_url": self.url}
         return _run(job)
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from fineweb_modal.config import COMPILE_CHOICES, DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
+from fineweb_modal.config import BACKENDS, COMPILE_CHOICES, DEFAULT_KEEP_COLUMNS, EMBEDDING_DTYPES, ENGINES, STAGES, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from flows import server
@@ -26,7 +26,7 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="dataset name under the data dir (default: folder name, or <repo>-<subset>)")
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
-    parser.add_argument("--backend", default="local", choices=["local", "modal"])
+    parser.add_argument("--backend", default="local", choices=BACKENDS)
     parser.add_argument("--max-tokens", default="auto", help="tokens per chunk incl. [CLS]/[SEP]; auto = min(500, model limit - prefix)")
     parser.add_argument("--overlap", default=0.1, type=float, help="fraction of the window shared by neighbouring chunks, 0-0.5")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the bundled all-MiniLM-L6-v2)")
@@ -36,10 +36,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
     parser.add_argument("--only", choices=["failed"], help="run only the shards whose last attempt failed")
     parser.add_argument("--max-cost", type=float, help="dollars: start no shard that would take spent + in-flight estimate past this")
-    parser.add_argument("--engine", default="transformers", choices=["transformers", "tei"], help="embedding engine")
+    parser.add_argument("--engine", default="transformers", choices=ENGINES, help="embedding engine")
     parser.add_argument("--tei-url", help="a running TEI server for --engine tei (the API key comes from TEI_API_KEY or the Prefect Secret 'tei-api-key')")
     parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
-    parser.add_argument("--embedding-dtype", default="float32", choices=["float32", "float16"], help="how vectors are stored")
+    parser.add_argument("--embedding-dtype", default="float32", choices=EMBEDDING_DTYPES, help="how vectors are stored")
     parser.add_argument(
         "--compile", default="auto", choices=COMPILE_CHOICES, help="torch.compile the in-process model (auto: on CUDA; on: also on the CPU, ~15-30 s per worker)"
     )
@@ -49,7 +49,7 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--backend", default="local", choices=["local", "modal"])
+    parser.add_argument("--backend", default="local", choices=BACKENDS)
     parser.add_argument("--max-tokens", default="auto")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prefix", default="")

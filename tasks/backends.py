@@ -130,6 +130,17 @@ class LocalBackend:
                 self._pool = None
 
 
+# What `modal` and `grpclib` raise when this process loses its link to Modal's servers: the call it waited on
+# may still be running (and billing), so its record must stay for the retry to re-attach to.
+_MODAL_LINK_ERRORS = {"ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError", "GRPCError"}
+
+
+def lost_modal_link(exc: BaseException) -> bool:
+    """Whether `exc` is the Modal client losing its link to Modal, rather than a call's own failure."""
+    kind = type(exc)
+    return kind.__module__.split(".")[0] in ("modal", "grpclib") and kind.__name__ in _MODAL_LINK_ERRORS
+
+
 def call_key(job: ShardJob) -> str:
     """The key of a shard job's Modal call (and its lease): dataset, split, stage, shard and the stage's config.
 
@@ -250,8 +261,8 @@ class ModalBackend:
         reserves the key with `put(..., skip_if_exists=True)` before spawning, so two runs at once never
         spawn two calls for one shard — the second waits on the first's call. A reservation left by a run
         that died before spawning expires after the lease TTL. Only a returned call (a result or a remote
-        error) is forgotten: when this process is stopped while waiting, the record stays, and the next run
-        re-attaches to the call instead of starting another.
+        error) is forgotten: when this process is stopped or loses its link to Modal while waiting, the record
+        stays, and the next attempt or run re-attaches to the call instead of starting another.
         """
         reservation = {"call_id": None, "reserved": _now(), "reserved_at": time.time(), **_flow_run_ids()}
         while not self._calls.put(key, reservation, skip_if_exists=True):
@@ -263,6 +274,8 @@ class ModalBackend:
                 try:
                     output = self._modal.FunctionCall.from_id(record["call_id"]).get()
                 except Exception as exc:  # the old call failed, or its result expired: start afresh
+                    if lost_modal_link(exc):
+                        raise  # whether that call still runs is unknown: keep its record for the next attempt
                     _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
                     self._forget(key, record)
                     continue
@@ -283,9 +296,10 @@ class ModalBackend:
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
             output = call.get()
-        except Exception:
-            self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
-            raise
+        except Exception as exc:
+            if not lost_modal_link(exc):
+                self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
+            raise  # a lost link keeps the record: the retry re-attaches to the call, which may still run
         self._forget(key, started)
         return output, call.object_id
 
@@ -339,7 +353,11 @@ class ModalBackend:
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset straight onto the Volume."""
-        results = self._function("download_hub").remote(self._on_volume(run).model_dump(mode="json"))
+        payload = self._on_volume(run).model_dump(mode="json")
+        digest = hashlib.sha256(run.download.model_dump_json().encode()).hexdigest()[:12]
+        key = f"{run.dataset.name}/{run.dataset.split}/download-hub/{digest}"
+        # Spawned and recorded like a shard's call: a retry after a lost link re-attaches, not downloads twice.
+        results, _ = self._call(key, lambda: self._function("download_hub").spawn(payload))
         return [ShardResult.model_validate(r) for r in results]
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -102,21 +102,31 @@ def test_deploy_settings_travel_to_the_containers_and_a_gpu_without_a_price_is_r
 
 
 def test_a_router_that_died_is_started_again_before_the_next_shard(modal_app, monkeypatch):
+    """Through `.local()`, so `self` is the instance Modal builds (where the `@enter` method cannot be called again)."""
     import subprocess
     import sys
 
-    embedder = modal_app.TEIEmbedder._get_user_cls()()  # the class as written, outside Modal's wrapper
-    embedder.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
-    embedder.process.wait()
-    restarts = []
+    routers: list[subprocess.Popen] = []
+    start_process = subprocess.Popen  # `modal_app.subprocess` is this module: patched below
 
-    def start_tei() -> None:
-        restarts.append(embedder.process.returncode)
-        embedder.process, embedder.url = None, "http://127.0.0.1:8000"
+    def popen(command: list[str], **kwargs) -> subprocess.Popen:
+        assert command[0] == "text-embeddings-router"
+        # The first router dies at once (exit code 3); the one started after it stays up.
+        script = "raise SystemExit(3)" if not routers else "import time; time.sleep(60)"
+        routers.append(start_process([sys.executable, "-c", script]))
+        routers[-1].wait(timeout=30) if len(routers) == 1 else None
+        return routers[-1]
 
-    monkeypatch.setattr(embedder, "start_tei", start_tei)
+    monkeypatch.setattr(modal_app.subprocess, "Popen", popen)
+    monkeypatch.setattr(modal_app, "wait_until_healthy", lambda url, timeout_s, process: None)
     monkeypatch.setattr(modal_app, "_run", lambda job: job["run"]["embed"])
-    assert embedder.embed_shard({"run": {"embed": {}}}) == {"engine": "tei", "tei_url": "http://127.0.0.1:8000"}
-    assert restarts == [3]
-    embedder.embed_shard({"run": {"embed": {}}})
-    assert restarts == [3], "a live (here: no) router is not restarted"
+    embedder = modal_app.TEIEmbedder()
+    try:
+        url = f"http://127.0.0.1:{modal_app.TEI_PORT}"
+        assert embedder.embed_shard.local({"run": {"embed": {}}}) == {"engine": "tei", "tei_url": url}
+        assert [r.returncode for r in routers] == [3, None], "the dead router was replaced by a live one"
+        embedder.embed_shard.local({"run": {"embed": {}}})
+        assert len(routers) == 2, "a live router is not restarted"
+    finally:
+        for router in routers:
+            router.kill()

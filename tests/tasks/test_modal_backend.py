@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import itertools
 
+import pyarrow.parquet as pq
 import pytest
 
+from fineweb_modal.errors import is_transient
 from fineweb_modal.shards import ShardJob, run_shard
 from tasks.backends import ModalBackend, call_key
 
@@ -16,13 +18,15 @@ _ids = itertools.count()
 
 
 class FakeCall:
-    def __init__(self, run, registry, interrupt=False):
-        self.object_id, self._run, self.cancelled, self.interrupt = f"fc-{next(_ids)}", run, False, interrupt
+    """A spawned call; while `wait_error` is set, waiting on it raises that (the call itself runs on)."""
+
+    def __init__(self, run, registry, wait_error: BaseException | None = None):
+        self.object_id, self._run, self.cancelled, self.wait_error = f"fc-{next(_ids)}", run, False, wait_error
         registry[self.object_id] = self
 
     def get(self, timeout=None):
-        if self.interrupt:
-            raise KeyboardInterrupt  # the waiting process is stopped (worker dies, run cancelled)
+        if self.wait_error is not None:
+            raise self.wait_error
         if self.cancelled:
             raise RuntimeError("cancelled")
         return self._run()
@@ -50,6 +54,7 @@ class FakeModal:
 
         self.app, self.data_dir, self.calls, self.spawned, self.dict = modal_app, data_dir, {}, [], FakeDict()
         self.remote_calls: list[str] = []
+        self.wait_errors: list[BaseException] = []  # given, one each, to the next calls spawned
         fake = self
 
         class Function:
@@ -80,8 +85,9 @@ class FakeModal:
         class Remote:
             @staticmethod
             def spawn(payload):
-                payload["run"]["dataset"]["data_dir"] = fake.data_dir  # the Volume is this local dir here
-                call = FakeCall(lambda: getattr(fake.app, name).local(payload), fake.calls)
+                payload.get("run", payload)["dataset"]["data_dir"] = fake.data_dir  # the Volume is this local dir here
+                wait_error = fake.wait_errors.pop(0) if fake.wait_errors else None
+                call = FakeCall(lambda: getattr(fake.app, name).local(payload), fake.calls, wait_error)
                 fake.spawned.append(call.object_id)
                 return call
 
@@ -135,15 +141,55 @@ def test_a_restarted_run_reattaches_instead_of_starting_again(downloaded):
     job = ShardJob(stage="chunk", shard=shard, run=run)
     backend = ModalBackend(modal_module=fake)
     with pytest.raises(KeyboardInterrupt):  # the worker dies while waiting
-        backend._call(call_key(job), lambda: FakeCall(lambda: {}, fake.calls, interrupt=True))
+        backend._call(call_key(job), lambda: FakeCall(lambda: {}, fake.calls, wait_error=KeyboardInterrupt()))
     record = fake.dict[call_key(job)]
     orphan = fake.calls[record["call_id"]]
-    orphan.interrupt, orphan._run = False, lambda: fake.app.chunk_shard.local(
+    orphan.wait_error, orphan._run = None, lambda: fake.app.chunk_shard.local(
         {**job.model_dump(mode="json"), "where": "modal"}
     )  # the call itself kept running on Modal
     result = backend.run(job)
     assert fake.spawned == [], "no second call was started"
     assert result.status == "done" and result.extra["modal_call_id"] == record["call_id"] and fake.dict == {}
+
+
+def test_a_lost_link_to_modal_keeps_the_call_so_the_retry_reattaches(downloaded):
+    """The client's own ConnectionError says nothing of the call, which may still run: no second call is paid for."""
+    from modal.exception import ConnectionError as ModalConnectionError
+
+    run, shard, fake = downloaded
+    job = ShardJob(stage="chunk", shard=shard, run=run)
+    backend = ModalBackend(modal_module=fake)
+    fake.wait_errors = [ModalConnectionError("Deadline exceeded")]
+    with pytest.raises(ModalConnectionError) as lost:
+        backend.run(job)
+    assert is_transient(lost.value), "Prefect retries the task"
+    call = fake.calls[fake.dict[call_key(job)]["call_id"]]
+    assert fake.spawned == [call.object_id]
+    with pytest.raises(ModalConnectionError):  # the retry re-attaches, and the link fails again
+        backend.run(job)
+    assert fake.dict[call_key(job)]["call_id"] == call.object_id, "still recorded"
+    call.wait_error = None  # the link is back
+    result = backend.run(job)
+    assert result.status == "done" and result.extra["modal_call_id"] == call.object_id
+    assert fake.spawned == [call.object_id] and fake.dict == {}
+
+
+def test_a_hub_download_is_one_recorded_call_too(downloaded, demo_source):
+    """download_hub is spawned and recorded like a shard's call: a retry after a lost link downloads nothing twice."""
+    from modal.exception import ConnectionError as ModalConnectionError
+
+    run, _, fake = downloaded
+    hub_run = run.model_copy(update={"download": run.download.model_copy(update={"source": str(demo_source), "source_kind": "hub"})})
+    backend = ModalBackend(modal_module=fake)
+    fake.wait_errors = [ModalConnectionError("Deadline exceeded")]
+    with pytest.raises(ModalConnectionError):
+        backend.download_hub(hub_run)
+    assert len(fake.spawned) == 1 and len(fake.dict) == 1
+    fake.calls[fake.spawned[0]].wait_error = None
+    results = backend.download_hub(hub_run)
+    assert len(fake.spawned) == 1 and fake.dict == {}
+    assert results and all(r.status == "done" for r in results)
+    assert sum(r.docs for r in results) == sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
 
 
 def test_a_failed_call_is_forgotten_so_the_retry_starts_afresh(downloaded):
