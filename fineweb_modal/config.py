@@ -20,6 +20,7 @@ EMBEDDING_DTYPES = ("float32", "float16")
 COMPILE_CHOICES = ("auto", "on", "off")
 MIN_MAX_TOKENS = 16
 DEFAULT_KEEP_COLUMNS = ("url", "score", "dump")  # fineweb-edu's
+CHUNK_COLUMNS = ("id", "doc_index", "chunk_index", "chunk_text", "char_start", "char_end", "chunk_token_count")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NAME = re.compile(r"^[\w.-]+$")
 
@@ -112,6 +113,8 @@ def resolve_max_tokens(max_tokens: int | str, model: str, prefix: str) -> int:
     info = model_info(model)
     room = info.sequence_limit - prefix_token_count(info.path, prefix)
     if str(max_tokens).strip().lower() == "auto":
+        if room < MIN_MAX_TOKENS:
+            raise ConfigError(f"the prefix takes {info.sequence_limit - room} of {model}'s {info.sequence_limit} tokens, leaving {room} for a chunk (at least {MIN_MAX_TOKENS})")
         return min(DEFAULT_MAX_TOKENS, room)
     try:
         value = int(str(max_tokens).strip())
@@ -169,13 +172,15 @@ def build_run_config(
         raise ConfigError(f"tei_url {tei_url!r} must be an http(s) URL like http://127.0.0.1:8080")
     if tei_url and engine != "tei":
         raise ConfigError("--tei-url is only used with --engine tei")
+    if tei_url and backend == "modal":
+        raise ConfigError("--tei-url is for the local backend: on Modal each GPU container runs its own TEI (drop --tei-url)")
     if max_cost is not None:
         try:
             max_cost = float(max_cost)
         except (TypeError, ValueError):
             raise ConfigError(f"max_cost must be a number of dollars, got {max_cost!r}") from None
-        if max_cost < 0:
-            raise ConfigError(f"max_cost={max_cost} must not be negative")
+        if not max_cost >= 0:  # NaN too: no spend would ever reach it
+            raise ConfigError(f"max_cost={max_cost} must be a number of dollars, not negative")
     if only not in (None, "", "failed"):
         raise ConfigError(f"only must be 'failed' (or unset), got {only!r}")
     if embedding_dtype not in EMBEDDING_DTYPES:
@@ -194,7 +199,7 @@ def build_run_config(
         raise ConfigError(f"overlap={overlap} is outside [0, 0.5] (a fraction of the window)")
     if not text_column:
         raise ConfigError("text_column must not be empty")
-    if not split or not _NAME.match(split):
+    if not split or not _NAME.match(split) or not split.strip("."):
         raise ConfigError(f"split {split!r} must be a plain name (letters, digits, '.', '_', '-')")
 
     download = None
@@ -214,20 +219,25 @@ def build_run_config(
     dataset_name = name or (default_name(source, subset) if source else None)
     if not dataset_name:
         raise ConfigError("give --name (or --source, from which the name is derived)")
-    if not _NAME.match(dataset_name):
+    if not _NAME.match(dataset_name) or not dataset_name.strip("."):  # `..` would leave the data dir
         raise ConfigError(f"name {dataset_name!r} must be a plain name (letters, digits, '.', '_', '-')")
 
     info = model_info(model)  # raises ConfigError for an unknown model
     hidden = hidden_size(info.path)
     if dimensions is not None and hidden and int(dimensions) > hidden:
         raise ConfigError(f"dimensions={dimensions} is more than {model}'s {hidden}")
+    keep = split_list(keep_columns)
+    if clashes := [c for c in keep if c in CHUNK_COLUMNS and c != "id"]:
+        raise ConfigError(f"keep_columns {clashes} would clash with the chunk file's own columns {list(CHUNK_COLUMNS)}")
+    if repeated := sorted({c for c in keep if keep.count(c) > 1}):
+        raise ConfigError(f"keep_columns names {repeated} more than once")
     chunk = ChunkConfig(
         model=model,
         tokenizer_sha256=info.tokenizer_sha256,
         max_tokens=resolve_max_tokens(max_tokens, model, prefix),
         overlap=overlap,
         text_column=text_column,
-        keep_columns=split_list(keep_columns),
+        keep_columns=tuple(c for c in keep if c != "id"),  # the chunk file's `id` already is the source's id
     )
     return RunConfig(
         dataset=DatasetConfig(data_dir=str(Path(data_dir).expanduser()), name=dataset_name, split=split),

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pyarrow as pa
 import pytest
 
-from fineweb_modal.config import STAGES, build_run_config, resolve_max_tokens
+from fineweb_modal.chunking import chunk_schema
+from fineweb_modal.config import CHUNK_COLUMNS, STAGES, build_run_config, resolve_max_tokens
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL, model_info, model_slug
 
@@ -42,12 +44,26 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"compile": "yes"}, "compile must be one of"),
         ({"engine": "tei", "tei_url": "http://127.0.0.1:8080", "compile": "on"}, "compile=on is for the transformers engine"),
         ({"dimensions": 0}, "dimensions must be a positive integer"),
+        ({"prefix": "word " * 250}, r"leaving -?\d+ for a chunk \(at least 16\)"),
+        ({"name": ".."}, "must be a plain name"),
+        ({"split": "."}, "must be a plain name"),
+        ({"keep_columns": "url,chunk_text"}, r"keep_columns \['chunk_text'\] would clash"),
+        ({"keep_columns": "url,url"}, r"keep_columns names \['url'\] more than once"),
+        ({"max_cost": float("nan")}, "must be a number of dollars"),
+        ({"backend": "modal", "engine": "tei", "tei_url": "http://127.0.0.1:8080"}, "--tei-url is for the local backend"),
     ],
 )
 def test_bad_config_is_rejected_with_the_reason(overrides, message):
     params = {"name": "demo", "stages": "chunk"} | overrides
     with pytest.raises(ConfigError, match=message):
         build_run_config(**params)
+
+
+def test_keeping_the_source_id_is_what_the_chunk_id_already_does():
+    run = build_run_config(name="demo", stages="chunk", keep_columns="id,url")
+    assert run.chunk.keep_columns == ("url",)
+    schema = chunk_schema(pa.schema([("text", pa.string()), ("url", pa.string())]), run.chunk)
+    assert tuple(schema.names) == (*CHUNK_COLUMNS, "url")
 
 
 def test_stages_run_in_pipeline_order_and_names_derive_from_the_source(tmp_path):
