@@ -158,7 +158,11 @@ def check_columns(source_schema: pa.Schema, cfg: ChunkConfig, path: object) -> N
 def _rebatch(batches: Iterator[pa.RecordBatch], text_column: str, max_rows: int, max_chars: int) -> Iterator[pa.RecordBatch]:
     """Slices of at most `max_rows` rows and about `max_chars` characters (one longer document goes alone)."""
     for batch in batches:
-        lengths = pc.fill_null(pc.utf8_length(batch.column(text_column)), 0).to_numpy(zero_copy_only=False) if batch.num_rows else []
+        texts = batch.column(text_column)
+        if pa.types.is_null(texts.type):  # a column of only nulls (e.g. from JSON): no text, no kernel
+            lengths = [0] * batch.num_rows
+        else:
+            lengths = pc.fill_null(pc.utf8_length(texts), 0).to_numpy(zero_copy_only=False) if batch.num_rows else []
         start, chars = 0, 0
         for row, length in enumerate(lengths):
             if row > start and (row - start >= max_rows or chars + length > max_chars):
@@ -172,7 +176,7 @@ def _rebatch(batches: Iterator[pa.RecordBatch], text_column: str, max_rows: int,
 def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkStats:
     """Chunk one arrow shard into one parquet file, written under a temp name and renamed into place."""
     pin_mmap_threshold()
-    source_schema, batches = open_arrow_batches(input_path)
+    source_schema, batches = open_arrow_batches(input_path, validate=True)
     check_columns(source_schema, cfg, input_path)
     schema = chunk_schema(source_schema, cfg)
     has_id = "id" in source_schema.names

@@ -17,6 +17,10 @@ class ShardBusyError(Exception):
     """Another run holds this shard's lease: it is being worked on now; this run leaves it alone."""
 
 
+class WorkerLostError(Exception):
+    """The process working on a shard died under it (killed by the OS, out of memory, crashed); a fresh one may pass."""
+
+
 class BadDataError(Exception):
     """The input itself is wrong (missing column, unreadable file): retrying cannot help."""
 
@@ -29,7 +33,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for errors that can pass on a retry (I/O hiccups, timeouts, lost connections)."""
     if isinstance(exc, (BadDataError, ConfigError, ShardBusyError)):
         return False
-    if isinstance(exc, (TimeoutError, ConnectionError)):
+    if isinstance(exc, (TimeoutError, ConnectionError, WorkerLostError)):
         return True
     if isinstance(exc, OSError):
         return exc.errno not in _PERMANENT_ERRNOS

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json")
+# What `save_to_disk` writes beside its Arrow shards: a folder it wrote (or a download of ours) is a valid source.
+SAVE_TO_DISK_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
 _OUTPUT_SUFFIX = {"download": ".arrow", "chunk": ".parquet", "embed": ".parquet", "summarize": ".json"}
 _INPUT_STAGE = {"chunk": "download", "embed": "chunk", "summarize": "chunk"}
 
@@ -88,7 +90,9 @@ class Layout:
 def list_source_files(folder: str | Path) -> list[Path]:
     """The shard files of a local source folder: parquet, arrow and jsonl, one file per shard, sorted by name."""
     root = Path(folder)
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p for p in root.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES and not p.name.startswith(".") and p.name not in SAVE_TO_DISK_METADATA
+    )
     stems = [p.stem for p in files]
     duplicates = sorted({s for s in stems if stems.count(s) > 1})
     if duplicates:

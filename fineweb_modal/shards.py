@@ -239,6 +239,12 @@ def run_shard_exclusive(job: ShardJob) -> ShardResult:
         return run_shard(job, still_ours=lease.held)
 
 
+def record_failure(job: ShardJob, exc: BaseException) -> None:
+    """Write the failed record of a job whose worker process died before it could write its own."""
+    ledger = Ledger(job.layout())
+    ledger.write_failed(job.stage, job.shard, job_fingerprint(job, ledger), exc, job.attempt)
+
+
 def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
     """`shard_status` of many shards at once (one Modal call for the modal backend)."""
     return {shard: shard_status(run, stage, shard) for shard in shards}

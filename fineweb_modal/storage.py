@@ -52,7 +52,7 @@ def decoding(path: Path, what: str = "read") -> Iterator[None]:
     """
     try:
         yield
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
         raise BadDataError(f"{path}: cannot {what} ({exc})") from None
     except OSError as exc:
         if exc.errno is not None:
@@ -60,27 +60,43 @@ def decoding(path: Path, what: str = "read") -> Iterator[None]:
         raise BadDataError(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
 
 
-def open_arrow_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """Stream record batches from an Arrow IPC file in either the stream format (`save_to_disk`) or the file format."""
+def open_arrow_batches(path: Path, validate: bool = False) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    """Stream record batches from an Arrow IPC file in either the stream format (`save_to_disk`) or the file format.
+
+    `validate` checks each batch in full (offsets, UTF-8) before it is yielded, as a BadDataError: a reader
+    that touches the values needs it, since pyarrow can crash the process on bad offsets rather than raise.
+    """
     if not path.is_file():
         raise BadDataError(f"{path}: input shard does not exist")
     source = pa.memory_map(str(path), "r")
     try:
         reader = pa.ipc.open_stream(source)
-        return reader.schema, iter(reader)
+        schema, batches = reader.schema, iter(reader)
     except (pa.ArrowInvalid, OSError):
         source.seek(0)
-    with decoding(path, "open as an Arrow IPC stream or file"):
-        file_reader = pa.ipc.open_file(source)
-    return file_reader.schema, (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+        with decoding(path, "open as an Arrow IPC stream or file"):
+            file_reader = pa.ipc.open_file(source)
+        schema, batches = file_reader.schema, (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+    return schema, (_validated(path, batches) if validate else batches)
+
+
+def _validated(path: Path, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    with decoding(path, "read the Arrow shard"):
+        for batch in batches:
+            batch.validate(full=True)
+            yield batch
 
 
 def sample_arrow_rows(path: Path, count: int) -> tuple[pa.Schema, pa.RecordBatch, int]:
     """Evenly spaced rows of an arrow shard: (its schema, those rows as one batch, the shard's row count)."""
     schema, batches = open_arrow_batches(path)
-    table = pa.Table.from_batches(list(batches), schema)
-    picks = np.unique(np.linspace(0, max(table.num_rows - 1, 0), num=min(count, table.num_rows), dtype=np.int64))
-    sample = table.take(pa.array(picks)).combine_chunks()
+    with decoding(path, "read a sample of the Arrow shard"):
+        table = pa.Table.from_batches(list(batches), schema)
+        picks = np.unique(np.linspace(0, max(table.num_rows - 1, 0), num=min(count, table.num_rows), dtype=np.int64))
+        rows = [table.slice(int(row), 1) for row in picks]
+        for row in rows:  # each picked row alone: cheap, and it makes reading them safe (see open_arrow_batches)
+            row.validate(full=True)
+        sample = pa.concat_tables(rows).combine_chunks() if rows else table.slice(0, 0)
     return schema, (sample.to_batches()[0] if sample.num_rows else pa.RecordBatch.from_pylist([], schema=schema)), table.num_rows
 
 

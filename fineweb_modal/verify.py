@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fineweb_modal.layout import Layout
-from fineweb_modal.storage import open_arrow_batches
+from fineweb_modal.storage import decoding, open_arrow_batches
 
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 
@@ -38,8 +38,9 @@ def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected
 def _check_spans(source_path: Path, chunks: pa.Table, text_column: str) -> list[str]:
     if not source_path.is_file():
         return [f"no source shard {source_path} to check spans against"]
-    schema, batches = open_arrow_batches(source_path)
-    texts = pa.Table.from_batches(list(batches), schema).column(text_column).to_pylist()
+    schema, batches = open_arrow_batches(source_path, validate=True)
+    with decoding(source_path, "read the source shard"):
+        texts = pa.Table.from_batches(list(batches), schema).column(text_column).to_pylist()
     bad = 0
     first = None
     for row, (doc, text, start, end) in enumerate(

@@ -56,8 +56,14 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
         chosen = _only_failed(run, stage, chosen)
     if chosen and stage == "chunk" and run.backend == "local":
         # A missing text or kept column is a config mistake: say so before any shard starts.
-        path = layout_for(run).input_path("chunk", chosen[0])
-        _check_columns(open_arrow_batches(path)[0], run, path)
+        for shard in chosen:
+            path = layout_for(run).input_path("chunk", shard)
+            try:
+                schema = open_arrow_batches(path)[0]
+            except BadDataError:
+                continue  # an unreadable shard fails its own task, naming the file; judge by the next one
+            _check_columns(schema, run, path)
+            break
     return {shard: candidates[shard] for shard in chosen}
 
 

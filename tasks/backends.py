@@ -12,12 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
-from fineweb_modal.errors import ConfigError
+from fineweb_modal.errors import ConfigError, WorkerLostError
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
@@ -26,6 +27,7 @@ from fineweb_modal.shards import (
     finalize_stage,
     layout_for,
     plan_sample,
+    record_failure,
     run_shard_exclusive,
     shard_statuses,
     stage_config_fingerprint,
@@ -81,13 +83,31 @@ class LocalBackend:
                 self._pool = ProcessPoolExecutor(self.max_workers, mp_context=multiprocessing.get_context("spawn"))
             return self._pool
 
+    def _in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Call `function` in a worker process; a pool broken by a dead worker is replaced, and the call fails as WorkerLostError."""
+        pool = self._executor()
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool as exc:
+            with self._pool_lock:
+                if self._pool is pool:
+                    self._pool = None  # every later submit would fail too: the next one starts fresh workers
+            pool.shutdown(wait=False)
+            raise WorkerLostError(
+                "a worker process died while this ran (killed by the OS, e.g. out of memory, or crashed); its retry runs in a fresh one"
+            ) from exc
+
     def run(self, job: ShardJob) -> ShardResult:
         """Run one shard job here and wait for it."""
         job = job.model_copy(update={"where": "local"})
         if job.stage == "embed":
             with self._embed_lock:
                 return run_shard_exclusive(job)
-        return self._executor().submit(run_shard_exclusive, job).result()
+        try:
+            return self._in_worker(run_shard_exclusive, job)
+        except WorkerLostError as exc:
+            record_failure(job, exc)  # for `--only failed`: the dead worker wrote nothing
+            raise
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, from the local data dir."""
@@ -108,11 +128,11 @@ class LocalBackend:
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs, in a worker process."""
-        return self._executor().submit(verify_outputs, run, shard).result()
+        return self._in_worker(verify_outputs, run, shard)
 
     def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Sample one shard for the forecast, in a worker process."""
-        return self._executor().submit(plan_sample, run, shard).result()
+        return self._in_worker(plan_sample, run, shard)
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset into the local data dir."""

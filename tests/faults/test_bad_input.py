@@ -3,6 +3,8 @@ clear message; a dataset without its text column is refused before any work."""
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -10,6 +12,7 @@ import pytest
 
 from fineweb_modal.errors import BadDataError
 from fineweb_modal.shards import ShardJob, layout_for, run_shard
+from fineweb_modal.storage import sample_arrow_rows
 
 ODD_DOCUMENTS = {
     "none": None,
@@ -145,3 +148,71 @@ def test_a_corrupt_first_source_file_does_not_stop_the_column_check_or_the_run(t
         check_source_columns(run)
     pq.write_table(pa.table({"id": ["x"], "text": ["hello"]}), source / "b.parquet")
     check_source_columns(run)  # the corrupt file is left to fail its own shard
+
+
+def _write_stream(path, texts: list[str]) -> bytearray:
+    batch = pa.record_batch([pa.array(texts, pa.string()), pa.array([str(i) for i in range(len(texts))])], names=["text", "id"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return bytearray(path.read_bytes())
+
+
+def test_corrupt_arrow_values_fail_the_shard_instead_of_crashing_the_process(run_config_for, tmp_path):
+    """Offsets out of bounds make pyarrow read wild memory (the process dies: SIGBUS/SIGSEGV), bad UTF-8 a bare
+    UnicodeDecodeError: both are caught by validating each batch first, and name the file."""
+    run = run_config_for(name="corrupt", stages="chunk", keep_columns="")
+    layout = layout_for(run)
+    offsets_shard = layout.output_path("download", "bad-offsets")
+    raw = _write_stream(offsets_shard, ["abc", "defgh", "ijkl"])
+    at = raw.index(struct.pack("<4i", 0, 3, 8, 12))
+    raw[at + 4 : at + 8] = struct.pack("<i", 0x7FFF0000)  # a middle offset: the reader's cheap checks see only the ends
+    offsets_shard.write_bytes(bytes(raw))
+    utf8_shard = layout.output_path("download", "bad-utf8")
+    raw = _write_stream(utf8_shard, ["abc", "de\u00e9gh", "ijkl"])
+    at = raw.index("\u00e9".encode())
+    raw[at : at + 2] = b"\xff\xfe"
+    utf8_shard.write_bytes(bytes(raw))
+    for shard, cause in (("bad-offsets", "out of bounds"), ("bad-utf8", "Invalid UTF8")):
+        with pytest.raises(BadDataError, match=rf"{shard}.arrow: cannot read the Arrow shard .*{cause}"):
+            run_shard(ShardJob(stage="chunk", shard=shard, run=run))
+        assert not layout.output_path("chunk", shard).exists()
+    with pytest.raises(BadDataError, match="bad-offsets.arrow: cannot read a sample"):  # the disk-space check and the plan sample
+        sample_arrow_rows(offsets_shard, 3)
+
+
+def test_a_text_column_of_only_nulls_gives_counted_empty_docs(run_config_for, tmp_path):
+    """JSON lines whose texts are all null load as Arrow's null type: every document is an empty one."""
+    source = tmp_path / "source" / "nulls"
+    source.mkdir(parents=True)
+    (source / "s0.jsonl").write_text('{"text": null, "url": "a"}\n{"text": null, "url": "b"}\n')
+    run = run_config_for(source, keep_columns="url")
+    run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
+    result = run_shard(ShardJob(stage="chunk", shard="s0", run=run))
+    assert result.status == "done" and (result.docs, result.empty_docs, result.chunks) == (2, 2, 0)
+
+
+def test_a_save_to_disk_folder_is_a_source_without_its_metadata_files(run_config_for, tmp_path):
+    """`dataset_info.json` and `state.json` beside the Arrow shards are not shards."""
+    from fineweb_modal.layout import list_source_files
+
+    source = tmp_path / "saved"
+    _write_stream(source / "data-00000-of-00001.arrow", ["one document"])
+    (source / "dataset_info.json").write_text("{}")
+    (source / "state.json").write_text('{"_data_files": []}')
+    assert [p.name for p in list_source_files(source)] == ["data-00000-of-00001.arrow"]
+
+
+def test_an_unreadable_first_shard_does_not_stop_the_chunk_stages_column_check(run_config_for):
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import _shards_and_inputs
+
+    run = run_config_for(name="mixed", stages="chunk", keep_columns="")
+    layout = layout_for(run)
+    layout.output_path("download", "a").parent.mkdir(parents=True, exist_ok=True)
+    layout.output_path("download", "a").write_bytes(b"not arrow at all")
+    _write_stream(layout.output_path("download", "b"), ["fine"])
+    assert list(_shards_and_inputs("chunk", run)) == ["a", "b"], "a fails its own task; b's columns were checked"
+    bad_columns = run.model_copy(update={"chunk": run.chunk.model_copy(update={"text_column": "body"})})
+    with pytest.raises(ConfigError, match=r"b.arrow: column\(s\) \['body'\] not found"):
+        _shards_and_inputs("chunk", bad_columns)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
-from fineweb_modal.errors import BadDataError, ConfigError
-from fineweb_modal.shards import ShardJob
+from fineweb_modal.errors import BadDataError, ConfigError, WorkerLostError, is_transient
+from fineweb_modal.ledger import Ledger
+from fineweb_modal.shards import ShardJob, layout_for
 from tasks.backends import LocalBackend, ModalBackend, get_backend
 from tasks.shard_tasks import retry_if_transient
 
@@ -20,6 +24,28 @@ def test_local_backend_runs_jobs_in_worker_processes(demo_source, run_config_for
         assert backend.list_shards(run, "chunk") == [f.stem for f in files]
         with pytest.raises(BadDataError):  # exceptions cross the process boundary with their type
             backend.run(ShardJob(stage="chunk", shard="nope", run=run))
+    finally:
+        backend.close()
+
+
+def test_a_dead_worker_fails_only_its_shard_and_the_next_one_gets_fresh_workers(demo_source, run_config_for):
+    """A worker killed by the OS (OOM killer, a crash) breaks a process pool for good: the backend replaces it."""
+    run = run_config_for(demo_source)
+    backend = LocalBackend(max_workers=1)
+    try:
+        source = sorted(demo_source.glob("*.parquet"))[0]
+        backend.run(ShardJob(stage="download", shard=source.stem, run=run, source_file=str(source)))
+        (worker,) = backend._pool._processes.values()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        job = ShardJob(stage="chunk", shard=source.stem, run=run)
+        with pytest.raises(WorkerLostError) as lost:
+            backend.run(job)
+        assert is_transient(lost.value), "retried, in a fresh worker"
+        record = Ledger(layout_for(run)).read("chunk", source.stem)
+        assert record.status == "failed" and record.error_type == "WorkerLostError", "`--only failed` finds it"
+        assert backend.run(job).status == "done", "the pool was replaced"
+        assert backend._pool._processes and worker.pid not in {p.pid for p in backend._pool._processes.values()}
     finally:
         backend.close()
 
