@@ -40,6 +40,8 @@ class ShardRecord(BaseModel):
     output: str | None = None
     rows_out: int | None = None
     stats: dict[str, Any] = {}
+    # What the output was made from: the input stage's done fingerprint (or the input file's size and mtime).
+    upstream: str | None = None
     error: str | None = None
     error_type: str | None = None
     attempts: int = 1
@@ -48,6 +50,15 @@ class ShardRecord(BaseModel):
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_identity(path: Path) -> str:
+    """A file's size and modification time, or `missing`."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return "missing"
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
 def count_rows(path: Path) -> int | None:
@@ -92,8 +103,17 @@ class Ledger:
             return None
         return record
 
-    def write_done(self, stage: str, shard: str, fingerprint: str, rows_out: int, stats: dict[str, Any], attempts: int) -> ShardRecord:
-        """Record a finished shard (call only after its output is in place)."""
+    def input_fingerprint(self, stage: str, shard: str) -> str:
+        """What a shard of a (non-download) stage is made from now: its input's done fingerprint, else the input file's identity."""
+        record = self.read(self.layout.input_stage(stage), shard)
+        return record.fingerprint if record and record.status == "done" else file_identity(self.layout.input_path(stage, shard))
+
+    def outdated(self, record: ShardRecord) -> bool:
+        """Whether a done record's output was made from another input than the one there now (e.g. re-chunked since)."""
+        return record.upstream is not None and record.stage != "download" and record.upstream != self.input_fingerprint(record.stage, record.shard)
+
+    def write_done(self, stage: str, shard: str, fingerprint: str, rows_out: int, stats: dict[str, Any], attempts: int, upstream: str | None = None) -> ShardRecord:
+        """Record a finished shard (call only after its output is in place), with the input fingerprint it was made from."""
         output = self.layout.output_path(stage, shard)
         record = ShardRecord(
             stage=stage,
@@ -103,6 +123,7 @@ class Ledger:
             output=str(output.relative_to(self.layout.data_dir)),
             rows_out=rows_out,
             stats=stats,
+            upstream=upstream,
             attempts=attempts,
             time=_now(),
         )

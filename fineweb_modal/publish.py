@@ -12,10 +12,13 @@ from fineweb_modal.costs import format_usd
 from fineweb_modal.layout import Layout
 from fineweb_modal.status import ledger_status
 from fineweb_modal.storage import atomic_path
+from fineweb_modal.verify import outdated_stages
 
 
 def join_shard(layout: Layout, shard: str, destination: Path) -> int:
     """Write one shard's chunk rows with their embedding column (row for row) to `destination`; returns rows."""
+    if outdated_stages(layout, shard, ("embed",)):
+        raise ValueError(f"{shard}: its embeddings were made from a chunk file since replaced; rerun the embed stage")
     chunks = pq.read_table(layout.output_path("chunk", shard))
     embeddings = pq.read_table(layout.output_path("embed", shard))
     if embeddings.num_rows != chunks.num_rows or not embeddings.column("chunk_index").equals(chunks.column("chunk_index")):

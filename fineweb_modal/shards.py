@@ -24,7 +24,7 @@ from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import rate_per_second, stage_resources
 from fineweb_modal.errors import ShardBusyError
 from fineweb_modal.layout import Layout
-from fineweb_modal.ledger import Ledger, ShardLease, count_rows
+from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
 from fineweb_modal.models import model_info
 from fineweb_modal.storage import remove_stale_temps, write_json_atomic
 
@@ -87,14 +87,6 @@ def layout_for(run: RunConfig) -> Layout:
     )
 
 
-def _file_identity(path: Path) -> str:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return "missing"
-    return f"{stat.st_size}-{stat.st_mtime_ns}"
-
-
 def stage_config_fingerprint(job: ShardJob) -> str:
     """The fingerprint of the part of the run config that shapes this stage's output (not which shards, not the budget)."""
     run = job.run
@@ -107,16 +99,16 @@ def stage_config_fingerprint(job: ShardJob) -> str:
     return f"summarize-{run.chunk.max_tokens}"
 
 
-def job_fingerprint(job: ShardJob, ledger: Ledger) -> str:
-    """Config fingerprint + the fingerprint of the input it reads: a re-chunk invalidates the embeddings."""
-    layout = job.layout()
-    if job.stage == "download":
-        upstream = f"{Path(job.source_file or '').name}:{_file_identity(Path(job.source_file or ''))}"
-    else:
-        record = ledger.read(layout.input_stage(job.stage), job.shard)
-        upstream = record.fingerprint if record and record.status == "done" else _file_identity(layout.input_path(job.stage, job.shard))
-    payload = f"{job.stage}|{stage_config_fingerprint(job)}|{upstream}"
+def job_fingerprint(job: ShardJob, ledger: Ledger, upstream: str | None = None) -> str:
+    """Config fingerprint + the fingerprint of the input it reads (`upstream`, read when not given): a re-chunk invalidates the embeddings."""
+    payload = f"{job.stage}|{stage_config_fingerprint(job)}|{upstream or _upstream(job, ledger)}"
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _upstream(job: ShardJob, ledger: Ledger) -> str:
+    if job.stage == "download":
+        return f"{Path(job.source_file or '').name}:{file_identity(Path(job.source_file or ''))}"
+    return ledger.input_fingerprint(job.stage, job.shard)
 
 
 def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
@@ -160,7 +152,8 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
     """
     layout = job.layout()
     ledger = Ledger(layout)
-    fingerprint = job_fingerprint(job, ledger)
+    upstream = _upstream(job, ledger)
+    fingerprint = job_fingerprint(job, ledger, upstream)
     if (skipped := _skipped_result(job, ledger, fingerprint)) is not None:
         return skipped
     common = _result_fields(job)
@@ -193,7 +186,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
     )
     if still_ours is not None and not still_ours():
         raise ShardBusyError(f"{job.stage}/{job.shard}: another run took over this shard's lease while this one worked; it records the shard")
-    ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt)
+    ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt, upstream=upstream)
     for stale in layout.shard_dir(job.stage).joinpath(".parts").glob(f"{job.shard}-*"):
         if re.fullmatch(rf"{re.escape(job.shard)}-[0-9a-f]{{16}}", stale.name):  # not shard `s2-b`'s when this is `s2`
             shutil.rmtree(stale, ignore_errors=True)  # parts of earlier configs of this shard
@@ -251,13 +244,16 @@ def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, s
 
 
 def shard_status(run: RunConfig, stage: str, shard: str) -> str:
-    """`done`, `failed` or `missing` for one shard of one stage, as the ledger and the output files say."""
+    """`done`, `failed`, `stale` (made from an input since replaced) or `missing`, as the ledger and the output files say."""
     layout = layout_for(run)
-    record = Ledger(layout).read(stage, shard)
+    ledger = Ledger(layout)
+    record = ledger.read(stage, shard)
     if record is None:
         return "missing"
     if record.status == "done" and count_rows(layout.output_path(stage, shard)) != record.rows_out:
         return "missing"
+    if record.status == "done" and ledger.outdated(record):
+        return "stale"
     return record.status
 
 

@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fineweb_modal.ledger import ShardRecord, count_rows
+from fineweb_modal.layout import Layout
+from fineweb_modal.ledger import Ledger, ShardRecord, count_rows
 from fineweb_modal.storage import read_json
 
 _DERIVED = re.compile(r"^(?P<name>.+)-chunked-(?P<tokens>\d+)(?:-(?P<model>.+))?$")
@@ -23,6 +24,7 @@ class StageStatus:
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # done, but made from an input that has since been replaced
     tokens: int = 0
     seconds: float = 0.0
     cost_usd: float = 0.0
@@ -30,7 +32,7 @@ class StageStatus:
 
     def as_dict(self) -> dict:
         """A JSON-ready view (for `fineweb-modal status --json`)."""
-        return {**self.__dict__, "counts": {"done": len(self.done), "failed": len(self.failed), "missing": len(self.missing)}}
+        return {**self.__dict__, "counts": {"done": len(self.done), "failed": len(self.failed), "missing": len(self.missing), "stale": len(self.stale)}}
 
 
 def _input_dir(data_dir: Path, dataset: str, stage: str, split: str) -> Path | None:
@@ -44,6 +46,14 @@ def _input_dir(data_dir: Path, dataset: str, stage: str, split: str) -> Path | N
     return None
 
 
+def _ledger_of(data_dir: Path, dataset: str, stage: str, split: str) -> Ledger | None:
+    """The ledger of a derived dataset's stage, laid out so its inputs can be found (None for download)."""
+    match = _DERIVED.match(dataset)
+    if stage == "download" or not match:
+        return None
+    return Ledger(Layout(data_dir=str(data_dir), name=match["name"], split=split, max_tokens=int(match["tokens"]), model_slug=match["model"] or ""))
+
+
 def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageStatus]:
     """Every (dataset, stage, split) with ledger records under `data_dir`, optionally only datasets of `name`."""
     root = Path(data_dir)
@@ -53,6 +63,7 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
         if name and dataset != name and not dataset.startswith(f"{name}-chunked-"):
             continue
         status = StageStatus(dataset=dataset, stage=stage, split=split)
+        ledger = _ledger_of(root, dataset, stage, split)
         recorded = set()
         for path in sorted(stage_dir.glob("*.json")):
             try:
@@ -66,6 +77,9 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
             output = root / record.output if record.output else None
             if output is None or count_rows(output) != record.rows_out:
                 status.missing.append(record.shard)  # done once, but its output is gone or changed
+                continue
+            if ledger is not None and ledger.outdated(record):
+                status.stale.append(record.shard)
                 continue
             status.done.append(record.shard)
             status.tokens += int(record.stats.get("tokens", 0))

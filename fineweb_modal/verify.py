@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fineweb_modal.layout import Layout
+from fineweb_modal.ledger import Ledger
 from fineweb_modal.storage import decoding, open_arrow_batches
 
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
@@ -27,12 +28,20 @@ def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected
     keys = np.stack([chunks.column("doc_index").to_numpy(), chunks.column("chunk_index").to_numpy().astype(np.int64)], axis=1)
     if len(np.unique(keys, axis=0)) != len(keys):
         problems.append("(doc_index, chunk_index) is not unique")
+    problems += [f"the {stage} output was made from a {layout.input_stage(stage)} output since replaced: rerun {stage}" for stage in outdated_stages(layout, shard)]
     problems += _check_spans(layout.output_path("download", shard), chunks, text_column)
     if embed_path.is_file():
         problems += _check_embeddings(embed_path, chunks, expected_dims, outcome)
     else:
         problems.append(f"no embedding file {embed_path}")
     return {**outcome, "problems": problems}
+
+
+def outdated_stages(layout: Layout, shard: str, stages: tuple[str, ...] = ("chunk", "embed")) -> list[str]:
+    """The stages whose done output for `shard` was made from an input that has been replaced since."""
+    ledger = Ledger(layout)
+    records = [ledger.read(stage, shard) for stage in stages]
+    return [r.stage for r in records if r is not None and r.status == "done" and ledger.outdated(r)]
 
 
 def _check_spans(source_path: Path, chunks: pa.Table, text_column: str) -> list[str]:
@@ -83,6 +92,8 @@ def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str
     paths = sorted(layout.shard_dir("embed").glob("*.parquet"))
     if not paths:
         raise FileNotFoundError(f"no embedding shards in {layout.shard_dir('embed')}")
+    if stale := [path.stem for path in paths if outdated_stages(layout, path.stem, ("embed",))]:
+        raise ValueError(f"embeddings of shard(s) {stale} were made from chunk files since replaced: rerun the embed stage")
     tables = []
     for path in paths:
         table = pq.read_table(path, memory_map=True)  # the file is mapped; decoded columns live in memory

@@ -193,7 +193,7 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
 
 
 def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
-    """Print the ledger's view of a data dir; exit 1 when any shard is failed or missing, or nothing is found (a typo must not pass)."""
+    """Print the ledger's view of a data dir; exit 1 when any shard is failed, missing or stale, or nothing is found (a typo must not pass)."""
     import json
 
     from fineweb_modal.costs import format_usd
@@ -206,17 +206,19 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
     elif not statuses:
         print(f"no ledger records under {data_dir}" + (f" for {name}" if name else ""))
     else:
-        print(f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'tokens':>14} {'seconds':>9} {'cost':>9}")
+        print(f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'stale':>5} {'tokens':>14} {'seconds':>9} {'cost':>9}")
         for s in statuses:
             print(
-                f"{s.dataset:<48} {s.stage:<10} {s.split:<6} {len(s.done):>5} {len(s.failed):>6} {len(s.missing):>7} "
+                f"{s.dataset:<48} {s.stage:<10} {s.split:<6} {len(s.done):>5} {len(s.failed):>6} {len(s.missing):>7} {len(s.stale):>5} "
                 f"{group_digits(s.tokens):>14} {s.seconds:>9.1f} {format_usd(s.cost_usd):>9}"
             )
             for shard, error in s.failed.items():
                 print(f"    failed  {shard}: {error[:150]}")
             for shard in s.missing[:10]:
                 print(f"    missing {shard}")
-    return EXIT_OK if statuses and all(not s.failed and not s.missing for s in statuses) else EXIT_FAILED_SHARDS
+            for shard in s.stale[:10]:
+                print(f"    stale   {shard}: made from an input that has changed since; rerun {s.stage}")
+    return EXIT_OK if statuses and all(not s.failed and not s.missing and not s.stale for s in statuses) else EXIT_FAILED_SHARDS
 
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from fineweb_modal import load_embeddings
 from fineweb_modal.shards import ShardJob, layout_for, run_shard, verify_outputs
@@ -54,3 +55,40 @@ def test_load_embeddings_returns_all_vectors_with_keys(demo_source, run_config_f
     assert keys.column_names == ["id", "doc_index", "chunk_index", "shard"] and keys.num_rows == chunk_rows
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert sorted(set(keys.column("shard").to_pylist())) == shards
+
+
+def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tmp_path, run_config_for):
+    """Source edited, download and chunk rerun, embed not: the old vectors must not pass as the new texts'."""
+    from fineweb_modal.publish import join_shard
+    from fineweb_modal.shards import shard_status
+    from fineweb_modal.status import ledger_status
+
+    source = tmp_path / "source" / "edited"
+    source.mkdir(parents=True)
+    path = source / "s0.parquet"
+
+    def run_stages(texts: list[str], stages: tuple[str, ...]):
+        pq.write_table(pa.table({"text": texts}), path)
+        run = run_config_for(source, keep_columns="")
+        for stage in stages:
+            run_shard(ShardJob(stage=stage, shard="s0", run=run, source_file=str(path) if stage == "download" else None))
+        return run
+
+    run = run_stages(["The cat sat on the mat.", "Stock markets fell sharply today."], ("download", "chunk", "embed"))
+    layout = layout_for(run)
+    assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
+    # Other texts, other lengths: the source file's size changes, so download and chunk redo the shard.
+    run = run_stages(["Quantum physics of black holes.", "The football final ended in a draw."], ("download", "chunk"))
+
+    assert shard_status(run, "embed", "s0") == "stale" and shard_status(run, "chunk", "s0") == "done"
+    (embed_status,) = [s for s in ledger_status(tmp_path / "data", "edited") if s.stage == "embed"]
+    assert embed_status.stale == ["s0"] and embed_status.done == []
+    assert verify_outputs(run, "s0")["problems"] == ["the embed output was made from a chunk output since replaced: rerun embed"]
+    with pytest.raises(ValueError, match="since replaced; rerun the embed stage"):
+        join_shard(layout, "s0", tmp_path / "published" / "s0.parquet")
+    with pytest.raises(ValueError, match=r"shard\(s\) \['s0'\] were made from chunk files since replaced"):
+        load_embeddings(tmp_path / "data", "edited", 64, run.chunk.model)
+
+    assert run_shard(ShardJob(stage="embed", shard="s0", run=run)).status == "done", "a rerun of embed redoes it"
+    assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
+    assert join_shard(layout, "s0", tmp_path / "published" / "s0.parquet") == 2
