@@ -4,7 +4,8 @@ A document of at most W = max_tokens − 2 tokens ([CLS] and [SEP] take the othe
 one is cut into windows of at most W tokens that start on word boundaries, overlap by `overlap × W` tokens,
 and each reach further than the one before; the last window ends at the document's end and starts at the
 first word boundary that lets it fit, so no chunk is pure overlap. Only a word longer than a window is cut
-inside (and such a chunk is re-tokenized to prove it still fits).
+inside; such a chunk is re-tokenized to prove it fits, and where it does not, it is shrunk and the rest of its
+window becomes the next chunk, so no character is lost.
 """
 
 from __future__ import annotations
@@ -114,16 +115,25 @@ def chunk_texts(texts: list[str | None], cfg: ChunkConfig) -> tuple[list[tuple[i
         def is_word_start(i: int, word=word) -> bool:
             return word(i) != word(i - 1)
 
-        for chunk_index, (start, end) in enumerate(plan_windows(n_tokens, is_word_start, window, overlap_tokens)):
-            count = end - start
-            if start > 0 and not is_word_start(start):
-                # Inside a word, WordPiece may split the tail differently on its own: measure, shrink to fit.
-                while True:
-                    count = len(tokenizer.encode(text[chars(start)[0] : chars(end - 1)[1]], add_special_tokens=False))
-                    if count <= window:
-                        break
-                    end = max(start + 1, end - (count - window))
-            rows.append((doc, chunk_index, chars(start)[0], chars(end - 1)[1], count + SPECIAL_TOKENS))
+        def inside_word(i: int, n_tokens=n_tokens, is_word_start=is_word_start) -> bool:
+            return 0 < i < n_tokens and not is_word_start(i)
+
+        chunk_index = 0
+        for start, end in plan_windows(n_tokens, is_word_start, window, overlap_tokens):
+            while start < end:
+                piece_end, count = end, end - start
+                if inside_word(start) or inside_word(end):
+                    # Cut inside a word, WordPiece may split the piece differently on its own (and a token that
+                    # shares its character with the next, as Hangul's jamo do, brings that one in): measure,
+                    # shrink to fit, and go on from where it stopped, so no character of the window is lost.
+                    while True:
+                        count = len(tokenizer.encode(text[chars(start)[0] : chars(piece_end - 1)[1]], add_special_tokens=False))
+                        if count <= window or piece_end == start + 1:
+                            break
+                        piece_end = max(start + 1, piece_end - (count - window))
+                rows.append((doc, chunk_index, chars(start)[0], chars(piece_end - 1)[1], count + SPECIAL_TOKENS))
+                chunk_index += 1
+                start = piece_end
     stats.chunks = len(rows)
     stats.chunk_tokens = sum(r[4] for r in rows)
     return rows, stats

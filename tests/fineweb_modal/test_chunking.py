@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -30,11 +32,31 @@ def chunk_config(max_tokens: int, overlap: float):
 documents = st.lists(st.tuples(st.sampled_from(PIECES), st.sampled_from(SEPARATORS)), max_size=300).map(
     lambda parts: "".join(p + s for p, s in parts)
 )
+# Long words WordPiece splits unevenly (cut inside, they re-tokenize differently) and Hangul, whose syllables
+# become several jamo tokens that share one character.
+long_words = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=20, max_size=200)
+hangul = st.text(alphabet=st.characters(min_codepoint=0xAC00, max_codepoint=0xD7A3), min_size=5, max_size=60)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=st.one_of(documents, st.text(max_size=400)), max_tokens=st.integers(16, 80), overlap=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(documents, st.text(max_size=400), long_words, hangul), max_tokens=st.integers(16, 80), overlap=st.sampled_from([0.0, 0.1, 0.25, 0.5]))
 def test_chunks_are_exact_fitting_covering_and_never_pure_overlap(text, max_tokens, overlap):
+    check_chunk_promises(text, max_tokens, overlap)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mkx9w2z2u3ejohjz38nxcbznf008nai75ty88ef5an0xtfbpb6xj3qh2royy6voqfcju5e741uybh1ijbh1pcrqyhwsxm",  # a window shrunk to fit left char 39 out
+        "국한트텍스텍스트한국어텍스트한국",  # a cut among one syllable's jamo brought in two more tokens than counted
+    ],
+)
+def test_windows_cut_inside_words_still_cover_and_fit(text):
+    check_chunk_promises(text, 16, 0.0)
+
+
+def check_chunk_promises(text: str, max_tokens: int, overlap: float) -> None:
+    """Exact spans that fit and are counted right, every kept character covered, no chunk pure overlap."""
     cfg = chunk_config(max_tokens, overlap)
     rows, stats = chunk_texts([text], cfg)
     encoding = TOKENIZER.encode(text, add_special_tokens=False)
@@ -48,7 +70,7 @@ def test_chunks_are_exact_fitting_covering_and_never_pure_overlap(text, max_toke
         assert chunk, "a chunk holds at least one token's characters"
         retokenized = len(TOKENIZER.encode(chunk, add_special_tokens=False).ids)
         assert retokenized + SPECIAL_TOKENS <= max_tokens
-        assert count <= max_tokens
+        assert count == retokenized + SPECIAL_TOKENS, "chunk_token_count is the chunk's own token count"
         assert end > previous_end, "a chunk that ends where the previous one ended adds nothing"
         previous_end = end
     # Every character the tokenizer keeps lies inside some chunk.
