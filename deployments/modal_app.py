@@ -36,7 +36,11 @@ HF_SECRET = os.environ.get("FINEWEB_MODAL_HF_SECRET", "")
 TEI_VERSION = "1.9"
 TEI_PORT = 8000
 SHARD_TIMEOUT_S = 4 * 60 * 60
-HF_HOME = f"{MODAL_DATA_DIR}/_hf"  # model weights cached on the Volume: downloaded once, not per container
+# Model weights (and the Hub's download cache) live on a Volume of their own, downloaded once, not per
+# container: a loaded model keeps its files open (memory-mapped), and Modal refuses to reload a Volume with
+# open files, while the data Volume is reloaded before every shard a warm container takes.
+HF_HOME = "/hf-cache"
+HF_CACHE_VOLUME_NAME = "fineweb-modal-hf-cache"
 # TEI's images are built per GPU architecture; `cuda-` runs on any, slower to start.
 TEI_IMAGE_FAMILY = {"H100": "hopper", "H200": "hopper", "A10G": "86", "A10": "86", "L4": "89", "L40S": "89", "A100-40GB": "", "A100-80GB": ""}
 
@@ -48,6 +52,7 @@ def tei_image_tag(gpu: str) -> str:
 
 app = modal.App(MODAL_APP_NAME, tags={"project": "fineweb-modal"})
 volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
+hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME_NAME, create_if_missing=True)
 
 LIGHT_PACKAGES = ("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "huggingface_hub>=0.24", "tokenizers>=0.20", "httpx>=0.27", "orjson>=3")
 IMAGE_ENV = {
@@ -114,7 +119,7 @@ def _run(job: dict) -> dict:
     return result.model_dump(mode="json")
 
 
-common = dict(volumes={MODAL_DATA_DIR: volume}, timeout=SHARD_TIMEOUT_S, secrets=[modal.Secret.from_name(HF_SECRET)] if HF_SECRET else [])
+common = dict(volumes={MODAL_DATA_DIR: volume, HF_HOME: hf_cache}, timeout=SHARD_TIMEOUT_S, secrets=[modal.Secret.from_name(HF_SECRET)] if HF_SECRET else [])
 
 
 @app.function(image=cpu_image, max_containers=CHUNK_MAX_CONTAINERS, **_resources("download"), **common)

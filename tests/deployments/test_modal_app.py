@@ -24,6 +24,21 @@ def test_every_stage_has_a_function_with_its_resources(modal_app):
     assert modal_app.app.name == "fineweb-modal"
 
 
+def test_model_weights_live_off_the_data_volume_that_is_reloaded_per_shard(modal_app):
+    """A loaded model keeps its files open, and Modal refuses to reload a Volume with open files."""
+    from pathlib import PurePosixPath
+
+    from tasks.backends import MODAL_DATA_DIR
+
+    assert not PurePosixPath(modal_app.HF_HOME).is_relative_to(MODAL_DATA_DIR)
+    assert modal_app.IMAGE_ENV["HF_HOME"] == modal_app.HF_HOME
+    functions = [getattr(modal_app, name) for name in MODAL_FUNCTIONS.values()]
+    functions.append(modal_app.TEIEmbedder._get_class_service_function())
+    for function in functions:
+        volumes = function._spec_.volumes  # modal's private spec: what `modal deploy` mounts
+        assert set(volumes) == {MODAL_DATA_DIR, modal_app.HF_HOME}
+
+
 def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config_for):
     run = run_config_for(demo_source)
     source_file = sorted(demo_source.glob("*.parquet"))[0]
