@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.attention import PACKED_ATTENTION
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.heap import pin_mmap_threshold
-from fineweb_modal.models import ModelInfo, encode_for_model, load_tokenizer, model_info, prefix_token_count
+from fineweb_modal.models import ModelInfo, encode_for_model, hidden_size, load_tokenizer, model_info, prefix_token_count
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
 if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
@@ -460,6 +460,9 @@ class TEIEngine:
         check_served_model(self.server, model_id)
         self.model_id, self.prefix, self.dimensions = model_id, prefix, dimensions
         self.model_path = model_info(model_id).path
+        hidden = hidden_size(self.model_path)
+        if dimensions is not None and hidden and dimensions > hidden:  # else TEI finds out after computing a batch
+            raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
         self.prefix_tokens = prefix_token_count(self.model_path, prefix)
         self.dims = dimensions or 0  # learnt from the first response when not asked for
         self.tokens_embedded = 0

@@ -114,7 +114,8 @@ def load_tokenizer(model_path: str):
 def hidden_size(model_path: str) -> int | None:
     """The width of a model's vectors from its config.json (None when it does not say)."""
     try:
-        return int(_read_json(Path(model_path) / "config.json").get("hidden_size") or 0) or None
+        config = _read_json(Path(model_path) / "config.json")
+        return int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0) or None  # n_embd: nomic-bert's
     except (OSError, ValueError):
         return None
 

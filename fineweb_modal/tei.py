@@ -24,6 +24,9 @@ from fineweb_modal.errors import BadDataError, ConfigError
 
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # TEI's --payload-limit default, in bytes
 RETRY_STATUSES = {429, 500, 502, 503, 504}  # overloaded, or a server going down or coming up
+# TEI refuses an input of more than max_input_length × 250 characters (before tokenizing, unless told to
+# truncate, which would cut the text): a chunk of few tokens can pass that with one huge `[UNK]` word.
+TEI_CHARS_PER_TOKEN = 250
 _JSON_OVERHEAD_PER_INPUT = 8  # quotes, comma, and room for escapes beyond the measured text
 
 
@@ -219,6 +222,13 @@ class TEIClient:
         if over:
             name = row_names[over[0]] if row_names else f"row {over[0]}"
             raise TEIRequestError(f"chunk {name} has {token_counts[over[0]]} tokens, over TEI's max_input_length {info.max_input_length}")
+        char_limit = info.max_input_length * TEI_CHARS_PER_TOKEN
+        if long := [i for i, text in enumerate(texts) if len(text) > char_limit]:
+            name = row_names[long[0]] if row_names else f"row {long[0]}"
+            raise TEIRequestError(
+                f"chunk {name} has {len(texts[long[0]]):,} characters ({token_counts[long[0]]} tokens): TEI refuses inputs over "
+                f"max_input_length × {TEI_CHARS_PER_TOKEN} = {char_limit:,} characters; embed this shard with --engine transformers"
+            )
         encoded = [orjson.dumps(t) for t in texts]
         # Half a server batch per request: two requests fill a batch, more keep the next one queued.
         token_budget = max(max(token_counts), info.max_batch_tokens // 2)
@@ -246,6 +256,8 @@ class TEIClient:
                 finally:
                     await permits.release(len(indices))
             self._check_auth(response)
+            if response.status_code == 413 and "`dimensions` should be smaller" in response.text:  # TEI >= 1.8, after computing
+                raise ConfigError(f"TEI refuses dimensions={dimensions}: {self._redact(response.text[:200])}")
             if response.status_code in (413, 422) and len(indices) > 1:
                 self.stats.splits += 1  # too big, or one bad input: halve until the culprit stands alone
                 half = len(indices) // 2

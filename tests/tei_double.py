@@ -185,6 +185,10 @@ class TEITestDouble:
         if len(inputs) > self.limits["max_client_batch_size"]:
             error = f"batch size {len(inputs)} > maximum allowed batch size {self.limits['max_client_batch_size']}"
             return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
+        chars, char_limit = max(len(text) for text in inputs), self.limits["max_input_length"] * 250
+        if chars > char_limit and not payload.get("truncate", False):
+            error = f"Input validation error: `inputs` must have less than {char_limit} characters. Given: {chars}"
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
         lengths = [len(e.ids) for e in self.engine.tokenizer.encode_batch(inputs, add_special_tokens=True)]
         if max(lengths) > self.limits["max_input_length"] and not payload.get("truncate", False):
             error = f"Input validation error: `inputs` must have less than {self.limits['max_input_length']} tokens. Given: {max(lengths)}"
@@ -201,6 +205,9 @@ class TEITestDouble:
         try:
             dimensions = payload.get("dimensions") if self.honors_dimensions else None
             vectors = await run_in_threadpool(self._vectors, inputs, dimensions, payload.get("normalize", True))
+        except _DimensionsTooLarge:  # as TEI >= 1.8: checked after the model ran
+            error = "`dimensions` should be smaller than the maximum embedding dimension."
+            return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
         finally:
             m.inputs_in_flight -= len(inputs)
             m.tokens_in_flight -= sum(lengths)
@@ -215,11 +222,17 @@ class TEITestDouble:
             time.sleep(self.compute_delay_s)  # lets requests overlap, as on a busy GPU
         with self._compute:
             vectors = self.engine.embed(inputs)
+        if dimensions and dimensions > vectors.shape[1]:
+            raise _DimensionsTooLarge()
         if dimensions:
             vectors = vectors[:, :dimensions]
         if normalize:
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors
+
+
+class _DimensionsTooLarge(Exception):
+    pass
 
 
 class _CutOffResponse(Response):

@@ -202,3 +202,29 @@ def test_a_tei_that_ignores_dimensions_is_cut_and_renormalized(reference):
     finally:
         full.stop()
         cut.stop()
+
+
+def test_a_chunk_over_teis_character_cap_is_named_before_any_request(double):
+    """TEI refuses over max_input_length × 250 characters (one huge `[UNK]` word makes few tokens of many)."""
+    import httpx
+
+    giant = "a" * (double.limits["max_input_length"] * 250 + 1)  # one word: one [UNK] token
+    response = httpx.post(f"{double.url}/embed", json={"inputs": [giant], "truncate": False})
+    assert response.status_code == 413 and "characters" in response.json()["error"], "the double refuses it as TEI does"
+    texts = [*TEXTS[:5], giant]
+    names = [f"(doc_index={i}, chunk_index=0)" for i in range(len(texts))]
+    requests_before = double.metrics.statuses.get(200, 0)
+    with pytest.raises(TEIRequestError, match=rf"doc_index=5, chunk_index=0\) has {len(giant):,} characters .*--engine transformers"):
+        fast_engine(double.url).embed(texts, row_names=names)
+    assert double.metrics.statuses.get(200, 0) == requests_before, "no GPU time spent on a shard that cannot finish"
+
+
+def test_dimensions_wider_than_the_model_fail_at_the_first_answer(double):
+    """Refused at start-up where the model's config is here; else TEI (>= 1.8) refuses after computing, once."""
+    with pytest.raises(ConfigError, match="dimensions=1024 is more than"):
+        TEIEngine(double.url, DEFAULT_MODEL, dimensions=1024)
+    engine = fast_engine(double.url)
+    engine.dimensions = 1024
+    with pytest.raises(ConfigError, match="TEI refuses dimensions=1024"):
+        engine.embed(TEXTS[:40])
+    assert engine.client.stats.splits == 0
