@@ -108,6 +108,15 @@ def default_name(source: str, subset: str | None) -> str:
     return f"{repo}-{subset}" if subset else repo
 
 
+def check_prefix(prefix: str, model: str) -> None:
+    """A prefix must tokenize apart from the text after it, and be pooled with it: else ConfigError."""
+    if prefix and prefix[-1].isalnum():
+        # "passage" + "hello" tokenizes as passage ##hell ##o: the chunker's count of the prefix would be short.
+        raise ConfigError(f"prefix {prefix!r} ends inside a word, which the tokenizer would join to each chunk's first word: end it with a space or punctuation, e.g. {prefix + ': '!r}")
+    if prefix and not model_info(model).pooling_includes_prompt:
+        raise ConfigError(f"model {model!r} pools without its prompt (include_prompt: false), which this engine does not do: drop --prefix or pick another model")
+
+
 def resolve_max_tokens(max_tokens: int | str, model: str, prefix: str) -> int:
     """`auto` → min(500, model limit − prefix tokens); an explicit value must fit the model."""
     info = model_info(model)
@@ -223,6 +232,7 @@ def build_run_config(
         raise ConfigError(f"name {dataset_name!r} must be a plain name (letters, digits, '.', '_', '-')")
 
     info = model_info(model)  # raises ConfigError for an unknown model
+    check_prefix(prefix, model)
     hidden = hidden_size(info.path)
     if dimensions is not None and hidden and int(dimensions) > hidden:
         raise ConfigError(f"dimensions={dimensions} is more than {model}'s {hidden}")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fineweb_modal.attention import PACKED_ATTENTION
@@ -357,9 +358,9 @@ class TransformersEngine:
         import torch
 
         pooled = pooled[:, : self.dims]  # Matryoshka models: keep the leading dims, then renormalize
-        if self.info.normalize:
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled
+        # Always unit length, whether or not the model's pipeline ends in Normalize (nomic's does not): the
+        # stored vectors promise it, and TEI is asked for the same (`normalize: true`).
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
 
     def _load_model(self, dtype):
         """The weights from the model's folder in `dtype`, on this engine's device, in eval mode."""
@@ -627,6 +628,13 @@ class _ShardOutput:
         self.writer = pq.ParquetWriter(self.path, self.schema, use_dictionary=False, compression="none")
 
 
+def _part_config(part: Path) -> str | None:
+    try:
+        return parquet_key_values(pq.ParquetFile(part)).get("fineweb_modal.part_config")
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
 def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir: Path, engine: Engine | None = None) -> EmbedStats:
     """Embed one chunk parquet into one embedding parquet (same row order), part by part, resuming after the last whole part.
 
@@ -650,6 +658,10 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     stats = EmbedStats()
 
     def prepare(piece: pa.RecordBatch) -> object:
+        if piece.column("chunk_text").null_count:
+            row = pc.index(pc.is_null(piece.column("chunk_text")), True).as_py()
+            key = (piece.column("doc_index")[row].as_py(), piece.column("chunk_index")[row].as_py())
+            raise BadDataError(f"{input_path}: chunk (doc_index={key[0]}, chunk_index={key[1]}) has no chunk_text (null)")
         texts = piece.column("chunk_text").to_pylist()
         counts = piece.column("chunk_token_count").to_pylist() if has_counts else None
         names = [f"(doc_index={d}, chunk_index={c})" for d, c in zip(piece.column("doc_index").to_pylist(), piece.column("chunk_index").to_pylist())]
@@ -660,7 +672,7 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
         first = True
         for index, block in enumerate(chunks.iter_batches(batch_size=READ_BLOCK_ROWS, columns=columns)):
             part = parts_dir / f"part-{index:05d}.parquet"
-            if parquet_num_rows(part) == block.num_rows:  # embedded before the last interruption
+            if parquet_num_rows(part) == block.num_rows and _part_config(part) == part_config:  # embedded before the last interruption
                 yield block, part, None, True
                 continue
             for start, stop in _piece_bounds(block.num_rows, first):
@@ -671,10 +683,14 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1).astype(value_type.to_pandas_dtype())), vectors.shape[1])
         table = pa.Table.from_arrays([*(block.column(c) for c in KEY_COLUMNS), embedding], names=[*KEY_COLUMNS, "embedding"])
         with atomic_path(part) as tmp:
-            pq.write_table(table.replace_schema_metadata({"fineweb_modal.tokens": str(tokens)}), tmp, compression="none")
+            metadata = {"fineweb_modal.tokens": str(tokens), "fineweb_modal.part_config": part_config}
+            pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="none")
         output.append(table)
 
     metadata = {**engine.metadata(), "prefix": cfg.prefix, "dtype": cfg.embedding_dtype, "normalized": "true"}
+    # A part is reused only when made the same way (the pipeline's parts folder is per config already; this
+    # guards direct callers, and a model changed under the same id).
+    part_config = json.dumps({**metadata, "dims": engine.dims}, sort_keys=True)
     with atomic_path(output_path) as tmp:
         output = _ShardOutput(tmp, value_type, metadata)
         try:

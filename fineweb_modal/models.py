@@ -26,7 +26,7 @@ class ModelInfo:
     slug: str
     sequence_limit: int
     pooling: str
-    normalize: bool
+    pooling_includes_prompt: bool
     tokenizer_sha256: str
 
 
@@ -77,15 +77,14 @@ def model_info(model_id: str) -> ModelInfo:
         tokenizer_limit = tokenizer_config.get("model_max_length") or 0
         # Tokenizers without a limit store a huge sentinel (1e30); fall back to the position embeddings.
         limit = tokenizer_limit if 0 < tokenizer_limit < 100_000 else hf_config.get("max_position_embeddings", 512)
-    pooling_config = _read_json(path / "1_Pooling" / "config.json")
-    if pooling_config.get("pooling_mode_cls_token"):
-        pooling = "cls"
-    elif pooling_config.get("pooling_mode_lasttoken"):
-        pooling = "last"
-    else:
-        pooling = "mean"
-    modules = json.loads((path / "modules.json").read_text()) if (path / "modules.json").is_file() else []
-    normalize = any(m.get("type", "").endswith("Normalize") for m in modules) or not modules
+    modules = _read_json_list(path / "modules.json")
+    if unsupported := [m.get("type", "?") for m in modules if not m.get("type", "").endswith(SUPPORTED_MODULES)]:
+        raise ConfigError(f"model {model_id!r}: its sentence-transformers pipeline has {unsupported}, which this engine does not run (it runs {', '.join(SUPPORTED_MODULES)})")
+    pooling_dir = next((m.get("path") for m in modules if m.get("type", "").endswith("Pooling")), None) or "1_Pooling"
+    pooling_config = _read_json(path / pooling_dir / "config.json")
+    pooling = _pooling_mode(model_id, pooling_config)
+    if st_config.get("do_lower_case") and not _tokenizer_lowercases(path / "tokenizer.json"):
+        raise ConfigError(f"model {model_id!r} lowercases its input before its (cased) tokenizer: not supported (the chunk offsets would not match)")
     tokenizer_sha = hashlib.sha256((path / "tokenizer.json").read_bytes()).hexdigest()
     return ModelInfo(
         model_id=model_id,
@@ -93,9 +92,33 @@ def model_info(model_id: str) -> ModelInfo:
         slug=model_slug(model_id),
         sequence_limit=int(limit),
         pooling=pooling,
-        normalize=normalize,
+        pooling_includes_prompt=pooling_config.get("include_prompt", True),
         tokenizer_sha256=tokenizer_sha,
     )
+
+
+SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_POOLING_MODES = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "last"}
+
+
+def _pooling_mode(model_id: str, pooling_config: dict) -> str:
+    """cls, mean or last, from a sentence-transformers Pooling config (mean when there is none)."""
+    chosen = [key for key, value in pooling_config.items() if key.startswith("pooling_mode_") and value]
+    if not chosen:
+        return "mean"
+    if len(chosen) > 1 or chosen[0] not in _POOLING_MODES:
+        raise ConfigError(f"model {model_id!r} pools with {chosen}: this engine pools with exactly one of cls, mean or last token")
+    return _POOLING_MODES[chosen[0]]
+
+
+def _tokenizer_lowercases(tokenizer_json: Path) -> bool:
+    normalizer = _read_json(tokenizer_json).get("normalizer") or {}
+    parts = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    return any(n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and n.get("lowercase")) for n in parts)
+
+
+def _read_json_list(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 @functools.lru_cache(maxsize=8)

@@ -46,6 +46,7 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"dimensions": 0}, "dimensions must be a positive integer"),
         ({"prefix": "word " * 250}, r"leaving -?\d+ for a chunk \(at least 16\)"),
         ({"name": ".."}, "must be a plain name"),
+        ({"prefix": "passage"}, r"ends inside a word.*e.g. 'passage: '"),
         ({"split": "."}, "must be a plain name"),
         ({"keep_columns": "url,chunk_text"}, r"keep_columns \['chunk_text'\] would clash"),
         ({"keep_columns": "url,url"}, r"keep_columns names \['url'\] more than once"),

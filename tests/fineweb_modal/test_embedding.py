@@ -97,6 +97,39 @@ def test_dimensions_and_float16_storage(tmp_path, sentence_transformer):
     assert table.schema.metadata[b"fineweb_modal.dtype"] == b"float16"
 
 
+def test_a_null_chunk_text_is_bad_data_naming_the_chunk(tmp_path):
+    chunks = pa.table(
+        {"id": ["a", "b"], "doc_index": pa.array([0, 1], pa.int64()), "chunk_index": pa.array([0, 3], pa.int32()), "chunk_text": ["fine", None]}
+    )
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    with pytest.raises(BadDataError, match=r"c.parquet: chunk \(doc_index=1, chunk_index=3\) has no chunk_text"):
+        embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
+
+
+def test_parts_made_another_way_are_not_reused(tmp_path, monkeypatch):
+    """Parts are matched by how they were made, not by row count alone (a direct caller may reuse a parts folder)."""
+    import fineweb_modal.embedding as embedding
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 4)
+    n = 8
+    chunks = pa.table(
+        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()),
+         "chunk_text": [f"text number {i}" for i in range(n)]}
+    )  # fmt: skip
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    embed_shard(tmp_path / "c.parquet", tmp_path / "narrow.parquet", EmbedConfig(model=DEFAULT_MODEL, dimensions=32), tmp_path / "narrow-parts")
+    # The narrow run's rows, as parts a killed run would have left, in the parts folder of a full-width run.
+    (tmp_path / "parts").mkdir()
+    table = pq.read_table(tmp_path / "narrow.parquet")
+    for index in range(2):
+        piece = table.slice(4 * index, 4)
+        metadata = {"fineweb_modal.tokens": "1", "fineweb_modal.part_config": "made another way"}
+        pq.write_table(piece.replace_schema_metadata(metadata), tmp_path / "parts" / f"part-{index:05d}.parquet")
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "full.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
+    full = pq.read_table(tmp_path / "full.parquet")
+    assert stats.dims == 384 and full.schema.field("embedding").type.list_size == 384 and full.num_rows == n
+
+
 def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypatch):
     import fineweb_modal.embedding as embedding
 
