@@ -97,6 +97,16 @@ def test_dimensions_and_float16_storage(tmp_path, sentence_transformer):
     assert table.schema.metadata[b"fineweb_modal.dtype"] == b"float16"
 
 
+def write_numbered_chunks(path, n: int) -> pa.Table:
+    """A chunk file of `n` one-chunk documents, `text number i`."""
+    chunks = pa.table(
+        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()),
+         "chunk_text": [f"text number {i}" for i in range(n)]}
+    )  # fmt: skip
+    pq.write_table(chunks, path)
+    return chunks
+
+
 def test_a_null_chunk_text_is_bad_data_naming_the_chunk(tmp_path):
     chunks = pa.table(
         {"id": ["a", "b"], "doc_index": pa.array([0, 1], pa.int64()), "chunk_index": pa.array([0, 3], pa.int32()), "chunk_text": ["fine", None]}
@@ -112,11 +122,7 @@ def test_parts_made_another_way_are_not_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 4)
     n = 8
-    chunks = pa.table(
-        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()),
-         "chunk_text": [f"text number {i}" for i in range(n)]}
-    )  # fmt: skip
-    pq.write_table(chunks, tmp_path / "c.parquet")
+    write_numbered_chunks(tmp_path / "c.parquet", n)
     embed_shard(tmp_path / "c.parquet", tmp_path / "narrow.parquet", EmbedConfig(model=DEFAULT_MODEL, dimensions=32), tmp_path / "narrow-parts")
     # The narrow run's rows, as parts a killed run would have left, in the parts folder of a full-width run.
     (tmp_path / "parts").mkdir()
@@ -135,11 +141,7 @@ def test_interrupted_shard_resumes_after_the_last_whole_part(tmp_path, monkeypat
 
     monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 4)
     n = 10
-    chunks = pa.table(
-        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()),
-         "chunk_text": [f"text number {i}" for i in range(n)]}
-    )  # fmt: skip
-    pq.write_table(chunks, tmp_path / "c.parquet")
+    chunks = write_numbered_chunks(tmp_path / "c.parquet", n)
     cfg = EmbedConfig(model=DEFAULT_MODEL)
     engine = get_engine(cfg)
     calls, preempt = [], [True]
