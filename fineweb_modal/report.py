@@ -126,6 +126,21 @@ def text_histogram(edges: list[int], counts: list[int], width: int = 40) -> str:
     return "\n".join(lines)
 
 
+def pipeline_resume(run: RunConfig, reports: dict[str, StageReport], stopped_at: str | None = None) -> tuple[str, str] | None:
+    """How to go on after a pipeline run that did not finish: (what to say, the command), or None when nothing is left.
+
+    From the stage the cost limit stopped, else the first stage with failed shards, else `stopped_at` (a stage
+    that could not start); that stage and every later one of the run, done shards skipped.
+    """
+    if stopped := next((stage for stage, report in reports.items() if report.not_started), None):
+        return "Resume with a higher --max-cost (done shards are skipped):", resume_command(run, stopped)
+    if first_failed := next((stage for stage, report in reports.items() if report.failed), None):
+        return "Once the cause is fixed, rerun (done shards are skipped):", resume_command(run, first_failed)
+    if stopped_at:
+        return f"Once {stopped_at} can start, rerun (done shards are skipped):", resume_command(run, stopped_at)
+    return None
+
+
 def resume_command(run: RunConfig, stage: str) -> str:
     """The CLI command that reruns a stage and the run's stages after it; shards done with the same config are skipped."""
     stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)

@@ -165,15 +165,12 @@ def run_pipeline(kwargs: dict) -> int:
         print(f"\nDone: {state.message}")
         return EXIT_OK
     print(f"\nFailed: {state.message}", file=sys.stderr)
-    from fineweb_modal.report import resume_command
+    from fineweb_modal.report import pipeline_resume
 
-    stages = reports.items() if isinstance(reports, dict) else []
-    if stopped := next((stage for stage, report in stages if report.not_started), None):
-        print(f"Resume with a higher --max-cost (done shards are skipped):\n  {resume_command(run, stopped)}", file=sys.stderr)
-        return EXIT_MAX_COST
-    if first_failed := next((stage for stage, report in stages if report.failed), None):
-        print(f"Once the cause is fixed, rerun (done shards are skipped):\n  {resume_command(run, first_failed)}", file=sys.stderr)
-    return EXIT_FAILED_SHARDS
+    reports = reports if isinstance(reports, dict) else {}
+    if resume := pipeline_resume(run, reports):
+        print(f"{resume[0]}\n  {resume[1]}", file=sys.stderr)
+    return EXIT_MAX_COST if any(report.not_started for report in reports.values()) else EXIT_FAILED_SHARDS
 
 
 def _print_outcome(run: RunConfig, reports: dict) -> None:
@@ -320,7 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "server":
         if args.action == "start":
+            already = server.status()
             info = server.start(port=args.port)
+            if already:
+                print(f"already running (this FINEWEB_MODAL_HOME's server), on port {info['port']}")
+            elif info["port"] != args.port:
+                print(f"port {args.port} is taken: started on {info['port']} instead")
             print(f"Prefect server on {info['ui_url']} (API {info['api_url']}, pid {info['pid']}, log {info['log']})")
             print(f"Use it from other shells: export PREFECT_API_URL={info['api_url']}")
         elif args.action == "stop":

@@ -7,7 +7,7 @@ import inspect
 from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed
 
-from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, build_run_config
+from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import StageReport
@@ -16,6 +16,7 @@ from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
 from flows.outcome import failed, outcome, refused
+from flows.reporting import publish_pipeline_stop
 from flows.stage import check_source_columns, failed_shards
 from flows.summarize import summarize
 
@@ -29,7 +30,7 @@ def pipeline(
     split: str = "train",
     name: str | None = None,
     data_dir: str = "./data",
-    stages: list[str] = list(STAGES),
+    stages: list[str] | str = list(STAGES),
     backend: str = "local",
     max_tokens: int | str = "auto",
     overlap: float = 0.1,
@@ -37,7 +38,7 @@ def pipeline(
     prefix: str = "",
     text_column: str = "text",
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
-    shards: list[str] | None = None,
+    shards: list[str] | str | None = None,
     only: str | None = None,
     max_cost: float | None = None,
     engine: str = "transformers",
@@ -72,11 +73,11 @@ def pipeline(
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
             if isinstance(report, ConfigError) and not reports:
                 return Failed(message=f"{stage}: {report}", data=report)  # nothing ran: the setup was wrong (the CLI's exit code 2)
-            return failed(f"{stage} could not run: {report}", reports)
+            return _stopped(run, f"{stage} could not run: {report}", reports, stopped_at=stage)
         reports[stage] = report
         spent += report.totals()["cost_usd"]
         if report.not_started:
-            return failed(f"max cost ${run.max_cost:.2f} reached after ${spent:.2f}: {state.message}", reports)
+            return _stopped(run, f"max cost ${run.max_cost:.2f} reached after ${spent:.2f}: {state.message}", reports)
         if report.failed:
             failed_by_stage[stage] = sorted(report.failed)
         params["shards"] = report.succeeded  # later stages work on what this one finished
@@ -86,5 +87,11 @@ def pipeline(
             break
     if failed_by_stage:
         listing = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed_by_stage.items())
-        return failed(f"failed shards — {listing}", reports)
+        return _stopped(run, f"failed shards — {listing}", reports)
     return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)
+
+
+def _stopped(run: RunConfig, message: str, reports: dict[str, StageReport], stopped_at: str | None = None):
+    """Fail the pipeline run, leaving in the UI how to resume all of it (a stage's own summary covers that stage only)."""
+    publish_pipeline_stop(run, reports, message, stopped_at)
+    return failed(message, reports)

@@ -17,6 +17,7 @@ from fineweb_modal.publish import build_folder, upload_folder
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
+from flows.outcome import refused
 
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_TOKEN_BLOCK = "hf-token"
@@ -49,20 +50,23 @@ def publish(
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",
-    shards: list[str] | None = None,
+    shards: list[str] | str | None = None,
     dry_run: bool = False,
     output_dir: str | None = None,
     private: bool = True,
 ) -> str:
     """Join every embedded shard's chunks and vectors, write the dataset card, and upload (or only write, with dry_run)."""
     run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
-    if not dry_run:
-        _hf_token()  # fail before any work when there is no token
     layout = layout_for(run)
     chosen = select_shards(layout.list_shards("embed"), run.shards)
     embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
-    if not embedded:
-        raise ConfigError(f"publish: no embedded shards for {name} in {layout.shard_dir('embed')}")
+    try:
+        if not dry_run:
+            _hf_token()  # fail before any work when there is no token
+        if not embedded:
+            raise ConfigError(f"no embedded shards for {name} in {layout.shard_dir('embed')}")
+    except ConfigError as exc:
+        return refused("publish", exc)  # a message, not a traceback
     folder = Path(output_dir or tempfile.mkdtemp(prefix="fineweb-modal-publish-"))
     manifest = build_folder(layout, repo_id, model, folder, embedded)
     get_run_logger().info("prepared %d file(s) in %s", len(manifest["files"]), folder)

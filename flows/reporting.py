@@ -7,7 +7,7 @@ from uuid import UUID
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.report import StageReport, artifact_key, resume_command, shard_table, stage_markdown
+from fineweb_modal.report import StageReport, artifact_key, pipeline_resume, resume_command, shard_table, stage_markdown
 
 
 class StageProgress:
@@ -38,3 +38,14 @@ def publish_stage(report: StageReport, run: RunConfig, extra_markdown: str = "")
         key=artifact_key(report.stage, report.name, "summary"),
         description=f"{report.stage} · {report.name}: totals",
     )
+
+
+def publish_pipeline_stop(run: RunConfig, reports: dict[str, StageReport], message: str, stopped_at: str | None = None) -> None:
+    """The pipeline run's own summary when it did not finish: why, each stage's counts, and the command that resumes the whole run."""
+    lines = [f"# pipeline · {run.dataset.name}: not finished", "", message, "", "| stage | done | skipped | failed | not started |", "|---|---:|---:|---:|---:|"]
+    for stage, report in reports.items():
+        done = sum(r.status == "done" for r in report.results)
+        lines.append(f"| {stage} | {done} | {len(report.results) - done} | {len(report.failed)} | {len(report.not_started)} |")
+    if resume := pipeline_resume(run, reports, stopped_at):
+        lines += ["", resume[0], "", f"```\n{resume[1]}\n```"]
+    create_markdown_artifact("\n".join(lines), key=artifact_key("pipeline", run.dataset.name, "summary"), description=f"pipeline · {run.dataset.name}: how to resume")

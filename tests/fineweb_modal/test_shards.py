@@ -21,7 +21,7 @@ def test_stages_chain_and_rerun_skips(demo_source, run_config_for):
     first = run_stages(run, shard, source_file=source_file)
     assert [r.status for r in first] == ["done"] * 4
     download, chunk, embed, summary = first
-    assert download.rows_out == 12 and chunk.docs == 12 and chunk.chunks == embed.chunks > 12
+    assert download.rows_out == 12 and chunk.docs == embed.docs == 12 and chunk.chunks == embed.chunks > 12
     assert embed.rows_out == chunk.rows_out and summary.extra["summary"]["chunks"] == chunk.chunks
     assert chunk.cost_usd == 0 and chunk.modal_estimate_usd > 0 and chunk.seconds > 0
     again = run_stages(run, shard, source_file=source_file)

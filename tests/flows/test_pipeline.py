@@ -87,6 +87,10 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     assert reports["embed"].succeeded == ["data-00000-of-00003", "data-00002-of-00003"]
     markdown = latest_artifact("download-demo-summary").data
     assert "data-00001-of-00003" in markdown and "fineweb-modal run" in markdown
+    # The pipeline run's own summary resumes the whole run: the failed stage and every one after it.
+    pipeline_summary = latest_artifact("pipeline-demo-summary").data
+    assert "| download | 0 | 0 | 1 | 0 |" not in pipeline_summary and "| download | 2 | 0 | 1 | 0 |" in pipeline_summary
+    assert "--stages download,chunk,embed,summarize" in pipeline_summary
 
     from fineweb_modal.status import ledger_status
 
@@ -142,3 +146,18 @@ def test_tei_engine_through_the_flows_matches_the_in_process_engine(pipeline_flo
         assert double.metrics.max_request_inputs <= 8
     finally:
         double.stop()
+
+
+@pytest.mark.parametrize("flow_name", ["pipeline", "download", "chunk", "embed", "summarize", "verify", "plan", "publish"])
+def test_list_parameters_take_the_clis_comma_form_in_a_deployment_run(flow_name):
+    """`prefect deployment run 'pipeline/local' -p shards=0,3` validates against the flow's schema, as the CLI's `--shards 0,3` does."""
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools import validate
+
+    flow = getattr(importlib.import_module(f"flows.{flow_name}"), flow_name)
+    schema = parameter_schema(flow.fn).model_dump_for_openapi()
+    values = {"shards": "0,3", **({"stages": "download,chunk"} if flow_name == "pipeline" else {})}
+    assert validate(values, schema, ignore_required=True) == []
+    assert validate({"shards": ["0", "3"]}, schema, ignore_required=True) == []

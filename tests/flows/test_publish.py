@@ -27,4 +27,5 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     assert main(argv) == 2, "no token is a configuration error"
-    assert "needs a Hub token" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "needs a Hub token" in captured.err and "Traceback" not in captured.out + captured.err
