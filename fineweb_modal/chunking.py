@@ -119,8 +119,10 @@ def chunk_texts(texts: list[str | None], cfg: ChunkConfig) -> tuple[list[tuple[i
             return 0 < i < n_tokens and not is_word_start(i)
 
         chunk_index = 0
-        for start, end in plan_windows(n_tokens, is_word_start, window, overlap_tokens):
-            while start < end:
+        windows = plan_windows(n_tokens, is_word_start, window, overlap_tokens)
+        for number, (start, end) in enumerate(windows):
+            next_start = windows[number + 1][0] if number + 1 < len(windows) else n_tokens
+            while start < end and start < next_start:  # a rest the next window starts within is its to cover
                 piece_end, count = end, end - start
                 if inside_word(start) or inside_word(end):
                     # Cut inside a word, WordPiece may split the piece differently on its own (and a token that

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, hidden_size, model_info, prefix_token_count
+from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, hidden_size, load_tokenizer, model_info, prefix_token_count
 
 STAGES = ("download", "chunk", "embed", "summarize")
 BACKENDS = ("local", "modal")
@@ -92,11 +92,11 @@ class RunConfig(_Frozen):
     num_proc: int = 4
 
 
-def split_list(value: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
-    """Accept `a,b`, `["a", "b"]` or nothing; the CLI passes strings, the Prefect UI lists."""
+def split_list(value: str | int | list[str | int] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Accept `a,b`, `["a", "b"]`, one number or nothing; the CLI passes strings, the Prefect UI lists (`-p shards=3` an int)."""
     if value is None:
         return ()
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    items = str(value).split(",") if isinstance(value, (str, int)) else [str(v) for v in value]
     return tuple(item.strip() for item in items if item.strip())
 
 
@@ -110,11 +110,24 @@ def default_name(source: str, subset: str | None) -> str:
 
 def check_prefix(prefix: str, model: str) -> None:
     """A prefix must tokenize apart from the text after it, and be pooled with it: else ConfigError."""
-    if prefix and prefix[-1].isalnum():
+    if prefix and not _tokenizes_apart(prefix, model):
         # "passage" + "hello" tokenizes as passage ##hell ##o: the chunker's count of the prefix would be short.
         raise ConfigError(f"prefix {prefix!r} ends inside a word, which the tokenizer would join to each chunk's first word: end it with a space or punctuation, e.g. {prefix + ': '!r}")
     if prefix and not model_info(model).pooling_includes_prompt:
         raise ConfigError(f"model {model!r} pools without its prompt (include_prompt: false), which this engine does not do: drop --prefix or pick another model")
+
+
+_PROBE_WORDS = ("hello", "the", "x", "42", "Über")
+
+
+def _tokenizes_apart(prefix: str, model: str) -> bool:
+    """Whether the prefix adds its own token count to any text after it (probed with a few words)."""
+    tokenizer = load_tokenizer(model_info(model).path)
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    return all(count(prefix + word) == count(prefix) + count(word) for word in _PROBE_WORDS)
 
 
 def resolve_max_tokens(max_tokens: int | str, model: str, prefix: str) -> int:
@@ -237,8 +250,8 @@ def build_run_config(
     if dimensions is not None and hidden and int(dimensions) > hidden:
         raise ConfigError(f"dimensions={dimensions} is more than {model}'s {hidden}")
     keep = split_list(keep_columns)
-    if clashes := [c for c in keep if c in CHUNK_COLUMNS and c != "id"]:
-        raise ConfigError(f"keep_columns {clashes} would clash with the chunk file's own columns {list(CHUNK_COLUMNS)}")
+    if clashes := [c for c in keep if c in (*CHUNK_COLUMNS, "embedding") and c != "id"]:  # `embedding`: publish joins it
+        raise ConfigError(f"keep_columns {clashes} would clash with the chunk file's own columns {list(CHUNK_COLUMNS)} or the published `embedding`")
     if repeated := sorted({c for c in keep if keep.count(c) > 1}):
         raise ConfigError(f"keep_columns names {repeated} more than once")
     chunk = ChunkConfig(

@@ -690,7 +690,7 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     metadata = {**engine.metadata(), "prefix": cfg.prefix, "dtype": cfg.embedding_dtype, "normalized": "true"}
     # A part is reused only when made the same way (the pipeline's parts folder is per config already; this
     # guards direct callers, and a model changed under the same id).
-    part_config = json.dumps({**metadata, "dims": engine.dims}, sort_keys=True)
+    part_config = json.dumps({**metadata, "dimensions": cfg.dimensions}, sort_keys=True)  # not engine.dims: TEI learns it
     with atomic_path(output_path) as tmp:
         output = _ShardOutput(tmp, value_type, metadata)
         try:

@@ -39,4 +39,4 @@ def is_transient(exc: BaseException) -> bool:
         return exc.errno not in _PERMANENT_ERRNOS
     # Exceptions re-raised across a process or Modal boundary keep their class name. Modal's own: a lost link to
     # its servers (the waiting call may still run and is re-attached to), and a call Modal itself calls retriable.
-    return type(exc).__name__ in {"ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ConnectionError", "ServiceError", "RetryTimeoutError", "StreamTerminatedError", "InternalFailure"}
+    return type(exc).__name__ in {"ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError", "InternalFailure"}

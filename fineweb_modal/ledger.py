@@ -40,8 +40,10 @@ class ShardRecord(BaseModel):
     output: str | None = None
     rows_out: int | None = None
     stats: dict[str, Any] = {}
-    # What the output was made from: the input stage's done fingerprint (or the input file's size and mtime).
+    # What the output was made from: the input stage's done fingerprint (or the input file's size and mtime),
+    # and the input file's size and mtime either way.
     upstream: str | None = None
+    upstream_file: str | None = None
     error: str | None = None
     error_type: str | None = None
     attempts: int = 1
@@ -109,10 +111,22 @@ class Ledger:
         return record.fingerprint if record and record.status == "done" else file_identity(self.layout.input_path(stage, shard))
 
     def outdated(self, record: ShardRecord) -> bool:
-        """Whether a done record's output was made from another input than the one there now (e.g. re-chunked since)."""
-        return record.upstream is not None and record.stage != "download" and record.upstream != self.input_fingerprint(record.stage, record.shard)
+        """Whether a done record's output was made from another input than the one there now (e.g. re-chunked since).
 
-    def write_done(self, stage: str, shard: str, fingerprint: str, rows_out: int, stats: dict[str, Any], attempts: int, upstream: str | None = None) -> ShardRecord:
+        By the input stage's done fingerprint; while the input has none (its last attempt failed, leaving the
+        file as it was, or it came from elsewhere), by the input file's size and mtime.
+        """
+        if record.upstream is None or record.stage == "download":
+            return False  # a record from before upstreams were kept: cannot tell
+        current = self.read(self.layout.input_stage(record.stage), record.shard)
+        if current is not None and current.status == "done":
+            return record.upstream != current.fingerprint
+        made_from = record.upstream_file or record.upstream
+        return made_from != file_identity(self.layout.input_path(record.stage, record.shard))
+
+    def write_done(
+        self, stage: str, shard: str, fingerprint: str, rows_out: int, stats: dict[str, Any], attempts: int, upstream: str | None = None, upstream_file: str | None = None
+    ) -> ShardRecord:
         """Record a finished shard (call only after its output is in place), with the input fingerprint it was made from."""
         output = self.layout.output_path(stage, shard)
         record = ShardRecord(
@@ -124,6 +138,7 @@ class Ledger:
             rows_out=rows_out,
             stats=stats,
             upstream=upstream,
+            upstream_file=upstream_file,
             attempts=attempts,
             time=_now(),
         )

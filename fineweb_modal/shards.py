@@ -155,6 +155,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
     layout = job.layout()
     ledger = Ledger(layout)
     upstream = _upstream(job, ledger)
+    upstream_file = file_identity(layout.input_path(job.stage, job.shard)) if job.stage != "download" else None
     fingerprint = job_fingerprint(job, ledger, upstream)
     if (skipped := _skipped_result(job, ledger, fingerprint)) is not None:
         return skipped
@@ -188,7 +189,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
     )
     if still_ours is not None and not still_ours():
         raise ShardBusyError(f"{job.stage}/{job.shard}: another run took over this shard's lease while this one worked; it records the shard")
-    ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt, upstream=upstream)
+    ledger.write_done(job.stage, job.shard, fingerprint, result.rows_out, result.model_dump(mode="json"), job.attempt, upstream=upstream, upstream_file=upstream_file)
     for stale in layout.shard_dir(job.stage).joinpath(".parts").glob(f"{job.shard}-*"):
         if re.fullmatch(rf"{re.escape(job.shard)}-[0-9a-f]{{16}}", stale.name):  # not shard `s2-b`'s when this is `s2`
             shutil.rmtree(stale, ignore_errors=True)  # parts of earlier configs of this shard
@@ -235,9 +236,19 @@ def run_shard_exclusive(job: ShardJob) -> ShardResult:
 
 
 def record_failure(job: ShardJob, exc: BaseException) -> None:
-    """Write the failed record of a job whose worker process died before it could write its own."""
+    """Write the failed record of a job whose worker process died before it could write its own.
+
+    Not over a matching `done` record: a job queued behind the worker that died fails with it without
+    having started, and its shard may be done already.
+    """
     ledger = Ledger(job.layout())
-    ledger.write_failed(job.stage, job.shard, job_fingerprint(job, ledger), exc, job.attempt)
+    fingerprint = job_fingerprint(job, ledger)
+    if ledger.done_record(job.stage, job.shard, fingerprint) is not None:
+        return
+    try:
+        ledger.write_failed(job.stage, job.shard, fingerprint, exc, job.attempt)
+    except OSError as error:  # the task still fails with the worker's loss, not with this
+        log.warning("%s/%s: could not write the failed record (%s)", job.stage, job.shard, error)
 
 
 def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:

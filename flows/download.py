@@ -18,7 +18,7 @@ def download(
     name: str | None = None,
     data_dir: str = "./data",
     backend: str = "local",
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
     only: str | None = None,
     max_cost: float | None = None,
     num_proc: int = 4,

@@ -23,7 +23,7 @@ def embed(
     model: str = DEFAULT_MODEL,
     prefix: str = "",
     engine: str = "transformers",
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
     only: str | None = None,
     max_cost: float | None = None,
     tei_url: str | None = None,

@@ -38,7 +38,7 @@ def pipeline(
     prefix: str = "",
     text_column: str = "text",
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
     only: str | None = None,
     max_cost: float | None = None,
     engine: str = "transformers",

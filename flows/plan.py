@@ -38,7 +38,7 @@ def plan(
     model: str = DEFAULT_MODEL,
     prefix: str = "",
     text_column: str = "text",
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
 ) -> list[dict]:
     """Forecast the embed stage's cost for the downloaded shards, as a table artifact."""
     run = build_run_config(

@@ -50,7 +50,7 @@ def publish(
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
     dry_run: bool = False,
     output_dir: str | None = None,
     private: bool = True,

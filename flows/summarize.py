@@ -22,7 +22,7 @@ def summarize(
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
     only: str | None = None,
     max_cost: float | None = None,
 ):

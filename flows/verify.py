@@ -38,7 +38,7 @@ def verify(
     prefix: str = "",
     text_column: str = "text",
     dimensions: int | None = None,
-    shards: list[str] | str | None = None,
+    shards: list[str | int] | str | int | None = None,
 ):
     """Row counts match, keys unique, spans exact, vectors finite and unit-norm with the right dims; a table artifact."""
     run = build_run_config(

@@ -152,7 +152,7 @@ class LocalBackend:
 
 # What `modal` and `grpclib` raise when this process loses its link to Modal's servers: the call it waited on
 # may still be running (and billing), so its record must stay for the retry to re-attach to.
-_MODAL_LINK_ERRORS = {"ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError", "GRPCError"}
+_MODAL_LINK_ERRORS = {"ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError"}
 
 
 def lost_modal_link(exc: BaseException) -> bool:

@@ -45,14 +45,15 @@ def test_chunks_are_exact_fitting_covering_and_never_pure_overlap(text, max_toke
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "overlap"),
     [
-        "mkx9w2z2u3ejohjz38nxcbznf008nai75ty88ef5an0xtfbpb6xj3qh2royy6voqfcju5e741uybh1ijbh1pcrqyhwsxm",  # a window shrunk to fit left char 39 out
-        "국한트텍스텍스트한국어텍스트한국",  # a cut among one syllable's jamo brought in two more tokens than counted
+        ("mkx9w2z2u3ejohjz38nxcbznf008nai75ty88ef5an0xtfbpb6xj3qh2royy6voqfcju5e741uybh1ijbh1pcrqyhwsxm", 0.0),  # a window shrunk to fit left char 39 out
+        ("국한트텍스텍스트한국어텍스트한국", 0.0),  # a cut among one syllable's jamo brought in two more tokens than counted
+        ("3stwxd9haxtxvkshiui8ka399dybxh2j3t1ahju4", 0.5),  # the rest of a shrunk window lay inside the next one
     ],
 )
-def test_windows_cut_inside_words_still_cover_and_fit(text):
-    check_chunk_promises(text, 16, 0.0)
+def test_windows_cut_inside_words_still_cover_and_fit(text, overlap):
+    check_chunk_promises(text, 16, overlap)
 
 
 def check_chunk_promises(text: str, max_tokens: int, overlap: float) -> None:
@@ -64,7 +65,7 @@ def check_chunk_promises(text: str, max_tokens: int, overlap: float) -> None:
         assert rows == [] and stats.empty_docs == 1
         return
     assert [r[1] for r in rows] == list(range(len(rows)))
-    previous_end = -1
+    previous_start = previous_end = -1
     for _, _, start, end, count in rows:
         chunk = text[start:end]
         assert chunk, "a chunk holds at least one token's characters"
@@ -72,7 +73,8 @@ def check_chunk_promises(text: str, max_tokens: int, overlap: float) -> None:
         assert retokenized + SPECIAL_TOKENS <= max_tokens
         assert count == retokenized + SPECIAL_TOKENS, "chunk_token_count is the chunk's own token count"
         assert end > previous_end, "a chunk that ends where the previous one ended adds nothing"
-        previous_end = end
+        assert start > previous_start, "a chunk that starts where the previous one started or before holds it whole"
+        previous_start, previous_end = start, end
     # Every character the tokenizer keeps lies inside some chunk.
     for token_start, token_end in encoding.offsets:
         assert any(start <= token_start and token_end <= end for _, _, start, end, _ in rows)

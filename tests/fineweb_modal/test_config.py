@@ -50,6 +50,7 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"split": "."}, "must be a plain name"),
         ({"keep_columns": "url,chunk_text"}, r"keep_columns \['chunk_text'\] would clash"),
         ({"keep_columns": "url,url"}, r"keep_columns names \['url'\] more than once"),
+        ({"keep_columns": "url,embedding"}, r"keep_columns \['embedding'\] would clash"),
         ({"max_cost": float("nan")}, "must be a number of dollars"),
         ({"backend": "modal", "engine": "tei", "tei_url": "http://127.0.0.1:8080"}, "--tei-url is for the local backend"),
     ],

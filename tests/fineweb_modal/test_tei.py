@@ -228,3 +228,39 @@ def test_dimensions_wider_than_the_model_fail_at_the_first_answer(double):
     with pytest.raises(ConfigError, match="TEI refuses dimensions=1024"):
         engine.embed(TEXTS[:40])
     assert engine.client.stats.splits == 0
+
+
+def test_a_resumed_shard_reuses_the_parts_whether_the_engine_was_warm_or_fresh(double, tmp_path, monkeypatch):
+    """A TEI engine learns its width from its first answer: the parts' stamp must not depend on that."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import fineweb_modal.embedding as embedding
+    from fineweb_modal.config import EmbedConfig
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 8)
+    n = 16
+    chunks = pa.table(
+        {"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()), "chunk_text": TEXTS[:n]}
+    )
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL, engine="tei", tei_url=double.url)
+    warm = fast_engine(double.url)
+    warm.embed(["a warm engine has learnt its width"])
+    real_run, calls = warm.run, []
+
+    def preempted_at_the_second_block(prepared):
+        calls.append(len(prepared[0]))  # (inputs, token counts, row names)
+        if len(calls) == 2:
+            raise ConnectionError("preempted")
+        return real_run(prepared)
+
+    monkeypatch.setattr(warm, "run", preempted_at_the_second_block)
+    with pytest.raises(ConnectionError):
+        embedding.embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=warm)
+    fresh, fresh_calls = fast_engine(double.url), []
+    fresh_run = fresh.run
+    monkeypatch.setattr(fresh, "run", lambda prepared: fresh_calls.append(len(prepared[0])) or fresh_run(prepared))
+    embedding.embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=fresh)
+    assert fresh_calls == [8], "the first part was reused: only the second block was embedded"
+    assert pq.read_table(tmp_path / "e.parquet").column("id").to_pylist() == [str(i) for i in range(n)]

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fineweb_modal import load_embeddings
+from fineweb_modal.ledger import Ledger
 from fineweb_modal.shards import ShardJob, layout_for, run_shard, verify_outputs
 
 
@@ -76,6 +77,9 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
 
     run = run_stages(["The cat sat on the mat.", "Stock markets fell sharply today."], ("download", "chunk", "embed"))
     layout = layout_for(run)
+    assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
+    # A chunk attempt that failed left the chunk file as it was: the embeddings are still its own.
+    Ledger(layout).write_failed("chunk", "s0", "another-config", TimeoutError("slow disk"), 1)
     assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
     # Other texts, other lengths: the source file's size changes, so download and chunk redo the shard.
     run = run_stages(["Quantum physics of black holes.", "The football final ended in a draw."], ("download", "chunk"))

@@ -160,4 +160,5 @@ def test_list_parameters_take_the_clis_comma_form_in_a_deployment_run(flow_name)
     schema = parameter_schema(flow.fn).model_dump_for_openapi()
     values = {"shards": "0,3", **({"stages": "download,chunk"} if flow_name == "pipeline" else {})}
     assert validate(values, schema, ignore_required=True) == []
-    assert validate({"shards": ["0", "3"]}, schema, ignore_required=True) == []
+    for shards in (["0", "3"], 3, [0, 3]):  # `-p shards=3` and `-p shards=[0,3]` arrive as JSON numbers
+        assert validate({"shards": shards}, schema, ignore_required=True) == []

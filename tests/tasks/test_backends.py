@@ -28,13 +28,22 @@ def test_local_backend_runs_jobs_in_worker_processes(demo_source, run_config_for
         backend.close()
 
 
-def test_a_dead_worker_fails_only_its_shard_and_the_next_one_gets_fresh_workers(demo_source, run_config_for):
+def test_a_dead_worker_fails_the_jobs_in_its_pool_as_transient_and_later_ones_get_fresh_workers(demo_source, run_config_for):
     """A worker killed by the OS (OOM killer, a crash) breaks a process pool for good: the backend replaces it."""
     run = run_config_for(demo_source)
     backend = LocalBackend(max_workers=1)
     try:
         source = sorted(demo_source.glob("*.parquet"))[0]
-        backend.run(ShardJob(stage="download", shard=source.stem, run=run, source_file=str(source)))
+        done_job = ShardJob(stage="download", shard=source.stem, run=run, source_file=str(source))
+        backend.run(done_job)
+        (worker,) = backend._pool._processes.values()
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        # A job sent to the broken pool fails with it without having run; a shard it had done stays done.
+        with pytest.raises(WorkerLostError):
+            backend.run(done_job)
+        assert Ledger(layout_for(run)).read("download", source.stem).status == "done"
+        assert backend.run(done_job).status == "skipped", "in fresh workers"
         (worker,) = backend._pool._processes.values()
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(timeout=30)

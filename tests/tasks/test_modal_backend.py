@@ -12,7 +12,7 @@ import pytest
 
 from fineweb_modal.errors import is_transient
 from fineweb_modal.shards import ShardJob, run_shard
-from tasks.backends import ModalBackend, call_key
+from tasks.backends import ModalBackend, call_key, lost_modal_link
 
 _ids = itertools.count()
 
@@ -172,6 +172,33 @@ def test_a_lost_link_to_modal_keeps_the_call_so_the_retry_reattaches(downloaded)
     result = backend.run(job)
     assert result.status == "done" and result.extra["modal_call_id"] == call.object_id
     assert fake.spawned == [call.object_id] and fake.dict == {}
+
+
+def test_every_lost_link_to_modal_is_retried_and_a_calls_own_error_is_not_one():
+    import modal.exception as modal_errors
+    from modal._utils.grpc_utils import RetryTimeoutError
+
+    for error in (modal_errors.ConnectionError("x"), modal_errors.ServiceError("x"), modal_errors.InternalError("x"), RetryTimeoutError("x")):
+        assert lost_modal_link(error) and is_transient(error), type(error).__name__
+    assert not lost_modal_link(ConnectionError("reset by the shard's own code"))  # re-raised from the call: it failed
+
+
+def test_a_modal_link_error_inside_a_container_comes_back_as_the_calls_own_failure(downloaded, monkeypatch):
+    """Raised by the call (e.g. a Volume commit that lost its link), it must not make the caller wait on a finished call."""
+    import modal.exception as modal_errors
+
+    from deployments import modal_app
+
+    run, shard, _ = downloaded
+
+    def losing_its_link(job):
+        raise modal_errors.ConnectionError("volume commit: deadline exceeded")
+
+    monkeypatch.setattr(modal_app, "run_shard", losing_its_link)
+    job = ShardJob(stage="chunk", shard=shard, run=run, where="modal")
+    with pytest.raises(ConnectionError, match="in the Modal container: ConnectionError: volume commit") as raised:
+        modal_app.chunk_shard.local(job.model_dump(mode="json"))
+    assert not lost_modal_link(raised.value) and is_transient(raised.value), "forgotten by the caller, and retried afresh"
 
 
 def test_a_hub_download_is_one_recorded_call_too(downloaded, demo_source):
