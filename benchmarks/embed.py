@@ -208,10 +208,11 @@ NOMIC_SEQUENCE_LIMIT = 8192
 
 @dataclass(frozen=True)
 class BenchEmbedConfig:
-    """The two fields of EmbedConfig that embed_shard reads (EmbedConfig needs pydantic, absent on the GPU image)."""
+    """The fields of EmbedConfig that embed_shard reads (EmbedConfig needs pydantic, absent on the GPU image)."""
 
     prefix: str = NOMIC_PREFIX
     embedding_dtype: str = "float32"
+    dimensions: int | None = None
 
 
 def log(message: str) -> None:
