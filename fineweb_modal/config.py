@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, hidden_size, load_tokenizer, model_info, prefix_token_count
+from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, check_dimensions, hidden_size, load_tokenizer, model_info, prefix_token_count
 
 STAGES = ("download", "chunk", "embed", "summarize")
 BACKENDS = ("local", "modal")
@@ -246,9 +246,7 @@ def build_run_config(
 
     info = model_info(model)  # raises ConfigError for an unknown model
     check_prefix(prefix, model)
-    hidden = hidden_size(info.path)
-    if dimensions is not None and hidden and int(dimensions) > hidden:
-        raise ConfigError(f"dimensions={dimensions} is more than {model}'s {hidden}")
+    check_dimensions(model, dimensions, hidden_size(info.path))
     keep = split_list(keep_columns)
     if clashes := [c for c in keep if c in (*CHUNK_COLUMNS, "embedding") and c != "id"]:  # `embedding`: publish joins it
         raise ConfigError(f"keep_columns {clashes} would clash with the chunk file's own columns {list(CHUNK_COLUMNS)} or the published `embedding`")

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.attention import PACKED_ATTENTION
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.heap import pin_mmap_threshold
-from fineweb_modal.models import ModelInfo, encode_for_model, hidden_size, load_tokenizer, model_info, prefix_token_count
+from fineweb_modal.models import ModelInfo, check_dimensions, encode_for_model, hidden_size, load_tokenizer, model_info, prefix_token_count
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
 if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
@@ -141,8 +141,7 @@ class TransformersEngine:
         self.weights_from_path = model is None
         self.model = self._load_model(self.dtype) if model is None else model.to(self.device).eval()
         hidden = int(self.model.config.hidden_size)
-        if dimensions is not None and dimensions > hidden:
-            raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
+        check_dimensions(model_id, dimensions, hidden)
         self.dims = dimensions or hidden
         automatic = attention == "auto"
         if automatic:
@@ -461,9 +460,7 @@ class TEIEngine:
         check_served_model(self.server, model_id)
         self.model_id, self.prefix, self.dimensions = model_id, prefix, dimensions
         self.model_path = model_info(model_id).path
-        hidden = hidden_size(self.model_path)
-        if dimensions is not None and hidden and dimensions > hidden:  # else TEI finds out after computing a batch
-            raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {hidden}")
+        check_dimensions(model_id, dimensions, hidden_size(self.model_path))  # else TEI finds out after computing a batch
         self.prefix_tokens = prefix_token_count(self.model_path, prefix)
         self.dims = dimensions or 0  # learnt from the first response when not asked for
         self.tokens_embedded = 0
@@ -563,6 +560,7 @@ class EmbedStats:
     chunks: int = 0
     tokens: int = 0
     dims: int = 0
+    docs: int = 0  # as the chunk file counted them (0 when it does not say)
 
 
 def _revision(path: str) -> str:
@@ -655,7 +653,7 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     parts_dir.mkdir(parents=True, exist_ok=True)
     for stale in parts_dir.glob(".*.tmp"):  # a part a killed run was writing
         stale.unlink(missing_ok=True)
-    stats = EmbedStats()
+    stats = EmbedStats(docs=int(parquet_key_values(chunks).get("fineweb_modal.docs", 0)))
 
     def prepare(piece: pa.RecordBatch) -> object:
         if piece.column("chunk_text").null_count:

@@ -29,6 +29,11 @@ class BadDataError(Exception):
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOSPC}
 
 
+# What `modal` and `grpclib` raise when a client loses its link to Modal's servers (matched by class name here:
+# no modal import in this package).
+MODAL_LINK_ERRORS = frozenset({"ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError"})
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors that can pass on a retry (I/O hiccups, timeouts, lost connections)."""
     if isinstance(exc, (BadDataError, ConfigError, ShardBusyError)):
@@ -39,4 +44,4 @@ def is_transient(exc: BaseException) -> bool:
         return exc.errno not in _PERMANENT_ERRNOS
     # Exceptions re-raised across a process or Modal boundary keep their class name. Modal's own: a lost link to
     # its servers (the waiting call may still run and is re-attached to), and a call Modal itself calls retriable.
-    return type(exc).__name__ in {"ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError", "InternalFailure"}
+    return type(exc).__name__ in {"ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "InternalFailure", *MODAL_LINK_ERRORS}

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fineweb_modal.errors import ConfigError
 
@@ -61,7 +62,7 @@ def resolve_model_path(model_id: str) -> Path:
         ) from None
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -77,7 +78,7 @@ def model_info(model_id: str) -> ModelInfo:
         tokenizer_limit = tokenizer_config.get("model_max_length") or 0
         # Tokenizers without a limit store a huge sentinel (1e30); fall back to the position embeddings.
         limit = tokenizer_limit if 0 < tokenizer_limit < 100_000 else hf_config.get("max_position_embeddings", 512)
-    modules = _read_json_list(path / "modules.json")
+    modules = _read_json(path / "modules.json") or []
     if unsupported := [m.get("type", "?") for m in modules if not m.get("type", "").endswith(SUPPORTED_MODULES)]:
         raise ConfigError(f"model {model_id!r}: its sentence-transformers pipeline has {unsupported}, which this engine does not run (it runs {', '.join(SUPPORTED_MODULES)})")
     pooling_dir = next((m.get("path") for m in modules if m.get("type", "").endswith("Pooling")), None) or "1_Pooling"
@@ -117,10 +118,6 @@ def _tokenizer_lowercases(tokenizer_json: Path) -> bool:
     return any(n.get("type") == "Lowercase" or (n.get("type") == "BertNormalizer" and n.get("lowercase")) for n in parts)
 
 
-def _read_json_list(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(model_path: str):
     """The model's fast tokenizer with the bundled truncation and padding switched off (cached per process)."""
@@ -141,6 +138,12 @@ def hidden_size(model_path: str) -> int | None:
         return int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0) or None  # n_embd: nomic-bert's
     except (OSError, ValueError):
         return None
+
+
+def check_dimensions(model_id: str, dimensions: int | None, width: int | None) -> None:
+    """`dimensions` (Matryoshka) must not exceed the model's width, where the width is known: else ConfigError."""
+    if dimensions is not None and width and int(dimensions) > width:
+        raise ConfigError(f"dimensions={dimensions} is more than {model_id}'s {width}")
 
 
 def encode_for_model(tokenizer, texts: list[str]) -> list:

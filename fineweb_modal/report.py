@@ -126,19 +126,17 @@ def text_histogram(edges: list[int], counts: list[int], width: int = 40) -> str:
     return "\n".join(lines)
 
 
-def pipeline_resume(run: RunConfig, reports: dict[str, StageReport], stopped_at: str | None = None) -> tuple[str, str] | None:
+def pipeline_resume(run: RunConfig, reports: dict[str, StageReport]) -> tuple[str, str] | None:
     """How to go on after a pipeline run that did not finish: (what to say, the command), or None when nothing is left.
 
-    From the stage the cost limit stopped, else the first stage with failed shards, else `stopped_at` (a stage
-    that could not start; by default the first of the run's stages without a report); that stage and every
-    later one of the run, done shards skipped.
+    From the stage the cost limit stopped, else the first stage with failed shards, else the first of the
+    run's stages without a report (it could not start); that stage and every later one, done shards skipped.
     """
     if stopped := next((stage for stage, report in reports.items() if report.not_started), None):
         return "Resume with a higher --max-cost (done shards are skipped):", resume_command(run, stopped)
     if first_failed := next((stage for stage, report in reports.items() if report.failed), None):
         return "Once the cause is fixed, rerun (done shards are skipped):", resume_command(run, first_failed)
-    stopped_at = stopped_at or next((stage for stage in run.stages if stage not in reports), None)
-    if stopped_at:
+    if stopped_at := next((stage for stage in run.stages if stage not in reports), None):
         return f"Once {stopped_at} can start, rerun (done shards are skipped):", resume_command(run, stopped_at)
     return None
 

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from fineweb_modal import chunking, download, embedding, summary
@@ -27,7 +26,7 @@ from fineweb_modal.errors import ShardBusyError
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
 from fineweb_modal.models import model_info
-from fineweb_modal.storage import parquet_key_values, remove_stale_temps, write_json_atomic
+from fineweb_modal.storage import remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +131,7 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
         }
     if job.stage == "embed":
         stats = embedding.embed_shard(source, output, job.run.embed, layout.parts_dir("embed", job.shard, fingerprint))
-        docs = int(parquet_key_values(pq.ParquetFile(source)).get("fineweb_modal.docs", 0))  # the chunk file counts them
-        return {"rows_in": stats.chunks, "rows_out": stats.chunks, "docs": docs, "chunks": stats.chunks, "tokens": stats.tokens, "extra": {"dims": stats.dims}}
+        return {"rows_in": stats.chunks, "rows_out": stats.chunks, "docs": stats.docs, "chunks": stats.chunks, "tokens": stats.tokens, "extra": {"dims": stats.dims}}
     shard_summary = summary.summarize_shard(source, output, job.run.chunk.max_tokens)
     return {
         "rows_in": shard_summary["chunks"],

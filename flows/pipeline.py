@@ -73,7 +73,7 @@ def pipeline(
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
             if isinstance(report, ConfigError) and not reports:
                 return Failed(message=f"{stage}: {report}", data=report)  # nothing ran: the setup was wrong (the CLI's exit code 2)
-            return _stopped(run, f"{stage} could not run: {report}", reports, stopped_at=stage)
+            return _stopped(run, f"{stage} could not run: {report}", reports)
         reports[stage] = report
         spent += report.totals()["cost_usd"]
         if report.not_started:
@@ -91,7 +91,7 @@ def pipeline(
     return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)
 
 
-def _stopped(run: RunConfig, message: str, reports: dict[str, StageReport], stopped_at: str | None = None):
+def _stopped(run: RunConfig, message: str, reports: dict[str, StageReport]):
     """Fail the pipeline run, leaving in the UI how to resume all of it (a stage's own summary covers that stage only)."""
-    publish_pipeline_stop(run, reports, message, stopped_at)
+    publish_pipeline_stop(run, reports, message)
     return failed(message, reports)

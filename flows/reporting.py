@@ -40,12 +40,12 @@ def publish_stage(report: StageReport, run: RunConfig, extra_markdown: str = "")
     )
 
 
-def publish_pipeline_stop(run: RunConfig, reports: dict[str, StageReport], message: str, stopped_at: str | None = None) -> None:
+def publish_pipeline_stop(run: RunConfig, reports: dict[str, StageReport], message: str) -> None:
     """The pipeline run's own summary when it did not finish: why, each stage's counts, and the command that resumes the whole run."""
     lines = [f"# pipeline · {run.dataset.name}: not finished", "", message, "", "| stage | done | skipped | failed | not started |", "|---|---:|---:|---:|---:|"]
     for stage, report in reports.items():
         done = sum(r.status == "done" for r in report.results)
         lines.append(f"| {stage} | {done} | {len(report.results) - done} | {len(report.failed)} | {len(report.not_started)} |")
-    if resume := pipeline_resume(run, reports, stopped_at):
+    if resume := pipeline_resume(run, reports):
         lines += ["", resume[0], "", f"```\n{resume[1]}\n```"]
     create_markdown_artifact("\n".join(lines), key=artifact_key("pipeline", run.dataset.name, "summary"), description=f"pipeline · {run.dataset.name}: how to resume")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import as_completed
@@ -56,14 +58,8 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
         chosen = _only_failed(run, stage, chosen)
     if chosen and stage == "chunk" and run.backend == "local":
         # A missing text or kept column is a config mistake: say so before any shard starts.
-        for shard in chosen:
-            path = layout_for(run).input_path("chunk", shard)
-            try:
-                schema = open_arrow_batches(path)[0]
-            except BadDataError:
-                continue  # an unreadable shard fails its own task, naming the file; judge by the next one
-            _check_columns(schema, run, path)
-            break
+        paths = (layout_for(run).input_path("chunk", shard) for shard in chosen)
+        _check_first_readable(paths, lambda path: open_arrow_batches(path)[0], run)
     return {shard: candidates[shard] for shard in chosen}
 
 
@@ -81,11 +77,16 @@ def check_source_columns(run: RunConfig) -> None:
     if run.download is None or run.download.source_kind != "folder":
         return
     chosen = set(select_shards(list(_candidates("download", run)), run.shards))
-    for path in (f for f in list_source_files(run.download.source) if f.stem in chosen):
+    _check_first_readable((f for f in list_source_files(run.download.source) if f.stem in chosen), source_schema, run)
+
+
+def _check_first_readable(paths: Iterable[Path], read_schema: Callable[[Path], Any], run: RunConfig) -> None:
+    """Check the text and kept columns of the first file that opens (an unreadable one fails its own shard, naming the file)."""
+    for path in paths:
         try:
-            schema = source_schema(path)
+            schema = read_schema(path)
         except BadDataError:
-            continue  # an unreadable file fails its own shard, naming the file; judge the columns by the next one
+            continue
         _check_columns(schema, run, path)
         return
 

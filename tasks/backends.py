@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
-from fineweb_modal.errors import ConfigError, WorkerLostError
+from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, WorkerLostError
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
@@ -150,15 +150,10 @@ class LocalBackend:
                 self._pool = None
 
 
-# What `modal` and `grpclib` raise when this process loses its link to Modal's servers: the call it waited on
-# may still be running (and billing), so its record must stay for the retry to re-attach to.
-_MODAL_LINK_ERRORS = {"ConnectionError", "ServiceError", "InternalError", "RetryTimeoutError", "StreamTerminatedError"}
-
-
 def lost_modal_link(exc: BaseException) -> bool:
-    """Whether `exc` is the Modal client losing its link to Modal, rather than a call's own failure."""
+    """Whether `exc` is the Modal client losing its link to Modal (the call waited on may still run and bill), not a call's own failure."""
     kind = type(exc)
-    return kind.__module__.split(".")[0] in ("modal", "grpclib") and kind.__name__ in _MODAL_LINK_ERRORS
+    return kind.__module__.split(".")[0] in ("modal", "grpclib") and kind.__name__ in MODAL_LINK_ERRORS
 
 
 def call_key(job: ShardJob) -> str:
