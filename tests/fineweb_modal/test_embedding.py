@@ -283,7 +283,10 @@ def test_half_precision_on_a_cpu_that_multiplies_it_natively(half, monkeypatch, 
     assert engine.dtype == half and next(engine.model.parameters()).dtype == half
     vectors = engine.embed(TEXTS)
     assert vectors.dtype == np.float32 and engine.tokens_embedded > 0
-    assert cosine_rows(vectors, sentence_transformer.encode(TEXTS, normalize_embeddings=True)).min() >= 0.9999
+    # bf16 keeps 3 fewer mantissa bits than fp16 (~8x the rounding, ~64x the 1 - cos); AMX and AVX-512 also
+    # round their sums differently (0.99989 was measured with AMX on a Sapphire Rapids). The product's bar is 0.999.
+    floor = {torch.float16: 0.9999, torch.bfloat16: 0.9995}[half]
+    assert cosine_rows(vectors, sentence_transformer.encode(TEXTS, normalize_embeddings=True)).min() >= floor
 
     monkeypatch.setattr(embedding, "cpu_half_dtype", lambda: None)
     assert TransformersEngine(DEFAULT_MODEL, device="cpu").dtype == torch.float32
