@@ -109,7 +109,8 @@ def flops_per_token(model: torch.nn.Module, mean_tokens: float) -> float:
     return 2 * params + 4 * config.num_hidden_layers * config.hidden_size * mean_tokens
 
 
-def timed(fn, repeats: int, sync: bool) -> float:
+def timed(fn, sync: bool) -> float:
+    """Seconds one call of fn takes (the device synchronized before and after when `sync`)."""
     if sync:
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -127,7 +128,7 @@ def compare(variants: dict, repeats: int, sync: bool, warmup: bool = True) -> di
             fn()  # weights in cache, kernels chosen
     for _ in range(repeats):
         for name, fn in variants.items():
-            times[name].append(timed(fn, repeats, sync))
+            times[name].append(timed(fn, sync))
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -73,11 +73,14 @@ class Engine(Protocol):
     dims: int
     tokens_embedded: int
 
-    def prepare(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> object: ...
+    def prepare(self, texts: list[str], token_counts: list[int] | None = None, row_names: list[str] | None = None) -> object:
+        """Tokenizes and batches a block of texts on the CPU; what it returns goes to `run`."""
 
-    def run(self, prepared: object) -> np.ndarray: ...
+    def run(self, prepared: object) -> np.ndarray:
+        """Embeds a prepared block: one float32 row per text, in the order given."""
 
-    def metadata(self) -> dict[str, str]: ...
+    def metadata(self) -> dict[str, str]:
+        """What the embedding parquet records about the model and engine: model, revision, pooling, engine."""
 
 
 @dataclass

@@ -47,21 +47,29 @@ class Backend(Protocol):
 
     name: str
 
-    def run(self, job: ShardJob) -> ShardResult: ...
+    def run(self, job: ShardJob) -> ShardResult:
+        """Runs one shard of one stage where the data lives; the ledger record is written before it returns."""
 
-    def list_shards(self, run: RunConfig, stage: str) -> list[str]: ...
+    def list_shards(self, run: RunConfig, stage: str) -> list[str]:
+        """The shard names of a stage's input, sorted."""
 
-    def download_hub(self, run: RunConfig) -> list[ShardResult]: ...
+    def download_hub(self, run: RunConfig) -> list[ShardResult]:
+        """Fetches the dataset's files from the Hub into the download stage's folder."""
 
-    def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]: ...
+    def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
+        """Each shard's status in a stage, from its ledger: done, failed, stale or missing."""
 
-    def verify(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
+    def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Checks one shard's outputs against their inputs and ledger records."""
 
-    def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]: ...
+    def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
+        """Chunks a sample of one shard to forecast the run's chunks, tokens and cost."""
 
-    def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path: ...
+    def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path:
+        """Copies one shard's output of a stage to a local path."""
 
-    def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]: ...
+    def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Dataset-wide steps after every shard of a stage (the datasets index, the totals); returns what they wrote."""
 
 
 class LocalBackend:
