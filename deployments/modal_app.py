@@ -14,7 +14,7 @@ from typing import Any
 import modal
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import check_gpu, parse_gpu, stage_resources
+from fineweb_modal.costs import ContainerClock, check_gpu, parse_gpu, stage_resources
 from fineweb_modal.shards import ShardJob, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
@@ -53,6 +53,8 @@ def tei_image_tag(gpu: str) -> str:
 app = modal.App(MODAL_APP_NAME, tags={"project": "fineweb-modal"})
 volume = modal.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
 hf_cache = modal.Volume.from_name(HF_CACHE_VOLUME_NAME, create_if_missing=True)
+# Imported once per container: from here on its time is billed to its shards (the boot before it is not).
+container_clock = ContainerClock()
 
 LIGHT_PACKAGES = ("pydantic>=2.7", "pyarrow>=17", "numpy>=1.26", "huggingface_hub>=0.24", "tokenizers>=0.20", "httpx>=0.27", "orjson>=3")
 IMAGE_ENV = {
@@ -109,12 +111,19 @@ def _failing_in_the_container() -> Iterator[None]:
 
 
 def _run(job: dict) -> dict:
-    """Run one shard job against the Volume: see others' writes first, publish ours after."""
+    """Run one shard job against the Volume: see others' writes first, publish ours after.
+
+    A shard that works also pays for this container's time outside shard work since the last one did.
+    """
+    in_container = not modal.is_local()
     with _failing_in_the_container():
-        if not modal.is_local():
+        if in_container:
             volume.reload()
-        result = run_shard(ShardJob.model_validate(job))
-        if not modal.is_local():
+        overhead = container_clock.unbilled_seconds() if in_container else 0.0
+        result = run_shard(ShardJob.model_validate(job), overhead_seconds=overhead)
+        if in_container and result.status == "done":
+            container_clock.billed(result.overhead_seconds, result.seconds)
+        if in_container:
             volume.commit()
     return result.model_dump(mode="json")
 

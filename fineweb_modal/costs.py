@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fineweb_modal.errors import ConfigError
@@ -138,3 +139,25 @@ def format_usd(amount: float) -> str:
     if amount >= 1:
         return f"${amount:,.2f}"
     return f"${amount:.3g}" if amount >= 0.001 else f"${amount:.1e}"
+
+
+class ContainerClock:
+    """A container's billed seconds outside shard work, charged to the next shard that works.
+
+    Modal bills a container from its start to its stop: its start-up and imports, a model loaded in
+    `@modal.enter`, Volume reloads and commits, failed attempts, waits between inputs. Each shard that works
+    pays for the time since the previous one's work ended (the container's start, for the first); only
+    the idle time after a container's last shard, before it scales down, is in no shard's cost.
+    """
+
+    def __init__(self, started: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._unbilled_since = clock() if started is None else started
+
+    def unbilled_seconds(self) -> float:
+        """Seconds since the container started or the last billed shard's work ended."""
+        return max(0.0, self._clock() - self._unbilled_since)
+
+    def billed(self, overhead_seconds: float, work_seconds: float) -> None:
+        """Record that a shard paid `overhead_seconds` (as read from unbilled_seconds) and its own work."""
+        self._unbilled_since += overhead_seconds + work_seconds

@@ -31,7 +31,7 @@ class StageReport(BaseModel):
 
     def totals(self) -> dict[str, float]:
         """Sums over the shards that ran or were skipped."""
-        keys = ("docs", "empty_docs", "chunks", "tokens", "seconds", "cost_usd", "modal_estimate_usd")
+        keys = ("docs", "empty_docs", "chunks", "tokens", "seconds", "overhead_seconds", "cost_usd", "modal_estimate_usd")
         totals: dict[str, float] = {k: sum(getattr(r, k) for r in self.results) for k in keys}
         worked = [r for r in self.results if r.status == "done"]
         work_seconds = sum(r.seconds for r in worked)
@@ -64,7 +64,7 @@ def artifact_key(stage: str, name: str, kind: str) -> str:
 
 
 def shard_table(report: StageReport) -> list[dict[str, Any]]:
-    """One row per shard: status, docs, chunks, tokens, seconds, tokens/s, $ (and the error of a failed one)."""
+    """One row per shard: status, docs, chunks, tokens, seconds (work, container overhead), tokens/s, $ (and the error of a failed one)."""
     rows = [
         {
             "shard": r.shard,
@@ -73,6 +73,7 @@ def shard_table(report: StageReport) -> list[dict[str, Any]]:
             "chunks": r.chunks,
             "tokens": r.tokens,
             "seconds": round(r.seconds, 2),
+            "overhead s": round(r.overhead_seconds, 2),
             "tokens/s": round(r.tokens_per_second),
             "cost $": round(r.cost_usd, 6),
             "modal estimate $": round(r.modal_estimate_usd, 6),
@@ -81,7 +82,7 @@ def shard_table(report: StageReport) -> list[dict[str, Any]]:
         for r in report.results
     ]
     rows += [
-        {"shard": s, "status": "failed", "docs": 0, "chunks": 0, "tokens": 0, "seconds": 0, "tokens/s": 0, "cost $": 0, "modal estimate $": 0, "error": e[:300]}
+        {"shard": s, "status": "failed", "docs": 0, "chunks": 0, "tokens": 0, "seconds": 0, "overhead s": 0, "tokens/s": 0, "cost $": 0, "modal estimate $": 0, "error": e[:300]}
         for s, e in report.failed.items()
     ]
     return sorted(rows, key=lambda row: row["shard"])
@@ -104,6 +105,8 @@ def stage_markdown(report: StageReport, resume_command: str) -> str:
         "",
         f"Costs use Modal's published per-second rates ({PRICE_TABLE_DATE}; override with FINEWEB_MODAL_RATES); the local backend costs $0 and shows what Modal would charge.",
     ]
+    if t["overhead_seconds"]:
+        lines += ["", f"The cost includes {t['overhead_seconds']:.1f} s of the containers' time outside shard work (start-up, model load, Volume sync), each shard paying its container's since the previous shard; idle time before a container scales down is in no shard's."]
     slowest = sorted((r for r in report.results if r.status == "done"), key=lambda r: -r.seconds)[:3]
     if slowest:
         lines += ["", "Slowest shards: " + ", ".join(f"`{r.shard}` {r.seconds:.1f} s" for r in slowest)]

@@ -59,7 +59,9 @@ class ShardResult(BaseModel):
     empty_docs: int = 0
     chunks: int = 0
     tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the work's, what tokens/s divides by
+    # Billed container time outside any shard's work, paid by this one (start-up, model load, Volume sync).
+    overhead_seconds: float = 0.0
     bytes_out: int = 0
     where: str = "local"
     host: str = ""
@@ -144,11 +146,12 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
     }
 
 
-def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> ShardResult:
+def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overhead_seconds: float = 0.0) -> ShardResult:
     """Run one stage on one shard: skip when the ledger says done with this config, else work and record.
 
     `still_ours` (the shard's lease) is asked before the done record is written: a run that lost its lease
-    while it worked records nothing, and the run that took over records the shard.
+    while it worked records nothing, and the run that took over records the shard. `overhead_seconds`: a
+    Modal container's billed time outside any shard's work, which this shard pays for if it works.
     """
     layout = job.layout()
     ledger = Ledger(layout)
@@ -175,12 +178,13 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None) -> Sh
         raise failure from exc
     seconds = time.perf_counter() - started
     output = layout.output_path(job.stage, job.shard)
-    estimate = seconds * rate
+    estimate = (seconds + overhead_seconds) * rate
     result = ShardResult(
         **common,
         **stats,
         status="done",
         seconds=round(seconds, 3),
+        overhead_seconds=round(overhead_seconds, 3),
         bytes_out=output.stat().st_size,
         cost_usd=estimate if job.where == "modal" else 0.0,
         modal_estimate_usd=estimate,

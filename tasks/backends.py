@@ -273,7 +273,7 @@ class ModalBackend:
         result.extra["modal_call_id"] = call_id
         if self.rates and result.status == "done":
             resources = Resources(cpu=result.cpu, memory_gib=result.memory_gib, gpu=result.gpu)
-            result.cost_usd = result.modal_estimate_usd = cost_usd(result.seconds, resources, self.rates)
+            result.cost_usd = result.modal_estimate_usd = cost_usd(result.seconds + result.overhead_seconds, resources, self.rates)
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
         return result
 

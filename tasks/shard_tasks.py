@@ -53,7 +53,7 @@ def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | No
     except Exception as exc:
         _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc)})
         raise
-    _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "cost_usd": result.cost_usd})
+    _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "overhead_seconds": result.overhead_seconds, "cost_usd": result.cost_usd})
     return Completed(message=state_message(result), data=result)
 
 

@@ -39,6 +39,42 @@ def test_model_weights_live_off_the_data_volume_that_is_reloaded_per_shard(modal
         assert set(volumes) == {MODAL_DATA_DIR, modal_app.HF_HOME}
 
 
+def test_in_a_container_each_shard_that_works_pays_for_the_time_before_it(modal_app, demo_source, run_config_for, monkeypatch):
+    """Start-up, model load and Volume sync are billed: a shard's cost covers them, not only its work."""
+    from fineweb_modal.costs import ContainerClock, rate_per_second, stage_resources
+
+    now = [1000.0]
+
+    class VolumeOfAContainer:  # a test double: each sync takes 2 s on the fake clock
+        def reload(self) -> None:
+            now[0] += 2.0
+
+        def commit(self) -> None:
+            now[0] += 2.0
+
+    monkeypatch.setattr(modal_app.modal, "is_local", lambda: False)
+    monkeypatch.setattr(modal_app, "volume", VolumeOfAContainer())
+    monkeypatch.setattr(modal_app, "container_clock", ContainerClock(started=940.0, clock=lambda: now[0]))
+    run = run_config_for(demo_source)
+    first, second = sorted(demo_source.glob("*.parquet"))[:2]
+
+    def download(source) -> ShardResult:
+        job = ShardJob(stage="download", shard=source.stem, run=run, source_file=str(source), where="modal")
+        return ShardResult.model_validate(modal_app._run(job.model_dump(mode="json")))
+
+    rate = rate_per_second(stage_resources("download"))
+    one = download(first)
+    assert one.overhead_seconds == 62.0  # 60 s of start-up, then its reload
+    assert one.cost_usd == pytest.approx((one.seconds + 62.0) * rate, rel=1e-3)
+    now[0] += 100.0  # the container waits for its next input
+    assert download(first).status == "skipped"  # done: bills nothing, its time waits for the next shard
+    two = download(second)
+    # since the first's work ended: its commit (2), the wait (100), the skipped call's reload and commit (4),
+    # this reload (2), less the work seconds the fake clock never saw pass
+    assert two.overhead_seconds == pytest.approx(108.0 - one.seconds, abs=2e-3)
+    assert two.cost_usd == pytest.approx((two.seconds + two.overhead_seconds) * rate, rel=1e-3)
+
+
 def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config_for):
     run = run_config_for(demo_source)
     source_file = sorted(demo_source.glob("*.parquet"))[0]

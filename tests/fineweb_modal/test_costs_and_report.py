@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from fineweb_modal.costs import RATES_USD_PER_SECOND, Resources, cost_usd, format_usd, parse_gpu
+from fineweb_modal.costs import RATES_USD_PER_SECOND, ContainerClock, Resources, cost_usd, format_usd, parse_gpu
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.report import StageReport, artifact_key, shard_table, stage_markdown, state_message, text_histogram
 from fineweb_modal.shards import ShardResult
@@ -33,6 +33,32 @@ def test_gpu_strings_are_read_as_modal_reads_them():
     assert two_h100 == pytest.approx(20 * RATES_USD_PER_SECOND["H100"]) == cost_usd(10, Resources(cpu=0, memory_gib=0, gpu="h100!:2"))
     with pytest.raises(ConfigError, match="positive number"):
         parse_gpu("H100:x")
+
+
+def test_a_containers_time_outside_shard_work_goes_to_the_next_shard_that_works():
+    now = [130.0]
+    clock = ContainerClock(started=100.0, clock=lambda: now[0])
+    assert clock.unbilled_seconds() == 30.0  # start-up and model load, before the first shard
+    clock.billed(30.0, 50.0)  # the first shard worked 50 s (the clock reads 180 when its work ends)
+    now[0] = 185.0  # its commit, a wait, the next reload: 5 s
+    assert clock.unbilled_seconds() == 5.0
+    now[0] = 187.0  # a shard done earlier (skipped) bills nothing, so its time waits for the next one
+    assert clock.unbilled_seconds() == 7.0
+    clock.billed(7.0, 10.0)
+    now[0] = 190.0  # the clock may read before the billed work's end (work seconds are rounded): never negative
+    assert clock.unbilled_seconds() == 0.0
+
+
+def test_overhead_is_shown_and_summed_beside_the_work():
+    results = [
+        ShardResult(stage="embed", shard=s, status="done", where="modal", tokens=100, seconds=10.0, overhead_seconds=o, cost_usd=0.01)
+        for s, o in (("a", 60.0), ("b", 1.5))
+    ]
+    report = StageReport(stage="embed", name="d", backend="modal", results=results)
+    assert report.totals()["overhead_seconds"] == 61.5 and report.totals()["tokens_per_second"] == 10.0  # work seconds only
+    assert [row["overhead s"] for row in shard_table(report)] == [60.0, 1.5]
+    assert "61.5 s of the containers' time outside shard work" in stage_markdown(report, "cmd")
+    assert "outside shard work" not in stage_markdown(StageReport(stage="embed", name="d", backend="local", results=[results[0].model_copy(update={"overhead_seconds": 0.0})]), "cmd")
 
 
 def test_state_message_shows_tokens_and_dollars():

@@ -191,7 +191,7 @@ def test_a_modal_link_error_inside_a_container_comes_back_as_the_calls_own_failu
 
     run, shard, _ = downloaded
 
-    def losing_its_link(job):
+    def losing_its_link(job, overhead_seconds=0.0):
         raise modal_errors.ConnectionError("volume commit: deadline exceeded")
 
     monkeypatch.setattr(modal_app, "run_shard", losing_its_link)
@@ -244,10 +244,17 @@ def test_cancelling_a_run_cancels_its_calls_only(downloaded):
     assert mine.cancelled and child.cancelled and not other.cancelled and list(fake.dict) == ["c"]
 
 
-def test_costs_use_the_workspaces_live_rates_when_readable(downloaded):
-    from fineweb_modal.costs import Resources, cost_usd
+def test_costs_use_the_workspaces_live_rates_when_readable(downloaded, monkeypatch):
+    import time
+
+    from deployments import modal_app
+    from fineweb_modal.costs import ContainerClock, Resources, cost_usd
 
     run, shard, fake = downloaded
+    # As in a container that started 30 s before the call: the shard pays for that time too.
+    monkeypatch.setattr(modal_app.modal, "is_local", lambda: False)
+    monkeypatch.setattr(modal_app, "volume", type("VolumeDouble", (), {"reload": lambda self: None, "commit": lambda self: None})())
+    monkeypatch.setattr(modal_app, "container_clock", ContainerClock(started=time.monotonic() - 30.0))
 
     class Workspace:
         @staticmethod
@@ -263,7 +270,8 @@ def test_costs_use_the_workspaces_live_rates_when_readable(downloaded):
     backend = ModalBackend(modal_module=fake)
     assert backend.rates == {"cpu_core": 0.00002, "memory_gib": 0.000003, "H100": 0.0009}
     result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
-    expected = cost_usd(result.seconds, Resources(cpu=result.cpu, memory_gib=result.memory_gib), {"cpu_core": 0.00002, "memory_gib": 0.000003})
+    assert 30.0 <= result.overhead_seconds < 60.0
+    expected = cost_usd(result.seconds + result.overhead_seconds, Resources(cpu=result.cpu, memory_gib=result.memory_gib), {"cpu_core": 0.00002, "memory_gib": 0.000003})
     assert result.cost_usd == pytest.approx(expected) and result.extra["rates"] == "modal billing API"
 
     del fake.Workspace  # no billing access: the dated table stands
