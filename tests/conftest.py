@@ -18,17 +18,36 @@ from fineweb_modal.config import build_run_config  # noqa: E402
 from fineweb_modal.demo import build_documents, write_demo_source  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fineweb_modal_home(tmp_path_factory):
+    """No test touches the user's ~/.fineweb-modal; a local server a test leaves running is stopped and named."""
+    from flows import server
+
+    home = tmp_path_factory.mktemp("fineweb-modal-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINEWEB_MODAL_HOME", str(home))
+        yield home
+        left = server.status()
+        if left is not None:
+            server.stop()
+            pytest.fail(f"a test left the local Prefect server running (pid {left['pid']}, port {left['port']})")
+
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    """A Prefect test server for the whole session (~15 s to start), with results kept out of ~/.prefect."""
+    """A Prefect test server for the whole session (~15 s to start), with results kept out of ~/.prefect.
+
+    PREFECT_API_URL is exported too, so that the CLI (`ensure_api`) uses it instead of starting a server.
+    """
     from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
     results = tmp_path_factory.mktemp("prefect-results")
     with temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as patch:
             from prefect.settings import PREFECT_API_URL
 
+            patch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
             yield PREFECT_API_URL.value()
 
 
