@@ -32,6 +32,20 @@ def test_stages_chain_and_rerun_skips(demo_source, run_config_for):
     assert shard_status(run, "embed", shard) == "done"
 
 
+def test_a_source_touched_since_is_downloaded_again_and_its_consumers_redone(demo_source, run_config_for):
+    """Sources are known by name, size and modification time: the same bytes touched count as a new input."""
+    import os
+
+    run = run_config_for(demo_source)
+    source = sorted(demo_source.glob("*.parquet"))[0]
+    shard = source.stem
+    run_stages(run, shard, stages=("download", "chunk"), source_file=str(source))
+    assert [r.status for r in run_stages(run, shard, stages=("download", "chunk"), source_file=str(source))] == ["skipped"] * 2
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert [r.status for r in run_stages(run, shard, stages=("download", "chunk"), source_file=str(source))] == ["done"] * 2
+
+
 def test_rechunking_with_another_config_invalidates_embeddings(demo_source, run_config_for):
     run = run_config_for(demo_source)
     source_file = str(sorted(demo_source.glob("*.parquet"))[0])

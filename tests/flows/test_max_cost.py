@@ -44,3 +44,32 @@ def test_the_budget_stops_new_shards_and_exits_3(prefect_api, priced_backend, de
     assert main([*argv, "--stages", "download"]) == 0, "without the limit the rest resumes"
     out = capsys.readouterr().out
     assert "download   3 ok (2 skipped), 0 failed" in out
+
+
+class FixedPrice(LocalPricedAsModal):
+    """Every shard that works costs exactly PRICE: a budget can fall between whole shards."""
+
+    PRICE = 1.0
+
+    def run(self, job: ShardJob) -> ShardResult:
+        result = super().run(job)
+        return result.model_copy(update={"cost_usd": self.PRICE}) if result.status == "done" else result
+
+
+@pytest.mark.parametrize(("budget", "done"), [(2.5, 2), (3.5, 3)])
+def test_a_shard_starts_only_while_spent_plus_in_flight_plus_its_own_fits(prefect_api, demo_source, run_config_for, monkeypatch, budget, done):
+    """Two probe shards cost 2; a third would make 3: it starts under a budget of 3.5, not under 2.5."""
+    from flows.download import download
+    from flows.outcome import outcome
+
+    double = FixedPrice()
+    monkeypatch.setitem(backends._backends, "modal", double)
+    monkeypatch.setattr(backends, "modal_token_configured", lambda: True)
+    try:
+        run = run_config_for(demo_source)
+        state = download(source=str(demo_source), data_dir=str(run.dataset.data_dir), backend="modal", max_cost=budget, return_state=True)
+        report = outcome(state)
+    finally:
+        double.close()
+    assert len([r for r in report.results if r.status == "done"]) == done
+    assert len(report.not_started) == 3 - done
