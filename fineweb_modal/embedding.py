@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.attention import PACKED_ATTENTION
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.heap import pin_mmap_threshold
+from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.models import ModelInfo, check_dimensions, encode_for_model, hidden_size, load_tokenizer, model_info, prefix_token_count
 from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
 
@@ -700,6 +701,7 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
                 block_vectors: list[np.ndarray] = []
                 block_tokens = 0
                 for block, part, prepared, ends_block in _prefetch(pieces(), depth=1):
+                    raise_if_stop_requested(f"embedding {input_path.name}")  # the parts written so far stay
                     if prepared is None:
                         stats.tokens += int(parquet_key_values(pq.ParquetFile(part)).get("fineweb_modal.tokens", 0))
                         pending.append(writer.submit(lambda part=part: output.append(pq.read_table(part))))

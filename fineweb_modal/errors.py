@@ -21,6 +21,10 @@ class WorkerLostError(Exception):
     """The process working on a shard died under it (killed by the OS, out of memory, crashed); a fresh one may pass."""
 
 
+class Interrupted(Exception):
+    """The run was asked to stop (Ctrl-C) before this shard finished: nothing was recorded done, a rerun resumes it."""
+
+
 class BadDataError(Exception):
     """The input itself is wrong (missing column, unreadable file): retrying cannot help."""
 
@@ -36,7 +40,7 @@ MODAL_LINK_ERRORS = frozenset({"ConnectionError", "ServiceError", "InternalError
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that can pass on a retry (I/O hiccups, timeouts, lost connections)."""
-    if isinstance(exc, (BadDataError, ConfigError, ShardBusyError)):
+    if isinstance(exc, (BadDataError, ConfigError, ShardBusyError, Interrupted)):
         return False
     if isinstance(exc, (TimeoutError, ConnectionError, WorkerLostError)):
         return True

@@ -23,6 +23,7 @@ from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import rate_per_second, stage_resources
 from fineweb_modal.errors import ShardBusyError
+from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
 from fineweb_modal.models import model_info
@@ -153,6 +154,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overh
     while it worked records nothing, and the run that took over records the shard. `overhead_seconds`: a
     Modal container's billed time outside any shard's work, which this shard pays for if it works.
     """
+    raise_if_stop_requested(f"{job.stage}/{job.shard}")  # not started: no record at all
     layout = job.layout()
     ledger = Ledger(layout)
     upstream = _upstream(job, ledger)

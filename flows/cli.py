@@ -7,9 +7,14 @@ Exit codes: 0 every shard of every stage succeeded; 1 some shard failed (the oth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 from fineweb_modal.config import BACKENDS, COMPILE_CHOICES, DEFAULT_KEEP_COLUMNS, EMBEDDING_DTYPES, ENGINES, STAGES, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
@@ -155,7 +160,8 @@ def run_pipeline(kwargs: dict) -> int:
     from flows.outcome import outcome
     from flows.pipeline import pipeline
 
-    state = pipeline(**kwargs, return_state=True)
+    with _stopping_on_ctrl_c():
+        state = pipeline(**kwargs, return_state=True)
     reports = outcome(state)
     if isinstance(reports, ConfigError):  # the first stage refused to start (e.g. no room on the disk): nothing ran
         print(f"error: {reports}", file=sys.stderr)
@@ -171,6 +177,28 @@ def run_pipeline(kwargs: dict) -> int:
     if resume := pipeline_resume(run, reports):
         print(f"{resume[0]}\n  {resume[1]}", file=sys.stderr)
     return EXIT_MAX_COST if any(report.not_started for report in reports.values()) else EXIT_FAILED_SHARDS
+
+
+@contextlib.contextmanager
+def _stopping_on_ctrl_c() -> Iterator[None]:
+    """Ctrl-C also asks the shard work to stop: queued shards end at once, not after every started one ran."""
+    from fineweb_modal.interrupt import request_stop, withdraw_stop
+
+    # Signal handlers belong to the main thread; and an interrupt ignored by whoever started us stays ignored.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        request_stop()
+        signal.default_int_handler(signum, frame)  # KeyboardInterrupt, as without this handler
+
+    withdraw_stop()
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _print_outcome(run: RunConfig, reports: dict) -> None:

@@ -8,17 +8,20 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
-from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, WorkerLostError
+from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
+from fineweb_modal.interrupt import raise_if_stop_requested, stop_requested
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
@@ -72,6 +75,42 @@ class Backend(Protocol):
         """Dataset-wide steps after every shard of a stage (the datasets index, the totals); returns what they wrote."""
 
 
+# In a worker process: the pool's stop event (set by the parent on a stop request), whether this worker was
+# interrupted itself (Ctrl-C reaches a terminal's whole process group), and whether a job runs now.
+_pool_stopping: Any = None
+_interrupted = False
+_job_running = False
+
+
+def _worker_started(stopping: Any) -> None:
+    """A worker's Ctrl-C: a running job is interrupted (it fails, recording nothing done); an idle worker just exits."""
+    global _pool_stopping
+    _pool_stopping = stopping
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # ignored by whoever started the run: stays ignored
+        return
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        global _interrupted
+        _interrupted = True
+        if _job_running:
+            raise KeyboardInterrupt
+        os._exit(130)  # quietly: a traceback per idle worker would bury the run's own message
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
+def _as_job(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a job in a worker process, unless the run is stopping (a job queued before the stop does not start)."""
+    global _job_running
+    if _interrupted or (_pool_stopping is not None and _pool_stopping.is_set()):
+        raise Interrupted("a queued shard job: stopped on request (Ctrl-C) before it started; rerun the same command to resume")
+    _job_running = True
+    try:
+        return function(*args)
+    finally:
+        _job_running = False
+
+
 class LocalBackend:
     """In this machine: CPU stages in a process pool (one worker per core), embedding in-process, one at a time."""
 
@@ -80,27 +119,49 @@ class LocalBackend:
     def __init__(self, max_workers: int | None = None):
         self.max_workers = max_workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
+        self._pool_stopping: Any = None  # the pool's stop event, seen by its workers
         self._pool_lock = threading.Lock()
         # torch already uses every core for one shard; two at once would only thrash.
         self._embed_lock = threading.Lock()
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _executor(self) -> tuple[ProcessPoolExecutor, Any]:
         with self._pool_lock:
+            if self._pool is not None and self._pool_stopping.is_set() and not stop_requested():
+                self._pool.shutdown(wait=False, cancel_futures=True)  # stopped by an earlier run's Ctrl-C
+                self._pool = None
             if self._pool is None:
                 # spawn, not fork: the parent runs Prefect's threads and event loops, which fork would copy mid-flight.
-                self._pool = ProcessPoolExecutor(self.max_workers, mp_context=multiprocessing.get_context("spawn"))
-            return self._pool
+                context = multiprocessing.get_context("spawn")
+                self._pool_stopping = context.Event()
+                self._pool = ProcessPoolExecutor(self.max_workers, mp_context=context, initializer=_worker_started, initargs=(self._pool_stopping,))
+            return self._pool, self._pool_stopping
 
     def _in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Call `function` in a worker process; a pool broken by a dead worker is replaced, and the call fails as WorkerLostError."""
-        pool = self._executor()
+        """Call `function` in a worker process; a pool broken by a dead worker is replaced, and the call fails as WorkerLostError.
+
+        After a stop request (Ctrl-C) no queued call starts, and one the interrupt reached in its worker ends
+        as Interrupted: neither is retried.
+        """
+        raise_if_stop_requested("a queued shard job")
+        pool, stopping = self._executor()
         try:
-            return pool.submit(function, *args).result()
+            future = pool.submit(_as_job, function, *args)
+            while not future.done():
+                wait([future], timeout=0.25)
+                if stop_requested():
+                    stopping.set()  # calls already handed to the workers do not start either
+                    if future.cancel():
+                        raise_if_stop_requested("a queued shard job")
+            return future.result()
+        except KeyboardInterrupt as exc:  # the job's own exception: the interrupt reached its worker
+            raise Interrupted("a shard job was interrupted in its worker process (Ctrl-C); rerun the same command to resume") from exc
         except BrokenProcessPool as exc:
             with self._pool_lock:
                 if self._pool is pool:
                     self._pool = None  # every later submit would fail too: the next one starts fresh workers
             pool.shutdown(wait=False)
+            if stop_requested():  # idle workers exit on the same Ctrl-C: not a loss to retry
+                raise Interrupted("the worker processes stopped on request (Ctrl-C); rerun the same command to resume") from exc
             raise WorkerLostError(
                 "a worker process died while this ran (killed by the OS, e.g. out of memory, or crashed); its retry runs in a fresh one"
             ) from exc

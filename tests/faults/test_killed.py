@@ -102,3 +102,37 @@ def test_embed_killed_mid_shard_resumes_and_matches_a_clean_run(dataset):
     assert ours.select(["id", "doc_index", "chunk_index"]).equals(reference.select(["id", "doc_index", "chunk_index"])), "no row lost or doubled"
     a, b = (np.stack(t.column("embedding").to_numpy(zero_copy_only=False)) for t in (ours, reference))
     assert np.array_equal(a, b), "on CPU the resumed shard's vectors are identical to a clean run's"
+
+
+def test_ctrl_c_stops_a_local_run_without_running_its_queued_shards_and_a_rerun_completes(prefect_api, tmp_path, capsys):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once the embed stage is under way."""
+    from fineweb_modal.demo import write_demo_source
+    from flows.cli import main
+
+    n_shards = 8
+    source = write_demo_source(tmp_path / "source" / "ctrlc", n_docs=20 * n_shards, n_shards=n_shards)
+    data = tmp_path / "data"
+    argv = ["run", "--source", str(source), "--data-dir", str(data), "--stages", "download,chunk,embed"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONPATH": str(Path(__file__).parents[2])}
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def embed_records() -> list[str]:
+        return [p.read_text() for p in data.glob("*/_ledger/embed/**/*.json")]
+
+    deadline = time.monotonic() + 180
+    while not any('"done"' in r for r in embed_records()):
+        assert process.poll() is None, process.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the embed stage never started"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    log = process.communicate(timeout=120)[0].decode()
+    assert process.returncode in (-signal.SIGINT, 130), log[-3000:]
+    assert "Execution was aborted by an interrupt signal" in log
+    done = sum('"done"' in r for r in embed_records())
+    assert done < n_shards, "the shards queued behind the running one did not run"
+    outputs = list(data.glob("*-chunked-*-*/train/*.parquet"))
+    assert len(outputs) == done, "an output exists only with its done record"
+
+    assert main(argv) == 0, "the rerun completes what the interrupt left"
+    assert main(["verify", "--name", "ctrlc", "--data-dir", str(data)]) == 0
+    assert f"embed      {n_shards} ok ({done} skipped)" in capsys.readouterr().out

@@ -116,6 +116,43 @@ def test_a_null_chunk_text_is_bad_data_naming_the_chunk(tmp_path):
         embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
 
 
+def test_a_stop_request_ends_an_embed_shard_after_its_current_piece_keeping_its_parts(tmp_path, monkeypatch):
+    """Ctrl-C on a local run: the shard stops within a piece, writes no output, and the rerun resumes from the parts."""
+    import fineweb_modal.embedding as embedding
+    from fineweb_modal.errors import Interrupted
+    from fineweb_modal.interrupt import request_stop, withdraw_stop
+
+    monkeypatch.setattr(embedding, "READ_BLOCK_ROWS", 4)
+    chunks = write_numbered_chunks(tmp_path / "c.parquet", 24)
+    engine = get_engine(EmbedConfig(model=DEFAULT_MODEL))
+    runs = []
+
+    class StoppedDuringItsThirdRun:  # a test double around the real engine: Ctrl-C arrives while a piece runs
+        dims, metadata, prepare = engine.dims, engine.metadata, engine.prepare
+
+        @property
+        def tokens_embedded(self) -> int:
+            return engine.tokens_embedded
+
+        def run(self, prepared):
+            runs.append(prepared.rows)
+            if len(runs) == 3:
+                request_stop()
+            return engine.run(prepared)
+
+    try:
+        with pytest.raises(Interrupted, match="embedding c.parquet: stopped on request"):
+            embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts", engine=StoppedDuringItsThirdRun())
+    finally:
+        withdraw_stop()
+    assert len(runs) == 3, "no piece started after the request"
+    assert not (tmp_path / "e.parquet").exists()
+    assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 3, "the pieces that ran are kept as parts"
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
+    table = pq.read_table(tmp_path / "e.parquet")
+    assert stats.chunks == table.num_rows == 24 and table.column("id").to_pylist() == chunks.column("id").to_pylist()
+
+
 def test_parts_made_another_way_are_not_reused(tmp_path, monkeypatch):
     """Parts are matched by how they were made, not by row count alone (a direct caller may reuse a parts folder)."""
     import fineweb_modal.embedding as embedding

@@ -28,6 +28,49 @@ def test_local_backend_runs_jobs_in_worker_processes(demo_source, run_config_for
         backend.close()
 
 
+def test_after_a_stop_request_no_queued_job_starts_and_a_later_run_gets_fresh_workers(demo_source, run_config_for):
+    """Ctrl-C on a local run: the job running in a worker finishes; the jobs behind it end as Interrupted, not retried."""
+    import threading
+    import time
+
+    from fineweb_modal.errors import Interrupted
+    from fineweb_modal.interrupt import request_stop, withdraw_stop
+
+    run = run_config_for(demo_source)
+    files = sorted(demo_source.glob("*.parquet"))
+    backend = LocalBackend(max_workers=1)
+    outcomes: dict[str, object] = {}
+
+    def call(name: str, function, *args) -> None:
+        try:
+            outcomes[name] = backend._in_worker(function, *args)
+        except Exception as exc:  # recorded, to assert on
+            outcomes[name] = exc
+
+    try:
+        backend._in_worker(os.getpid)  # the worker is up
+        running = threading.Thread(target=call, args=("running", time.sleep, 1.5))
+        running.start()
+        time.sleep(0.3)
+        queued = threading.Thread(target=call, args=("queued", os.getpid))  # handed to the worker's queue already
+        queued.start()
+        time.sleep(0.3)
+        request_stop()
+        running.join(timeout=30)
+        queued.join(timeout=30)
+        assert outcomes["running"] is None, "the job that was running finished"
+        assert isinstance(outcomes["queued"], Interrupted) and not is_transient(outcomes["queued"])
+        job = ShardJob(stage="download", shard=files[0].stem, run=run, source_file=str(files[0]))
+        with pytest.raises(Interrupted, match="stopped on request"):
+            backend.run(job)
+        assert Ledger(layout_for(run)).read("download", files[0].stem) is None, "a shard that never started has no record"
+        withdraw_stop()
+        assert backend.run(job).status == "done", "the next run in this process starts its jobs"
+    finally:
+        withdraw_stop()
+        backend.close()
+
+
 def test_a_dead_worker_fails_the_jobs_in_its_pool_as_transient_and_later_ones_get_fresh_workers(demo_source, run_config_for):
     """A worker killed by the OS (OOM killer, a crash) breaks a process pool for good: the backend replaces it."""
     run = run_config_for(demo_source)
