@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
     publish.add_argument("--to", help="where to write that folder (default: a temp dir)")
     publish.add_argument("--public", action="store_true", help="create the repo public (default private)")
-    status = commands.add_parser("status", help="per dataset and stage: shards done, failed and missing, from the ledger")
+    status = commands.add_parser("status", help="per dataset and stage: shards done, failed, missing and stale, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -129,20 +129,18 @@ def _validated(**params) -> RunConfig:
 
 def _check_backend(run: RunConfig) -> None:
     if run.backend == "modal":
-        from tasks.backends import modal_token_configured
+        from tasks.backends import MODAL_TOKEN_MISSING, modal_token_configured
 
         if not modal_token_configured():
-            raise ConfigError(
-                "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
-                "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
-            )
+            raise ConfigError(MODAL_TOKEN_MISSING)
 
 
 def _connect() -> str:
     api_url, started = server.ensure_api()
     info = server.status()
     if started and info:
-        print(f"Started a local Prefect server: UI {info['ui_url']} (log {info['log']}); stop it with `fineweb-modal server stop`.")
+        taken = f" (port {server.DEFAULT_PORT} is taken)" if info["port"] != server.DEFAULT_PORT else ""
+        print(f"Started a local Prefect server: UI {info['ui_url']}{taken} (log {info['log']}); stop it with `fineweb-modal server stop`.")
     elif info:
         print(f"Using the local Prefect server: UI {info['ui_url']}")
     else:
@@ -336,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at the interpreter's exit
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    except BrokenPipeError:  # `… | head` closed its end: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        return 1  # what Python itself exits with on a broken pipe
 
 
 def _dispatch(args: argparse.Namespace) -> int:

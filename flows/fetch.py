@@ -17,19 +17,21 @@ from tasks.backends import get_backend
 _LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}  # the stage whose inputs are these outputs
 
 
-def fetch_shard(run: RunConfig, stage: str, shard: str, to: Path) -> Path:
+_FILE_SUFFIX = {"download": ".arrow", "chunk": "-chunks.parquet", "embed": "-embeddings.parquet"}  # one folder holds all three
+
+
+def fetch_shard(run: RunConfig, stage: str, shard: str | int, to: Path) -> Path:
     """Copy one output shard (by name or index) to `to`, a folder or a file; returns the local path."""
     where = get_backend(run.backend)
-    (shard_name,) = select_shards(where.list_shards(run, _LISTED_BY[stage]), [shard])
-    suffix = ".arrow" if stage == "download" else ".parquet"
-    destination = to / f"{shard_name}{suffix}" if to.is_dir() or not to.suffix else to
+    (shard_name,) = select_shards(where.list_shards(run, _LISTED_BY[stage]), [str(shard)])
+    destination = to / f"{shard_name}{_FILE_SUFFIX[stage]}" if to.is_dir() or not to.suffix else to
     return where.fetch(run, stage, shard_name, destination)
 
 
 @flow(name="fetch")
 def fetch(
     name: str,
-    shard: str,
+    shard: str | int,
     to: str = ".",
     stage: str = "embed",
     data_dir: str = "./data",

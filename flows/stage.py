@@ -117,6 +117,7 @@ def run_stage(stage: str, run: RunConfig) -> State:
 
 def _run_stage(stage: str, run: RunConfig) -> State:
     logger = get_run_logger()
+    get_backend(run.backend)  # the modal backend without a token is refused here, not once per shard
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
         results = download_hub_task(run.dataset.name, run)

@@ -276,6 +276,12 @@ def live_rates(modal_module) -> dict[str, float]:
     return accepted
 
 
+MODAL_TOKEN_MISSING = (
+    "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
+    "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
+)
+
+
 def modal_token_configured() -> bool:
     """Whether a Modal token is set (env or ~/.modal.toml), decided without touching the network."""
     import modal.config
@@ -296,10 +302,7 @@ class ModalBackend:
     def __init__(self, modal_module=None) -> None:
         if modal_module is None:
             if not modal_token_configured():
-                raise ConfigError(
-                    "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
-                    "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
-                )
+                raise ConfigError(MODAL_TOKEN_MISSING)
             import modal as modal_module
         self._modal = modal_module
         self._volume = modal_module.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)

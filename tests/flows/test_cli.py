@@ -87,6 +87,38 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
+def test_a_server_started_on_another_port_says_why(monkeypatch, capsys):
+    from flows import cli
+
+    info = {"pid": 1, "port": server.DEFAULT_PORT + 7, "api_url": "http://127.0.0.1:4207/api", "ui_url": "http://127.0.0.1:4207", "log": "server.log"}
+    monkeypatch.setattr(server, "ensure_api", lambda: (info["api_url"], True))
+    monkeypatch.setattr(server, "status", lambda: info)
+    cli._connect()
+    assert f"UI http://127.0.0.1:4207 (port {server.DEFAULT_PORT} is taken)" in capsys.readouterr().out
+    monkeypatch.setattr(server, "status", lambda: {**info, "port": server.DEFAULT_PORT})
+    cli._connect()
+    assert "is taken" not in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(demo_source, run_config_for):
+    """`fineweb-modal status --json | head -1`: the pipe closes under the output."""
+    import os
+    import subprocess
+    import sys
+
+    from fineweb_modal.shards import ShardJob, run_shard
+
+    run = run_config_for(demo_source)
+    for source in sorted(demo_source.glob("*.parquet")):
+        run_shard(ShardJob(stage="download", shard=source.stem, run=run, source_file=str(source)))
+    command = [sys.executable, "-m", "flows.cli", "status", "--data-dir", str(run.dataset.data_dir), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.communicate(timeout=120)[1].decode()
+    assert process.returncode == 1 and "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_local_server_starts_answers_and_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("FINEWEB_MODAL_HOME", str(tmp_path))
     info = server.start(port=server._free_port(4290))

@@ -117,6 +117,17 @@ def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path)
     assert not (tmp_path / "data").exists()
 
 
+def test_the_modal_backend_without_a_token_is_refused_once_not_per_shard(pipeline_flow, demo_source, tmp_path, monkeypatch):
+    """As a deployment runs it (no CLI in front): one clear refusal, no shard task started."""
+    from tasks import backends
+
+    monkeypatch.setattr(backends, "modal_token_configured", lambda: False)
+    monkeypatch.delitem(backends._backends, "modal", raising=False)
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", backend="modal")
+    assert state.is_failed() and "needs a Modal token" in state.message and "failed shards" not in state.message
+    assert not list((tmp_path / "data").rglob("*.arrow")) and not list((tmp_path / "data").rglob("_ledger/*/*/*.json"))
+
+
 def test_missing_kept_column_is_a_config_error_before_chunking(pipeline_flow, demo_source, tmp_path):
     state, reports = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", keep_columns=["url", "nope"])
     assert state.is_failed() and "['nope'] not found" in state.message

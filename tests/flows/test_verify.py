@@ -40,8 +40,8 @@ def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp
 
     data_dir = str(tmp_path / "data")
     assert pipeline(source=str(demo_source), data_dir=data_dir, max_tokens=64, stages=["download", "chunk"], return_state=True).is_completed()
-    path = fetch(name="demo", shard="1", stage="chunk", to=str(tmp_path / "out"), data_dir=data_dir, max_tokens=64)
-    assert path.endswith("out/data-00001-of-00003.parquet")
+    path = fetch(name="demo", shard=1, stage="chunk", to=str(tmp_path / "out"), data_dir=data_dir, max_tokens=64)  # an index, as a deployment parameter
+    assert path.endswith("out/data-00001-of-00003-chunks.parquet")
     assert pq.read_table(path).equals(pq.read_table(tmp_path / "data" / "demo-chunked-64" / "train" / "data-00001-of-00003.parquet"))
     text = latest_artifact("fetch-demo-chunk").data
     assert "rows" in text and "[0:0]" in text
