@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite asserts the CPU's behaviour (bitwise-equal resumed vectors, eager by default); on a machine with a
+# GPU it would take the CUDA paths, which the GPU benchmark measures instead (python -m benchmarks.embed --gpu-only).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 from pathlib import Path  # noqa: E402
 

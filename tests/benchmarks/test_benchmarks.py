@@ -52,7 +52,7 @@ def test_gpu_entry_runs_end_to_end_small_on_cpu(tmp_path):
     assert entry["best_engine"] == "engine"
     # bf16 and fp16 against fp32 on the same weights: close, and the packed engine as close as the padded one.
     assert min(entry["min_cosine_vs_fp32_padded"].values()) > 0.99
-    assert entry["pass"] in (True, False)
+    assert entry["pass"] is False, "a tiny model on a CPU is far from 2 M tokens/s"
 
 
 def test_host_entry_measures_what_overlapping_saves(tmp_path, monkeypatch):

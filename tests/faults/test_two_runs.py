@@ -114,6 +114,8 @@ def _race(run, shards: list[str], owner: str, start: multiprocessing.Event, resu
             outcome = run_shard_exclusive(ShardJob(stage="chunk", shard=shard, run=run, owner=owner)).status
         except ShardBusyError:
             outcome = "busy"
+        except Exception as exc:  # reported, not a silent timeout of the test's queue
+            outcome = f"error {type(exc).__name__}: {exc}"
         results.put((owner, shard, outcome))
 
 
