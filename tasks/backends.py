@@ -276,6 +276,8 @@ def live_rates(modal_module) -> dict[str, float]:
     return accepted
 
 
+MODAL_POLL_S = 5.0  # how often a wait on a Modal call looks for a stop request
+
 MODAL_TOKEN_MISSING = (
     "the modal backend needs a Modal token: run `modal token new` (or set MODAL_TOKEN_ID and "
     "MODAL_TOKEN_SECRET), then deploy the app once with `modal deploy deployments/modal_app.py`"
@@ -317,6 +319,7 @@ class ModalBackend:
 
     def run(self, job: ShardJob) -> ShardResult:
         """Call the stage's Modal function on one shard; a local source file is uploaded to the Volume first."""
+        raise_if_stop_requested(f"{job.stage}/{job.shard}")
         update: dict[str, Any] = {"run": self._on_volume(job.run), "where": "modal"}
         if job.stage == "download" and job.source_file and not job.source_file.startswith(MODAL_DATA_DIR + "/"):
             remote = f"/_sources/{job.run.dataset.name}/{Path(job.source_file).name}"
@@ -359,7 +362,10 @@ class ModalBackend:
             if record.get("call_id"):
                 _log(f"re-attaching to Modal call {record['call_id']} (started {record.get('started')}) instead of starting another")
                 try:
-                    output = self._modal.FunctionCall.from_id(record["call_id"]).get()
+                    output = self._wait(self._modal.FunctionCall.from_id(record["call_id"]))
+                except Interrupted:
+                    self._forget(key, record)  # cancelled: nothing to re-attach to
+                    raise
                 except Exception as exc:  # the old call failed, or its result expired: start afresh
                     if lost_modal_link(exc):
                         raise  # whether that call still runs is unknown: keep its record for the next attempt
@@ -382,13 +388,29 @@ class ModalBackend:
         self._calls.put(key, started)
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
-            output = call.get()
+            output = self._wait(call)
         except Exception as exc:
             if not lost_modal_link(exc):
                 self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
             raise  # a lost link keeps the record: the retry re-attaches to the call, which may still run
         self._forget(key, started)
         return output, call.object_id
+
+    def _wait(self, call: Any) -> Any:
+        """The call's result, waited for in slices: after a stop request (Ctrl-C) the call is cancelled, so no
+        container keeps billing for a stopped run, and Interrupted is raised (an embed shard's rerun resumes
+        from the parts the Volume kept)."""
+        while True:
+            started = time.monotonic()
+            try:
+                return call.get(timeout=MODAL_POLL_S)
+            except TimeoutError:
+                # The poll's TimeoutError comes after waiting the whole slice; a call's own comes back at once.
+                if time.monotonic() - started < MODAL_POLL_S / 2:
+                    raise
+            if stop_requested():
+                call.cancel()
+                raise Interrupted(f"Modal call {call.object_id} cancelled on request (Ctrl-C); rerun the same command to resume")
 
     def _forget(self, key: str, seen: dict) -> None:
         """Drop the record of `key` if it is still the one seen (a modal.Dict has no compare-and-delete, so this

@@ -276,3 +276,59 @@ def test_costs_use_the_workspaces_live_rates_when_readable(downloaded, monkeypat
 
     del fake.Workspace  # no billing access: the dated table stands
     assert ModalBackend(modal_module=fake).rates == {}
+
+
+def test_ctrl_c_cancels_the_call_being_waited_on(downloaded, monkeypatch):
+    """A stopped run must not leave its GPU containers billing: the waiting task cancels its call and ends."""
+    import threading
+    import time
+
+    from fineweb_modal.errors import Interrupted
+    from fineweb_modal.interrupt import request_stop, withdraw_stop
+    from tasks import backends
+
+    monkeypatch.setattr(backends, "MODAL_POLL_S", 0.2)
+    _, _, fake = downloaded
+
+    class RunningCall(FakeCall):  # runs until cancelled: every wait on it times out after its whole slice
+        def get(self, timeout=None):
+            time.sleep(timeout)
+            raise TimeoutError
+
+    backend = ModalBackend(modal_module=fake)
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            backend._call("demo/train/embed/s0/abc", lambda: RunningCall(lambda: None, fake.calls))
+        except Exception as exc:  # recorded, to assert on
+            outcome["error"] = exc
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.7)
+    assert "demo/train/embed/s0/abc" in fake.dict and waiting.is_alive(), "several slices waited, the call still runs"
+    request_stop()
+    try:
+        waiting.join(timeout=10)
+    finally:
+        withdraw_stop()
+    (call,) = fake.calls.values()
+    assert isinstance(outcome["error"], Interrupted) and call.cancelled
+    assert fake.dict == {}, "a cancelled call is not re-attached to"
+
+
+def test_a_calls_own_timeout_error_is_its_result_not_a_slice_of_waiting(downloaded, monkeypatch):
+    from tasks import backends
+
+    monkeypatch.setattr(backends, "MODAL_POLL_S", 10.0)
+    _, _, fake = downloaded
+
+    class TimedOutCall(FakeCall):  # the shard's code raised TimeoutError: the result comes back at once
+        def get(self, timeout=None):
+            raise TimeoutError("the shard's own timeout")
+
+    backend = ModalBackend(modal_module=fake)
+    with pytest.raises(TimeoutError, match="the shard's own"):
+        backend._call("demo/train/chunk/s0/abc", lambda: TimedOutCall(lambda: None, fake.calls))
+    assert fake.dict == {}, "a failed call is forgotten: the retry spawns a new one"
