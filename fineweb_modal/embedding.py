@@ -235,6 +235,8 @@ class TransformersEngine:
         pooled = []
         with torch.inference_mode():
             for batch in prepared.batches:
+                # A block of a CPU run takes a minute or more: a stop request (Ctrl-C) is heard per batch.
+                raise_if_stop_requested("embedding a block")
                 inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 segments = inputs.pop("segments", None)
                 lengths = inputs.pop("lengths", None)

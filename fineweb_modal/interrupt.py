@@ -30,6 +30,11 @@ def stop_requested() -> bool:
     return _requested.is_set()
 
 
+def stop_requested_within(seconds: float) -> bool:
+    """Whether a stop is requested now or within `seconds` (for an event that may come just before the request)."""
+    return _requested.wait(seconds)
+
+
 def raise_if_stop_requested(what: str) -> None:
     """Raise Interrupted naming `what` when a stop was requested."""
     if _requested.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import hashlib
 import logging
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
-from fineweb_modal.interrupt import raise_if_stop_requested, stop_requested
+from fineweb_modal.interrupt import raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
@@ -75,8 +76,9 @@ class Backend(Protocol):
         """Dataset-wide steps after every shard of a stage (the datasets index, the totals); returns what they wrote."""
 
 
-# In a worker process: the pool's stop event (set by the parent on a stop request), whether this worker was
-# interrupted itself (Ctrl-C reaches a terminal's whole process group), and whether a job runs now.
+# In a worker process: the pool's stop flag (set by the parent on a stop request; a lock-free shared bool, as
+# a worker may exit inside its signal handler at any moment), whether this worker was interrupted itself
+# (Ctrl-C reaches a terminal's whole process group), and whether a job runs now.
 _pool_stopping: Any = None
 _interrupted = False
 _job_running = False
@@ -102,10 +104,10 @@ def _worker_started(stopping: Any) -> None:
 def _as_job(function: Callable[..., Any], *args: Any) -> Any:
     """Run a job in a worker process, unless the run is stopping (a job queued before the stop does not start)."""
     global _job_running
-    if _interrupted or (_pool_stopping is not None and _pool_stopping.is_set()):
+    if _interrupted or (_pool_stopping is not None and _pool_stopping.value):
         raise Interrupted("a queued shard job: stopped on request (Ctrl-C) before it started; rerun the same command to resume")
-    _job_running = True
     try:
+        _job_running = True
         return function(*args)
     finally:
         _job_running = False
@@ -119,22 +121,29 @@ class LocalBackend:
     def __init__(self, max_workers: int | None = None):
         self.max_workers = max_workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
-        self._pool_stopping: Any = None  # the pool's stop event, seen by its workers
+        self._pool_stopping: Any = None  # the pool's stop flag, seen by its workers
         self._pool_lock = threading.Lock()
         # torch already uses every core for one shard; two at once would only thrash.
         self._embed_lock = threading.Lock()
 
     def _executor(self) -> tuple[ProcessPoolExecutor, Any]:
         with self._pool_lock:
-            if self._pool is not None and self._pool_stopping.is_set() and not stop_requested():
+            if self._pool is not None and self._pool_stopping.value and not stop_requested():
                 self._pool.shutdown(wait=False, cancel_futures=True)  # stopped by an earlier run's Ctrl-C
                 self._pool = None
             if self._pool is None:
                 # spawn, not fork: the parent runs Prefect's threads and event loops, which fork would copy mid-flight.
                 context = multiprocessing.get_context("spawn")
-                self._pool_stopping = context.Event()
+                self._pool_stopping = context.RawValue(ctypes.c_bool, False)
                 self._pool = ProcessPoolExecutor(self.max_workers, mp_context=context, initializer=_worker_started, initargs=(self._pool_stopping,))
             return self._pool, self._pool_stopping
+
+    def _retire(self, pool: ProcessPoolExecutor) -> None:
+        """Stop using `pool`: the next call starts fresh workers."""
+        with self._pool_lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def _in_worker(self, function: Callable[..., Any], *args: Any) -> Any:
         """Call `function` in a worker process; a pool broken by a dead worker is replaced, and the call fails as WorkerLostError.
@@ -149,18 +158,18 @@ class LocalBackend:
             while not future.done():
                 wait([future], timeout=0.25)
                 if stop_requested():
-                    stopping.set()  # calls already handed to the workers do not start either
+                    stopping.value = True  # calls already handed to the workers do not start either
                     if future.cancel():
                         raise_if_stop_requested("a queued shard job")
-            return future.result()
-        except KeyboardInterrupt as exc:  # the job's own exception: the interrupt reached its worker
-            raise Interrupted("a shard job was interrupted in its worker process (Ctrl-C); rerun the same command to resume") from exc
+            try:
+                return future.result()
+            except KeyboardInterrupt as exc:  # the job's own exception: the interrupt reached its worker
+                self._retire(pool)  # that worker refuses every later job
+                raise Interrupted("a shard job was interrupted in its worker process (Ctrl-C); rerun the same command to resume") from exc
         except BrokenProcessPool as exc:
-            with self._pool_lock:
-                if self._pool is pool:
-                    self._pool = None  # every later submit would fail too: the next one starts fresh workers
-            pool.shutdown(wait=False)
-            if stop_requested():  # idle workers exit on the same Ctrl-C: not a loss to retry
+            self._retire(pool)  # every later submit would fail too
+            # Idle workers exit on the same Ctrl-C, maybe before this process's handler has run: wait for it a moment.
+            if stop_requested_within(0.5):
                 raise Interrupted("the worker processes stopped on request (Ctrl-C); rerun the same command to resume") from exc
             raise WorkerLostError(
                 "a worker process died while this ran (killed by the OS, e.g. out of memory, or crashed); its retry runs in a fresh one"
@@ -233,6 +242,11 @@ def call_key(job: ShardJob) -> str:
     """
     digest = hashlib.sha256(stage_config_fingerprint(job).encode()).hexdigest()[:12]
     return f"{job.run.dataset.name}/{job.run.dataset.split}/{job.stage}/{job.shard}/{digest}"
+
+
+def _same_run(record: dict, reservation: dict) -> bool:
+    """Whether a call record was made by the run that holds `reservation` (the same root flow run, or both outside one)."""
+    return (record.get("root_flow_run_id") or record.get("flow_run_id")) == (reservation.get("root_flow_run_id") or reservation.get("flow_run_id"))
 
 
 def _now() -> str:
@@ -361,10 +375,12 @@ class ModalBackend:
                 continue  # forgotten meanwhile: reserve again
             if record.get("call_id"):
                 _log(f"re-attaching to Modal call {record['call_id']} (started {record.get('started')}) instead of starting another")
+                ours = _same_run(record, reservation)  # this run's own call (a retry re-attaching), or another run's
                 try:
-                    output = self._wait(self._modal.FunctionCall.from_id(record["call_id"]))
+                    output = self._wait(self._modal.FunctionCall.from_id(record["call_id"]), cancel_on_stop=ours)
                 except Interrupted:
-                    self._forget(key, record)  # cancelled: nothing to re-attach to
+                    if ours:
+                        self._forget(key, record)  # cancelled: nothing to re-attach to
                     raise
                 except Exception as exc:  # the old call failed, or its result expired: start afresh
                     if lost_modal_link(exc):
@@ -388,7 +404,7 @@ class ModalBackend:
         self._calls.put(key, started)
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
-            output = self._wait(call)
+            output = self._wait(call, cancel_on_stop=True)
         except Exception as exc:
             if not lost_modal_link(exc):
                 self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
@@ -396,19 +412,21 @@ class ModalBackend:
         self._forget(key, started)
         return output, call.object_id
 
-    def _wait(self, call: Any) -> Any:
+    def _wait(self, call: Any, cancel_on_stop: bool) -> Any:
         """The call's result, waited for in slices: after a stop request (Ctrl-C) the call is cancelled, so no
         container keeps billing for a stopped run, and Interrupted is raised (an embed shard's rerun resumes
-        from the parts the Volume kept)."""
+        from the parts the Volume kept). Another run's call, waited on for the same shard, is left running."""
         while True:
             started = time.monotonic()
             try:
                 return call.get(timeout=MODAL_POLL_S)
-            except TimeoutError:
-                # The poll's TimeoutError comes after waiting the whole slice; a call's own comes back at once.
-                if time.monotonic() - started < MODAL_POLL_S / 2:
+            except TimeoutError as exc:
+                # Modal's poll raises a bare TimeoutError after waiting the whole slice; a call's own comes back at once.
+                if exc.args or time.monotonic() - started < MODAL_POLL_S / 2:
                     raise
             if stop_requested():
+                if not cancel_on_stop:
+                    raise Interrupted(f"stopped on request (Ctrl-C) while waiting on another run's Modal call {call.object_id}, which runs on")
                 call.cancel()
                 raise Interrupted(f"Modal call {call.object_id} cancelled on request (Ctrl-C); rerun the same command to resume")
 

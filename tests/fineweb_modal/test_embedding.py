@@ -116,8 +116,8 @@ def test_a_null_chunk_text_is_bad_data_naming_the_chunk(tmp_path):
         embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
 
 
-def test_a_stop_request_ends_an_embed_shard_after_its_current_piece_keeping_its_parts(tmp_path, monkeypatch):
-    """Ctrl-C on a local run: the shard stops within a piece, writes no output, and the rerun resumes from the parts."""
+def test_a_stop_request_ends_an_embed_shard_within_a_batch_keeping_its_parts(tmp_path, monkeypatch):
+    """Ctrl-C on a local run: the shard stops within a batch, writes no output, and the rerun resumes from the parts."""
     import fineweb_modal.embedding as embedding
     from fineweb_modal.errors import Interrupted
     from fineweb_modal.interrupt import request_stop, withdraw_stop
@@ -141,13 +141,13 @@ def test_a_stop_request_ends_an_embed_shard_after_its_current_piece_keeping_its_
             return engine.run(prepared)
 
     try:
-        with pytest.raises(Interrupted, match="embedding c.parquet: stopped on request"):
+        with pytest.raises(Interrupted, match="stopped on request"):
             embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts", engine=StoppedDuringItsThirdRun())
     finally:
         withdraw_stop()
     assert len(runs) == 3, "no piece started after the request"
     assert not (tmp_path / "e.parquet").exists()
-    assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 3, "the pieces that ran are kept as parts"
+    assert len(list((tmp_path / "parts").glob("part-*.parquet"))) == 2, "the pieces done are kept; the running one stops at its next batch"
     stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=DEFAULT_MODEL), tmp_path / "parts")
     table = pq.read_table(tmp_path / "e.parquet")
     assert stats.chunks == table.num_rows == 24 and table.column("id").to_pylist() == chunks.column("id").to_pylist()

@@ -28,7 +28,52 @@ def test_local_backend_runs_jobs_in_worker_processes(demo_source, run_config_for
         backend.close()
 
 
-def test_after_a_stop_request_no_queued_job_starts_and_a_later_run_gets_fresh_workers(demo_source, run_config_for):
+def mark_and_sleep(marker, seconds: float) -> None:
+    """A worker job that says it has started (its pid in `marker`), then takes a while."""
+    import time
+
+    marker.write_text(str(os.getpid()))
+    time.sleep(seconds)
+
+
+def wait_for(condition, timeout: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_worker_interrupted_alone_is_replaced(tmp_path):
+    """Ctrl-C in a notebook reaches the kernel's workers but may set no stop request: later jobs get fresh workers."""
+    from fineweb_modal.errors import Interrupted
+
+    backend = LocalBackend(max_workers=1)
+    marker = tmp_path / "running"
+    try:
+        import threading
+
+        outcome: dict = {}
+
+        def call() -> None:
+            try:
+                backend._in_worker(mark_and_sleep, marker, 30)
+            except Exception as exc:  # recorded, to assert on
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        wait_for(lambda: marker.exists() and marker.read_text())
+        os.kill(int(marker.read_text()), signal.SIGINT)
+        thread.join(timeout=30)
+        assert isinstance(outcome["error"], Interrupted)
+        assert backend._in_worker(os.getpid) != int(marker.read_text()), "a fresh worker runs the next job"
+    finally:
+        backend.close()
+
+
+def test_after_a_stop_request_no_queued_job_starts_and_a_later_run_gets_fresh_workers(demo_source, run_config_for, tmp_path):
     """Ctrl-C on a local run: the job running in a worker finishes; the jobs behind it end as Interrupted, not retried."""
     import threading
     import time
@@ -48,11 +93,11 @@ def test_after_a_stop_request_no_queued_job_starts_and_a_later_run_gets_fresh_wo
             outcomes[name] = exc
 
     try:
-        backend._in_worker(os.getpid)  # the worker is up
-        running = threading.Thread(target=call, args=("running", time.sleep, 1.5))
+        marker = tmp_path / "running"
+        running = threading.Thread(target=call, args=("running", mark_and_sleep, marker, 1.5))
         running.start()
-        time.sleep(0.3)
-        queued = threading.Thread(target=call, args=("queued", os.getpid))  # handed to the worker's queue already
+        wait_for(marker.exists)
+        queued = threading.Thread(target=call, args=("queued", os.getpid))  # handed to the worker's queue already, or not yet
         queued.start()
         time.sleep(0.3)
         request_stop()

@@ -306,8 +306,12 @@ def test_ctrl_c_cancels_the_call_being_waited_on(downloaded, monkeypatch):
 
     waiting = threading.Thread(target=wait)
     waiting.start()
-    time.sleep(0.7)
-    assert "demo/train/embed/s0/abc" in fake.dict and waiting.is_alive(), "several slices waited, the call still runs"
+    deadline = time.monotonic() + 30
+    while not (fake.dict.get("demo/train/embed/s0/abc") or {}).get("call_id"):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # a few slices
+    assert waiting.is_alive(), "slices come and go while the call runs"
     request_stop()
     try:
         waiting.join(timeout=10)
@@ -332,3 +336,44 @@ def test_a_calls_own_timeout_error_is_its_result_not_a_slice_of_waiting(download
     with pytest.raises(TimeoutError, match="the shard's own"):
         backend._call("demo/train/chunk/s0/abc", lambda: TimedOutCall(lambda: None, fake.calls))
     assert fake.dict == {}, "a failed call is forgotten: the retry spawns a new one"
+
+
+def test_ctrl_c_leaves_another_runs_call_running(downloaded, monkeypatch):
+    """Waiting on a call another run started for the same shard: this run stops, that one's call runs on."""
+    import threading
+    import time
+
+    from fineweb_modal.errors import Interrupted
+    from fineweb_modal.interrupt import request_stop, withdraw_stop
+    from tasks import backends
+
+    monkeypatch.setattr(backends, "MODAL_POLL_S", 0.2)
+    _, _, fake = downloaded
+
+    class RunningCall(FakeCall):
+        def get(self, timeout=None):
+            time.sleep(timeout)
+            raise TimeoutError
+
+    theirs = RunningCall(lambda: None, fake.calls)
+    record = {"call_id": theirs.object_id, "flow_run_id": "their-run", "root_flow_run_id": "their-run", "reserved_at": time.time()}
+    fake.dict["demo/train/embed/s0/abc"] = record
+    backend = ModalBackend(modal_module=fake)
+    outcome: dict = {}
+
+    def wait() -> None:
+        try:
+            backend._call("demo/train/embed/s0/abc", lambda: pytest.fail("a second call was spawned"))
+        except Exception as exc:  # recorded, to assert on
+            outcome["error"] = exc
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.5)
+    request_stop()
+    try:
+        waiting.join(timeout=10)
+    finally:
+        withdraw_stop()
+    assert isinstance(outcome["error"], Interrupted) and "another run's Modal call" in str(outcome["error"])
+    assert not theirs.cancelled and fake.dict["demo/train/embed/s0/abc"] == record
