@@ -70,11 +70,14 @@ class EmbedConfig(_Frozen):
     prefix: str = ""
     engine: Literal["transformers", "tei"] = "transformers"
     tei_url: str | None = None
+    # The model id a TEI reports for --model when it was started under another name (e.g. `/repository` on
+    # Inference Endpoints): the user vouches that it serves --model.
+    tei_served_model: str | None = None
     dimensions: int | None = None
     embedding_dtype: Literal["float32", "float16"] = "float32"
     batch_tokens: int | None = None  # None: the engine picks per device (4 k padded tokens on CPU, 64 k packed on CUDA)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: on CUDA only (on the CPU it costs 15-30 s per worker)
-    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "batch_tokens", "compile"})
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "tei_served_model", "batch_tokens", "compile"})
 
 
 class RunConfig(_Frozen):
@@ -171,6 +174,7 @@ def build_run_config(
     shards: str | list[str] | None = None,
     engine: str = "transformers",
     tei_url: str | None = None,
+    tei_served_model: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
     compile: str = "auto",
@@ -196,6 +200,8 @@ def build_run_config(
         raise ConfigError("--tei-url is only used with --engine tei")
     if tei_url and backend == "modal":
         raise ConfigError("--tei-url is for the local backend: on Modal each GPU container runs its own TEI (drop --tei-url)")
+    if tei_served_model and not tei_url:
+        raise ConfigError("--tei-served-model names what a TEI at --tei-url reports as its model; it needs --tei-url")
     if max_cost is not None:
         try:
             max_cost = float(max_cost)
@@ -269,6 +275,7 @@ def build_run_config(
             prefix=prefix,
             engine=engine,
             tei_url=tei_url or None,
+            tei_served_model=tei_served_model or None,
             dimensions=int(dimensions) if dimensions is not None else None,
             embedding_dtype=embedding_dtype,
             compile=compile,

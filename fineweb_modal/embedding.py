@@ -458,12 +458,12 @@ def _short_name(dtype) -> str:
 class TEIEngine:
     """Embeds through a TEI server: real token counts for packing come from the chunk file, not a tokenizer pass."""
 
-    def __init__(self, url: str, model_id: str, prefix: str = "", dimensions: int | None = None):
+    def __init__(self, url: str, model_id: str, prefix: str = "", dimensions: int | None = None, served_as: str | None = None):
         from fineweb_modal.tei import TEIClient, check_served_model
 
         self.client = TEIClient(url, api_key=os.environ.get("TEI_API_KEY") or None)
         self.server = asyncio.run(self.client.info())
-        check_served_model(self.server, model_id)
+        check_served_model(self.server, model_id, served_as)
         self.model_id, self.prefix, self.dimensions = model_id, prefix, dimensions
         self.model_path = model_info(model_id).path
         check_dimensions(model_id, dimensions, hidden_size(self.model_path))  # else TEI finds out after computing a batch
@@ -554,7 +554,7 @@ def _cached_engine(cfg: EmbedConfig, api_key_digest: str) -> Engine:
     if cfg.engine == "tei":
         if not cfg.tei_url:
             raise ConfigError("the tei engine needs tei_url")
-        return TEIEngine(cfg.tei_url, cfg.model, prefix=cfg.prefix, dimensions=cfg.dimensions)
+        return TEIEngine(cfg.tei_url, cfg.model, prefix=cfg.prefix, dimensions=cfg.dimensions, served_as=cfg.tei_served_model)
     compile = {"auto": None, "on": True, "off": False}[cfg.compile]
     return TransformersEngine(cfg.model, prefix=cfg.prefix, batch_tokens=cfg.batch_tokens, dimensions=cfg.dimensions, compile=compile)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,8 @@ def resume_command(run: RunConfig, stage: str) -> str:
         parts.append(f"--prefix '{run.embed.prefix}'")
     if "embed" in stages:
         parts.append(f"--engine {run.embed.engine}" + (f" --tei-url {run.embed.tei_url}" if run.embed.tei_url else ""))
+        if run.embed.tei_served_model:
+            parts.append(f"--tei-served-model {shlex.quote(run.embed.tei_served_model)}")
         if run.embed.dimensions:
             parts.append(f"--dimensions {run.embed.dimensions}")
         if run.embed.embedding_dtype != "float32":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import shlex
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -298,14 +299,20 @@ class TEIClient:
         return out
 
 
-def check_served_model(info: TEIInfo, model_id: str) -> None:
-    """The chunks were cut with `model_id`'s tokenizer: the server must serve the same model."""
+def check_served_model(info: TEIInfo, model_id: str, served_as: str | None = None) -> None:
+    """The chunks were cut with `model_id`'s tokenizer: the server must serve the same model (reported by its
+    name or folder, or under the name `served_as` the user vouches for)."""
     from fineweb_modal.models import model_slug
 
+    if served_as:
+        if info.model_id != served_as:
+            raise ConfigError(f"TEI serves {info.model_id!r}, not {served_as!r} as --tei-served-model says")
+        return
     if model_slug(info.model_id).lower() != model_slug(model_id).lower():
         raise ConfigError(
             f"TEI serves {info.model_id!r} but the run's --model is {model_id!r}: chunks are cut with the model's "
-            "tokenizer, so they must match (pass --model with the served model)"
+            "tokenizer, so they must match (pass --model with the served model; if this TEI serves --model under "
+            f"another name, e.g. on Inference Endpoints, say so with --tei-served-model {shlex.quote(info.model_id)})"
         )
 
 

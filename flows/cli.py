@@ -43,6 +43,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-cost", type=float, help="dollars: start no shard that would take spent + in-flight estimate past this")
     parser.add_argument("--engine", default="transformers", choices=ENGINES, help="embedding engine")
     parser.add_argument("--tei-url", help="a running TEI server for --engine tei (the API key comes from TEI_API_KEY or the Prefect Secret 'tei-api-key')")
+    parser.add_argument(
+        "--tei-served-model", help="the model id that TEI reports when it serves --model under another name (e.g. '/repository' on Inference Endpoints)"
+    )
     parser.add_argument("--dimensions", type=int, help="keep the first N dimensions (Matryoshka models such as nomic-embed-text-v1.5)")
     parser.add_argument("--embedding-dtype", default="float32", choices=EMBEDDING_DTYPES, help="how vectors are stored")
     parser.add_argument(
@@ -112,6 +115,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "shards": args.shards.split(",") if args.shards else None,
         "engine": args.engine,
         "tei_url": args.tei_url,
+        "tei_served_model": args.tei_served_model,
         "dimensions": args.dimensions,
         "embedding_dtype": args.embedding_dtype,
         "compile": args.compile,

@@ -27,6 +27,7 @@ def embed(
     only: str | None = None,
     max_cost: float | None = None,
     tei_url: str | None = None,
+    tei_served_model: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
     compile: str = "auto",
@@ -35,6 +36,6 @@ def embed(
     run = build_run_config(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
         max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards, only=only, max_cost=max_cost, tei_url=tei_url,
-        dimensions=dimensions, embedding_dtype=embedding_dtype, compile=compile,
+        tei_served_model=tei_served_model, dimensions=dimensions, embedding_dtype=embedding_dtype, compile=compile,
     )  # fmt: skip
     return run_stage("embed", run)

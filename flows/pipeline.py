@@ -43,6 +43,7 @@ def pipeline(
     max_cost: float | None = None,
     engine: str = "transformers",
     tei_url: str | None = None,
+    tei_served_model: str | None = None,
     dimensions: int | None = None,
     embedding_dtype: str = "float32",
     compile: str = "auto",

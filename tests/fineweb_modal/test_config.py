@@ -53,6 +53,7 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"keep_columns": "url,embedding"}, r"keep_columns \['embedding'\] would clash"),
         ({"max_cost": float("nan")}, "must be a number of dollars"),
         ({"backend": "modal", "engine": "tei", "tei_url": "http://127.0.0.1:8080"}, "--tei-url is for the local backend"),
+        ({"engine": "tei", "backend": "modal", "tei_served_model": "/repository"}, "it needs --tei-url"),
     ],
 )
 def test_bad_config_is_rejected_with_the_reason(overrides, message):
@@ -89,7 +90,7 @@ def test_fingerprint_changes_with_what_shapes_the_output():
 
 def test_embed_fingerprint_ignores_where_tei_runs():
     a = build_run_config(name="d", stages="embed", engine="tei", tei_url="http://127.0.0.1:1").embed
-    b = build_run_config(name="d", stages="embed", engine="tei", tei_url="http://10.0.0.2:8080").embed
+    b = build_run_config(name="d", stages="embed", engine="tei", tei_url="http://10.0.0.2:8080", tei_served_model="/repository").embed
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != build_run_config(name="d", stages="embed").embed.fingerprint()
     assert a.fingerprint() != build_run_config(name="d", stages="embed", engine="tei", tei_url="http://x:1", dimensions=64).embed.fingerprint()

@@ -128,7 +128,9 @@ def test_the_resume_command_rebuilds_the_same_run(tmp_path):
     run = build_run_config(
         name="demo", data_dir=str(tmp_path), stages="chunk,embed", prefix="search_document: ", dimensions=128, embedding_dtype="float16", compile="on"
     )
-    command = resume_command(run, "embed")
-    args = _parser().parse_args(shlex.split(command)[1:])
-    again = build_run_config(**_run_kwargs(args))
-    assert again.embed == run.embed and again.chunk == run.chunk and again.stages == ("embed",)
+    tei_run = build_run_config(name="demo", data_dir=str(tmp_path), stages="embed", engine="tei", tei_url="http://127.0.0.1:8080", tei_served_model="/my repo")
+    for one in (run, tei_run):
+        command = resume_command(one, "embed")
+        args = _parser().parse_args(shlex.split(command)[1:])
+        again = build_run_config(**_run_kwargs(args))
+        assert again.embed == one.embed and again.chunk == one.chunk and again.stages == ("embed",)

@@ -151,6 +151,17 @@ def test_a_server_with_another_model_is_refused(double):
         TEIEngine(double.url, DEFAULT_MODEL)
 
 
+def test_a_server_under_another_name_needs_the_user_to_vouch_for_it(double, reference):
+    """Inference Endpoints report `/repository`: refused by default, naming the flag; taken when vouched for, exactly."""
+    double.served_model_id = "/repository"
+    with pytest.raises(ConfigError, match="--tei-served-model /repository"):
+        TEIEngine(double.url, DEFAULT_MODEL)
+    with pytest.raises(ConfigError, match="TEI serves '/repository', not '/repo' as --tei-served-model says"):
+        TEIEngine(double.url, DEFAULT_MODEL, served_as="/repo")
+    vectors = TEIEngine(double.url, DEFAULT_MODEL, served_as="/repository").embed(TEXTS)
+    assert (vectors * reference).sum(axis=1).min() > 0.999
+
+
 def test_api_key_is_sent_as_bearer_and_never_shown(reference, monkeypatch, caplog):
     secret = "tei-secret-0123456789"
     server = TEITestDouble(api_key=secret).start()

@@ -139,11 +139,11 @@ def test_tei_engine_through_the_flows_matches_the_in_process_engine(pipeline_flo
 
     from tests.tei_double import TEITestDouble
 
-    double = TEITestDouble(max_client_batch_size=8).start()
+    double = TEITestDouble(max_client_batch_size=8, served_model_id="/repository").start()  # as on Inference Endpoints
     try:
         tei_dir, local_dir = tmp_path / "tei", tmp_path / "local"
         stages = ["download", "chunk", "embed"]
-        state, reports = run_pipeline(pipeline_flow, demo_source, tei_dir, stages=stages, engine="tei", tei_url=double.url)
+        state, reports = run_pipeline(pipeline_flow, demo_source, tei_dir, stages=stages, engine="tei", tei_url=double.url, tei_served_model="/repository")
         assert state.is_completed(), state.message
         state, _ = run_pipeline(pipeline_flow, demo_source, local_dir, stages=stages)
         assert state.is_completed()
