@@ -65,14 +65,15 @@ def measured_tokens_per_s(results_path: Path | None = None) -> dict[str, float]:
 
 
 def forecast(samples: list[ShardSample], gpus: tuple[str, ...] = ("H100", "A10G", "L4")) -> list[dict]:
-    """Per engine and GPU: chunks, tokens, GPU hours and dollars for all sampled shards, and where the rate came from."""
+    """Per engine and GPU (`gpus`, and any other GPU the benchmark ran on): chunks, tokens, GPU hours and dollars
+    for all sampled shards, and where the rate came from."""
     chunks = sum(s.est_chunks for s in samples)
     tokens = sum(s.est_embed_tokens for s in samples)
     measured = measured_tokens_per_s()
     embed = stage_resources("embed")
     rows = []
     for engine, rates in DEFAULT_TOKENS_PER_S.items():
-        for gpu in gpus:
+        for gpu in (*gpus, *(g for g in measured if g not in gpus)):
             rate = measured.get(gpu) if engine == "transformers" and gpu in measured else rates[gpu]
             seconds = tokens / rate
             rows.append(

@@ -47,3 +47,8 @@ def test_a_gpu_benchmark_replaces_the_default_rate(monkeypatch, tmp_path):
     rows = {(r["engine"], r["gpu"]): r for r in planning.forecast([planning.ShardSample("a", 1, 1, 1.0, 1.0, 2.5e9)])}
     assert rows[("transformers", "H100")]["tokens/s"] == 2_500_000 and rows[("transformers", "H100")]["rate from"] == "benchmark"
     assert rows[("transformers", "A10G")]["rate from"] == "default estimate"
+    # A GPU outside the default list that the benchmark ran on gets its own row.
+    results.write_text(json.dumps({"entries": {"embed-gpu": {"device": "NVIDIA H200", "tokens_per_s": {"engine": 1_287_951}}}}))
+    rows = {(r["engine"], r["gpu"]): r for r in planning.forecast([planning.ShardSample("a", 1, 1, 1.0, 1.0, 2.5e9)])}
+    assert rows[("transformers", "H200")]["tokens/s"] == 1_287_951 and rows[("transformers", "H200")]["rate from"] == "benchmark"
+    assert rows[("transformers", "H100")]["rate from"] == "default estimate" and ("tei", "H200") in rows
