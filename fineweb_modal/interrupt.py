@@ -35,7 +35,12 @@ def stop_requested_within(seconds: float) -> bool:
     return _requested.wait(seconds)
 
 
+def interrupted(what_happened: str) -> Interrupted:
+    """The Interrupted error for `what_happened` on a Ctrl-C, with how to resume."""
+    return Interrupted(f"{what_happened} (Ctrl-C); rerun the same command to resume")
+
+
 def raise_if_stop_requested(what: str) -> None:
     """Raise Interrupted naming `what` when a stop was requested."""
     if _requested.is_set():
-        raise Interrupted(f"{what}: stopped on request (Ctrl-C) before it finished; rerun the same command to resume")
+        raise interrupted(f"{what}: stopped on request before it finished")

@@ -74,6 +74,11 @@ class ShardResult(BaseModel):
     extra: dict[str, Any] = {}
 
     @property
+    def billed_seconds(self) -> float:
+        """What Modal bills for this shard: its work and the container overhead it pays for."""
+        return self.seconds + self.overhead_seconds
+
+    @property
     def tokens_per_second(self) -> float:
         """Throughput of the work itself (0 for a skipped shard)."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0

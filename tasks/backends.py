@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
-from fineweb_modal.interrupt import raise_if_stop_requested, stop_requested, stop_requested_within
+from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
@@ -105,7 +105,7 @@ def _as_job(function: Callable[..., Any], *args: Any) -> Any:
     """Run a job in a worker process, unless the run is stopping (a job queued before the stop does not start)."""
     global _job_running
     if _interrupted or (_pool_stopping is not None and _pool_stopping.value):
-        raise Interrupted("a queued shard job: stopped on request (Ctrl-C) before it started; rerun the same command to resume")
+        raise interrupted("a queued shard job: stopped on request before it started")
     try:
         _job_running = True
         return function(*args)
@@ -165,12 +165,12 @@ class LocalBackend:
                 return future.result()
             except KeyboardInterrupt as exc:  # the job's own exception: the interrupt reached its worker
                 self._retire(pool)  # that worker refuses every later job
-                raise Interrupted("a shard job was interrupted in its worker process (Ctrl-C); rerun the same command to resume") from exc
+                raise interrupted("a shard job was interrupted in its worker process") from exc
         except BrokenProcessPool as exc:
             self._retire(pool)  # every later submit would fail too
             # Idle workers exit on the same Ctrl-C, maybe before this process's handler has run: wait for it a moment.
             if stop_requested_within(0.5):
-                raise Interrupted("the worker processes stopped on request (Ctrl-C); rerun the same command to resume") from exc
+                raise interrupted("the worker processes stopped on request") from exc
             raise WorkerLostError(
                 "a worker process died while this ran (killed by the OS, e.g. out of memory, or crashed); its retry runs in a fresh one"
             ) from exc
@@ -354,7 +354,7 @@ class ModalBackend:
         result.extra["modal_call_id"] = call_id
         if self.rates and result.status == "done":
             resources = Resources(cpu=result.cpu, memory_gib=result.memory_gib, gpu=result.gpu)
-            result.cost_usd = result.modal_estimate_usd = cost_usd(result.seconds + result.overhead_seconds, resources, self.rates)
+            result.cost_usd = result.modal_estimate_usd = cost_usd(result.billed_seconds, resources, self.rates)
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
         return result
 
@@ -426,9 +426,9 @@ class ModalBackend:
                     raise
             if stop_requested():
                 if not cancel_on_stop:
-                    raise Interrupted(f"stopped on request (Ctrl-C) while waiting on another run's Modal call {call.object_id}, which runs on")
+                    raise interrupted(f"stopped on request while waiting on another run's Modal call {call.object_id}, which runs on")
                 call.cancel()
-                raise Interrupted(f"Modal call {call.object_id} cancelled on request (Ctrl-C); rerun the same command to resume")
+                raise interrupted(f"Modal call {call.object_id} cancelled on request")
 
     def _forget(self, key: str, seen: dict) -> None:
         """Drop the record of `key` if it is still the one seen (a modal.Dict has no compare-and-delete, so this
