@@ -54,6 +54,19 @@ def _ledger_of(data_dir: Path, dataset: str, stage: str, split: str) -> Ledger |
     return Ledger(Layout(data_dir=str(data_dir), name=match["name"], split=split, max_tokens=int(match["tokens"]), model_slug=match["model"] or ""))
 
 
+def _stems(folder: Path | None, suffix: str | None) -> set[str]:
+    """The shard names of a folder's files ending in `suffix` (none for no folder)."""
+    if folder is None or suffix is None or not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.glob(f"*{suffix}") if not p.name.startswith(".")}
+
+
+def _source_shards(root: Path, name: str, split: str) -> set[str]:
+    """Every shard the download stage has: its files, and its ledger's records (a failed one has no file)."""
+    recorded = _stems(root / name / "_ledger" / "download" / split, ".json")
+    return _stems(root / name / split, ".arrow") | recorded
+
+
 def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageStatus]:
     """Every (dataset, stage, split) with ledger records under `data_dir`, optionally only datasets of `name`."""
     root = Path(data_dir)
@@ -86,9 +99,9 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
             status.seconds += float(record.stats.get("seconds", 0.0))
             status.cost_usd += float(record.stats.get("cost_usd", 0.0))
             status.modal_estimate_usd += float(record.stats.get("modal_estimate_usd", 0.0))
-        inputs = _input_dir(root, dataset, stage, split)
-        if inputs is not None and inputs.is_dir():
-            stems = {p.stem for p in inputs.glob(f"*{_INPUT_SUFFIX[stage]}") if not p.name.startswith(".")}
-            status.missing += sorted(stems - recorded)
+        expected = _stems(_input_dir(root, dataset, stage, split), _INPUT_SUFFIX[stage])
+        if stage in ("chunk", "embed") and (match := _DERIVED.match(dataset)):
+            expected |= _source_shards(root, match["name"], split)  # a shard whose download failed has no input yet
+        status.missing += sorted(expected - recorded)
         statuses.append(status)
     return statuses
