@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +147,19 @@ def pipeline_resume(run: RunConfig, reports: dict[str, StageReport]) -> tuple[st
     return None
 
 
+def cli_program() -> str:
+    """How to call this install's CLI from any folder: `fineweb-modal` when PATH finds this one, else its full path."""
+    installed = Path(sys.prefix) / "bin" / "fineweb-modal"
+    on_path = shutil.which("fineweb-modal")
+    if not installed.is_file() or (on_path and Path(on_path).resolve() == installed.resolve()):
+        return "fineweb-modal"
+    return shlex.quote(str(installed))  # e.g. .venv/bin/fineweb-modal, as the README calls it, with no venv activated
+
+
 def resume_command(run: RunConfig, stage: str) -> str:
     """The CLI command that reruns a stage and the run's stages after it; shards done with the same config are skipped."""
     stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)
-    parts = ["fineweb-modal run"]
+    parts = [f"{cli_program()} run"]
     if run.download is not None and "download" in stages:
         parts.append(f"--source {run.download.source}" + (f" --subset {run.download.subset}" if run.download.subset else ""))
     data_dir = Path(run.dataset.data_dir).resolve()  # so it runs from any folder

@@ -140,11 +140,13 @@ def _check_backend(run: RunConfig) -> None:
 
 
 def _connect() -> str:
+    from fineweb_modal.report import cli_program
+
     api_url, started = server.ensure_api()
     info = server.status()
     if started and info:
         taken = f" (port {server.DEFAULT_PORT} is taken)" if info["port"] != server.DEFAULT_PORT else ""
-        print(f"Started a local Prefect server: UI {info['ui_url']}{taken} (log {info['log']}); stop it with `fineweb-modal server stop`.")
+        print(f"Started a local Prefect server: UI {info['ui_url']}{taken} (log {info['log']}); stop it with `{cli_program()} server stop`.")
     elif info:
         print(f"Using the local Prefect server: UI {info['ui_url']}")
     else:
@@ -289,7 +291,9 @@ def plan(dataset: dict, shards: str | None) -> int:
 def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool) -> int:
     """Run the publish flow; print the folder (dry run) or the dataset's URL."""
     if dataset.pop("backend") != "local":
-        print("error: publish reads a local data dir; copy Modal shards here first with `fineweb-modal fetch`", file=sys.stderr)
+        from fineweb_modal.report import cli_program
+
+        print(f"error: publish reads a local data dir; copy Modal shards here first with `{cli_program()} fetch`", file=sys.stderr)
         return EXIT_BAD_CONFIG
     _validated(stages=["embed"], **dataset)
     _connect()

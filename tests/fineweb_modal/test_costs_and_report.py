@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -115,6 +116,25 @@ def test_live_rates_are_matched_by_name_and_read_per_second_or_per_hour():
     assert "L4" not in accepted, "a rate off by more than 4x in both readings is not trusted"
     assert "A10" not in accepted and "A100-40GB" not in accepted, "no key is matched to a shorter or sibling GPU name"
     assert set(accepted) <= set(RATES_USD_PER_SECOND)
+
+
+def test_printed_commands_name_this_install_s_cli_where_path_would_miss_it(tmp_path, monkeypatch):
+    """With the venv not activated, `fineweb-modal` would be not found, or another install's: its full path is printed."""
+    import sys
+
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.report import cli_program, resume_command
+
+    installed = Path(sys.prefix) / "bin" / "fineweb-modal"
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    (other / "fineweb-modal").write_text("#!/bin/sh\n")
+    (other / "fineweb-modal").chmod(0o755)
+    run = build_run_config(name="demo", data_dir=str(tmp_path), stages="chunk")
+    for path, expected in ((str(installed.parent), "fineweb-modal"), (str(other), str(installed)), ("/nonexistent", str(installed))):
+        monkeypatch.setenv("PATH", path)
+        assert cli_program() == expected, path
+        assert resume_command(run, "chunk").startswith(f"{expected} run --name demo ")
 
 
 def test_the_resume_command_rebuilds_the_same_run(tmp_path):

@@ -31,6 +31,7 @@ def priced_backend(monkeypatch):
 
 
 def test_the_budget_stops_new_shards_and_exits_3(prefect_api, priced_backend, demo_source, tmp_path, monkeypatch, capsys):
+    from fineweb_modal.report import cli_program
     from flows.cli import main
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
@@ -38,7 +39,7 @@ def test_the_budget_stops_new_shards_and_exits_3(prefect_api, priced_backend, de
     assert main([*argv, "--stages", "download", "--max-cost", "0.000000001"]) == 3
     captured = capsys.readouterr()
     assert "max cost $0.00 reached" in captured.err and "fineweb-modal run" in captured.err
-    assert f"Resume with a higher --max-cost (done shards are skipped):\n  fineweb-modal run --source {demo_source}" in captured.err
+    assert f"Resume with a higher --max-cost (done shards are skipped):\n  {cli_program()} run --source {demo_source}" in captured.err
     assert "download   2 ok (0 skipped), 0 failed" in captured.out, "two shards probe the cost, the third never starts"
 
     assert main([*argv, "--stages", "download"]) == 0, "without the limit the rest resumes"
