@@ -126,9 +126,10 @@ def compare(variants: dict, repeats: int, sync: bool, warmup: bool = True) -> di
     for fn in variants.values():
         if warmup:
             fn()  # weights in cache, kernels chosen
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for name, fn in variants.items():
             times[name].append(timed(fn, sync))
+            log(f"{name} run {repeat + 1}/{repeats}: {times[name][-1]:.2f} s")  # a run cut short at its time limit still shows these
     return {name: statistics.median(values) for name, values in times.items()}
 
 
