@@ -110,21 +110,34 @@ def _failing_in_the_container() -> Iterator[None]:
         raise
 
 
+@contextlib.contextmanager
+def _on_the_volume() -> Iterator[None]:
+    """See others' writes first; publish ours after, a failure's too (its ledger record and the parts it kept),
+    so a status or a retry asked right after sees them without waiting on Modal's background commit."""
+    if modal.is_local():
+        yield
+        return
+    volume.reload()
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the shard's own error is the one to report
+            volume.commit()
+        raise
+    volume.commit()
+
+
 def _run(job: dict) -> dict:
-    """Run one shard job against the Volume: see others' writes first, publish ours after.
+    """Run one shard job against the Volume.
 
     A shard that works also pays for this container's time outside shard work since the last one did.
     """
     in_container = not modal.is_local()
-    with _failing_in_the_container():
-        if in_container:
-            volume.reload()
+    with _failing_in_the_container(), _on_the_volume():
         overhead = container_clock.unbilled_seconds() if in_container else 0.0
         result = run_shard(ShardJob.model_validate(job), overhead_seconds=overhead)
         if in_container and result.status == "done":
             container_clock.billed(result.overhead_seconds, result.seconds)
-        if in_container:
-            volume.commit()
     return result.model_dump(mode="json")
 
 
@@ -158,10 +171,8 @@ def summarize_shard(job: dict) -> dict:
 @app.function(image=cpu_image, **_resources("download-hub"), **common)
 def download_hub(run: dict) -> list[dict]:
     """download from the Hub: `load_dataset` + `save_to_disk` onto the Volume, one ledger record per shard."""
-    with _failing_in_the_container():
+    with _failing_in_the_container(), _on_the_volume():
         results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal")
-        if not modal.is_local():
-            volume.commit()
     return [r.model_dump(mode="json") for r in results]
 
 

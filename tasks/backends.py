@@ -413,8 +413,8 @@ class ModalBackend:
         return output, call.object_id
 
     def _wait(self, call: Any, cancel_on_stop: bool) -> Any:
-        """The call's result, waited for in slices: after a stop request (Ctrl-C) the call is cancelled, so no
-        container keeps billing for a stopped run, and Interrupted is raised (an embed shard's rerun resumes
+        """The call's result, waited for in slices: after a stop request (Ctrl-C) the call is cancelled and its
+        container stopped, so none keeps billing for a stopped run, and Interrupted is raised (an embed shard's rerun resumes
         from the parts the Volume kept). Another run's call, waited on for the same shard, is left running."""
         while True:
             started = time.monotonic()
@@ -427,7 +427,7 @@ class ModalBackend:
             if stop_requested():
                 if not cancel_on_stop:
                     raise interrupted(f"stopped on request while waiting on another run's Modal call {call.object_id}, which runs on")
-                call.cancel()
+                call.cancel(terminate_containers=True)  # else its GPU container idles, billed, until scale-down
                 raise interrupted(f"Modal call {call.object_id} cancelled on request")
 
     def _forget(self, key: str, seen: dict) -> None:
@@ -445,7 +445,7 @@ class ModalBackend:
                 continue
             if record.get("call_id"):
                 try:
-                    self._modal.FunctionCall.from_id(record["call_id"]).cancel()
+                    self._modal.FunctionCall.from_id(record["call_id"]).cancel(terminate_containers=True)
                 except Exception as exc:  # keep cancelling the others: each one left running keeps billing
                     _log(f"could not cancel Modal call {record['call_id']}: {type(exc).__name__}: {exc}")
                     continue

@@ -75,6 +75,39 @@ def test_in_a_container_each_shard_that_works_pays_for_the_time_before_it(modal_
     assert two.cost_usd == pytest.approx((two.seconds + two.overhead_seconds) * rate, rel=1e-3)
 
 
+def test_in_a_container_a_failed_shard_publishes_its_record_at_once(modal_app, demo_source, run_config_for, monkeypatch, tmp_path):
+    """A status or retry asked right after a failure must see it, not wait on Modal's background commit."""
+    from fineweb_modal.errors import BadDataError
+    from fineweb_modal.shards import shard_statuses
+
+    class VolumeOfAContainer:  # a test double: counts syncs; its commit can be made to fail
+        reloads, commits, commit_error = 0, 0, None
+
+        def reload(self) -> None:
+            self.reloads += 1
+
+        def commit(self) -> None:
+            self.commits += 1
+            if self.commit_error:
+                raise self.commit_error
+
+    synced = VolumeOfAContainer()
+    monkeypatch.setattr(modal_app.modal, "is_local", lambda: False)
+    monkeypatch.setattr(modal_app, "volume", synced)
+    broken = tmp_path / "data-00009-of-00009.jsonl"
+    broken.write_text('{"text": broken')
+    run = run_config_for(demo_source)
+    job = ShardJob(stage="download", shard=broken.stem, run=run, source_file=str(broken), where="modal").model_dump(mode="json")
+    with pytest.raises(BadDataError):
+        modal_app._run(job)
+    assert (synced.reloads, synced.commits) == (1, 1)
+    assert shard_statuses(run, "download", [broken.stem]) == {broken.stem: "failed"}
+    synced.commit_error = RuntimeError("volume conflict")
+    with pytest.raises(BadDataError):  # the shard's own error is the one reported, not the commit's
+        modal_app._run(job)
+    assert synced.commits == 2
+
+
 def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config_for):
     run = run_config_for(demo_source)
     source_file = sorted(demo_source.glob("*.parquet"))[0]

@@ -31,8 +31,8 @@ class FakeCall:
             raise RuntimeError("cancelled")
         return self._run()
 
-    def cancel(self):
-        self.cancelled = True
+    def cancel(self, terminate_containers=False):
+        self.cancelled, self.terminated_containers = True, terminate_containers
 
     def get_dashboard_url(self):
         return f"https://modal.example/calls/{self.object_id}"
@@ -242,6 +242,7 @@ def test_cancelling_a_run_cancels_its_calls_only(downloaded):
     fake.dict.put("c", {"call_id": other.object_id, "flow_run_id": "run-2", "root_flow_run_id": "run-2", "started": "t"})
     assert sorted(backend.cancel_calls("run-1")) == sorted([mine.object_id, child.object_id])
     assert mine.cancelled and child.cancelled and not other.cancelled and list(fake.dict) == ["c"]
+    assert mine.terminated_containers and child.terminated_containers, "a cancelled call's GPU container must not idle, billed"
 
 
 def test_costs_use_the_workspaces_live_rates_when_readable(downloaded, monkeypatch):
@@ -318,7 +319,7 @@ def test_ctrl_c_cancels_the_call_being_waited_on(downloaded, monkeypatch):
     finally:
         withdraw_stop()
     (call,) = fake.calls.values()
-    assert isinstance(outcome["error"], Interrupted) and call.cancelled
+    assert isinstance(outcome["error"], Interrupted) and call.cancelled and call.terminated_containers
     assert fake.dict == {}, "a cancelled call is not re-attached to"
 
 
