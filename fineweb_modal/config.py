@@ -238,12 +238,16 @@ def build_run_config(
             if subset:
                 raise ConfigError(f"subset {subset!r} is for a Hub dataset; source {source!r} is a local folder (drop --subset)")
             download = DownloadConfig(source=str(Path(source).expanduser().resolve()), source_kind="folder")
+        elif _HUB_ID.match(source) and Path(source).parent.is_dir():
+            raise ConfigError(f"source {source!r}: no such folder (not taken as a Hub id: {Path(source).parent}/ is a folder here)")
         elif _HUB_ID.match(source):
             download = DownloadConfig(source=source, source_kind="hub", subset=subset or None)
         else:
             raise ConfigError(f"source {source!r} is neither an existing folder nor a Hub id like 'org/name'")
     elif "download" in stage_list:
         raise ConfigError("the download stage needs --source (a Hub id or a local folder)")
+    if Path(data_dir).expanduser().exists() and not Path(data_dir).expanduser().is_dir():
+        raise ConfigError(f"data_dir {data_dir!r} is a file, not a folder")
     dataset_name = name or (default_name(source, subset) if source else None)
     if not dataset_name:
         raise ConfigError("give --name (or --source, from which the name is derived)")

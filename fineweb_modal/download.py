@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,36 +20,103 @@ from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches, wri
 log = logging.getLogger(__name__)
 
 
-def _source_batches(path: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+@dataclass
+class Converted:
+    """One source file copied into a shard: rows read, rows kept, and the JSONL lines left out (1-based)."""
+
+    rows_in: int
+    rows_out: int
+    left_out_lines: list[int] = field(default_factory=list)
+    left_out_reason: str = ""  # why the first of them was left out
+
+
+def _source_batches(path: Path, text_column: str) -> tuple[pa.Schema, Iterator[pa.RecordBatch], tuple[list[int], str]]:
     with decoding(path, f"read as {path.suffix[1:]}"):
         if path.suffix == ".parquet":
             parquet = pq.ParquetFile(path)
-            return parquet.schema_arrow, parquet.iter_batches(batch_size=8192)
+            return parquet.schema_arrow, parquet.iter_batches(batch_size=8192), ([], "")
         if path.suffix == ".arrow":
-            return open_arrow_batches(path)
-        if path.suffix in (".jsonl", ".json"):
-            table = pa_json.read_json(path)
-            return table.schema, iter(table.to_batches(max_chunksize=8192))
+            return *open_arrow_batches(path), ([], "")
+    if path.suffix in (".jsonl", ".json"):
+        try:
+            table, left_out = pa_json.read_json(path), ([], "")
+        except pa.ArrowInvalid:  # an empty file, one bad value, a type that changes: read it line by line
+            table, left_out = _read_jsonl_lines(path, text_column)
+        return table.schema, iter(table.to_batches(max_chunksize=8192)), left_out
     raise BadDataError(f"{path}: unsupported file type {path.suffix!r} (parquet, arrow, jsonl)")
 
 
-def source_schema(path: Path) -> pa.Schema:
+def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[list[int], str]]:
+    """A JSONL file pyarrow refused, read with Python's json: a line that is not JSON is a broken file (an error
+    naming it); a JSON line that cannot be a document — not an object, a `text_column` that is not a string, a
+    string that is not valid Unicode (a lone surrogate) — is left out and counted. A file with no document is
+    an error: it has no columns to give its shard."""
+    rows: list[dict] = []
+    left_out: list[int] = []
+    first_reason = ""
+    with decoding(path, "read as jsonl"), path.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadDataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if reason := _not_a_document(row, text_column):
+                left_out.append(number)
+                first_reason = first_reason or f"line {number}: {reason}"
+                continue
+            rows.append(row)
+    if not rows:
+        raise BadDataError(f"{path}: holds no document" + (f" ({len(left_out)} line(s) left out; {first_reason})" if left_out else " (an empty file)"))
+    if left_out:
+        log.warning("%s: left out %d line(s) that are no document (%s)", path, len(left_out), first_reason)
+    arrays = {}
+    for key in dict.fromkeys(key for row in rows for key in row):
+        try:
+            arrays[key] = pa.array([row.get(key) for row in rows])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise BadDataError(f"{path}: column {key!r} holds values of different types ({exc})") from None
+    table = pa.table(arrays)
+    if text_column in table.column_names and pa.types.is_null(table.schema.field(text_column).type):
+        table = table.set_column(table.column_names.index(text_column), text_column, table[text_column].cast(pa.string()))
+    return table, (left_out, first_reason)
+
+
+_JSON_TYPE = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", dict: "object", type(None): "null"}
+
+
+def _not_a_document(row: object, text_column: str) -> str:
+    """Why a parsed JSONL line cannot be a document ('' when it can)."""
+    if not isinstance(row, dict):
+        return f"a JSON {_JSON_TYPE[type(row)]}, not an object"
+    text = row.get(text_column)
+    if text is not None and not isinstance(text, str):
+        return f"{text_column!r} is a {_JSON_TYPE[type(text)]}, not a string"
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string that is not valid Unicode (a lone surrogate escape)"
+    return ""
+
+
+def source_schema(path: Path, text_column: str = "text") -> pa.Schema:
     """The columns of one source file (parquet and arrow: from the header alone)."""
-    return _source_batches(path)[0]
+    return _source_batches(path, text_column)[0]
 
 
-def convert_file(source: Path, output: Path) -> int:
-    """Copy one source file into an Arrow IPC stream file at `output` (atomically); returns its row count."""
+def convert_file(source: Path, output: Path, text_column: str = "text") -> Converted:
+    """Copy one source file into an Arrow IPC stream file at `output` (atomically), leaving out JSONL lines that are no document."""
     if not source.is_file():
         raise BadDataError(f"{source}: source file does not exist")
-    schema, batches = _source_batches(source)
+    schema, batches, (left_out, reason) = _source_batches(source, text_column)
     rows = 0
     with atomic_path(output) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         with decoding(source, f"read as {source.suffix[1:]} after row {rows}"):
             for batch in batches:
                 writer.write_batch(batch)
                 rows += batch.num_rows
-    return rows
+    return Converted(rows_in=rows + len(left_out), rows_out=rows, left_out_lines=left_out, left_out_reason=reason)
 
 
 def write_dataset_index(split_dir: Path, split: str) -> bool:

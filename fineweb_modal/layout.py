@@ -66,9 +66,13 @@ class Layout:
         """The stage whose output this stage reads."""
         return _INPUT_STAGE[stage]
 
+    def ledger_dir(self, stage: str) -> Path:
+        """The folder of one stage's ledger records."""
+        return self.dataset_dir(stage) / "_ledger" / stage / self.split
+
     def ledger_path(self, stage: str, shard: str) -> Path:
         """The ledger record of one shard of one stage."""
-        return self.dataset_dir(stage) / "_ledger" / stage / self.split / f"{shard}.json"
+        return self.ledger_dir(stage) / f"{shard}.json"
 
     def lease_path(self, stage: str, shard: str) -> Path:
         """The lease a run holds on one shard of one stage while it works on it."""
@@ -79,12 +83,19 @@ class Layout:
         return self.dataset_dir("summarize") / "_summary"
 
     def list_shards(self, stage: str) -> list[str]:
-        """The shards a stage can run on: the stems of its input files, sorted."""
-        folder = self.shard_dir(_INPUT_STAGE[stage])
-        suffix = _OUTPUT_SUFFIX[_INPUT_STAGE[stage]]
-        if not folder.is_dir():
-            return []
-        return sorted(p.stem for p in folder.iterdir() if p.suffix == suffix and not p.name.startswith("."))
+        """The shards a stage can run on: the stems of its input files, sorted. For download, every shard of
+        the dataset it has made or tried: its Arrow files and its ledger records (a failed one has no file)."""
+        if stage == "download":
+            recorded = _stems(self.ledger_dir("download"), ".json")
+            return sorted(_stems(self.shard_dir("download"), ".arrow") | recorded)
+        return sorted(_stems(self.shard_dir(_INPUT_STAGE[stage]), _OUTPUT_SUFFIX[_INPUT_STAGE[stage]]))
+
+
+def _stems(folder: Path, suffix: str) -> set[str]:
+    """The names of a folder's files ending in `suffix`, less the suffix (none when there is no folder)."""
+    if not folder.is_dir():
+        return set()
+    return {p.stem for p in folder.iterdir() if p.suffix == suffix and not p.name.startswith(".")}
 
 
 def list_source_files(folder: str | Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def join_shard(layout: Layout, shard: str, destination: Path) -> int:
     return joined.num_rows
 
 
-def dataset_card(repo_id: str, layout: Layout, model: str, rows: dict[str, int], embed_meta: dict[str, str]) -> str:
+def dataset_card(repo_id: str, layout: Layout, model: str, rows: dict[str, int], embed_meta: dict[str, str], left_out: Sequence[str] = ()) -> str:
     """The README.md of the published dataset: where it came from, how it was cut and embedded, what it cost."""
     statuses = {s.stage: s for s in ledger_status(layout.data_dir, layout.name) if s.split == layout.split}
     cost = sum(s.cost_usd for s in statuses.values())
@@ -50,7 +51,7 @@ configs:
         "",
         "| | |",
         "|---|---|",
-        f"| shards | {len(rows)} |",
+        f"| shards | {len(rows)}" + (f" of {len(rows) + len(left_out)}: not embedded, left out: {', '.join(left_out)}" if left_out else "") + " |",
         f"| chunks | {sum(rows.values()):,} |",
         f"| embedded tokens | {tokens:,} |",
         f"| chunking | max {layout.max_tokens} tokens per chunk ([CLS]/[SEP] included), exact source substrings with `char_start`/`char_end` |",
@@ -64,12 +65,12 @@ configs:
     return front + "\n".join(lines) + "\n"
 
 
-def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards: list[str]) -> dict[str, Any]:
-    """Write exactly what would be uploaded: `data/<split>/<shard>.parquet` and `README.md`."""
+def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards: list[str], left_out: Sequence[str] = ()) -> dict[str, Any]:
+    """Write exactly what would be uploaded: `data/<split>/<shard>.parquet` and `README.md` (naming the shards `left_out`)."""
     rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
     first = pq.read_schema(layout.output_path("embed", shards[0])).metadata or {}
     embed_meta = {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in first.items()}
-    (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta))
+    (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta, list(left_out)))
     manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
     (folder / ".publish.json").write_text(json.dumps(manifest, indent=2))
     return manifest

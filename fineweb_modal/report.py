@@ -55,6 +55,8 @@ def group_digits(value: int | float) -> str:
 def state_message(result: ShardResult) -> str:
     """A task run's state message: `1 234 567 tokens, $0.012` (docs for download) or `skipped: done earlier (…)`."""
     amount = f"{group_digits(result.docs)} docs" if result.stage == "download" else f"{group_digits(result.tokens)} tokens"
+    if result.stage == "download" and result.rows_in > result.rows_out:
+        amount += f" ({group_digits(result.rows_in - result.rows_out)} line(s) left out)"
     if result.status == "skipped":
         return f"skipped: done earlier ({amount})"
     cost = format_usd(result.cost_usd) if result.where == "modal" else f"$0 local (≈{format_usd(result.modal_estimate_usd)} on Modal)"

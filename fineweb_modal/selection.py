@@ -17,7 +17,7 @@ def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) 
             chosen.add(available[int(selector)])
         else:
             raise ConfigError(
-                f"shard {selector!r} is neither a shard name nor an index below {len(available)}; "
+                f"shard {selector!r} is neither a shard name nor an index from 0 to {len(available) - 1} (or -1 for the last); "
                 f"shards: {', '.join(available[:10])}{' …' if len(available) > 10 else ''}"
             )
     return [s for s in available if s in chosen]

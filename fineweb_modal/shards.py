@@ -123,8 +123,9 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
     layout = job.layout()
     output = layout.output_path(job.stage, job.shard)
     if job.stage == "download":
-        rows = download.convert_file(Path(job.source_file), output)
-        return {"rows_in": rows, "rows_out": rows, "docs": rows}
+        converted = download.convert_file(Path(job.source_file), output, job.run.chunk.text_column)
+        extra = {"left_out_lines": converted.left_out_lines[:100], "left_out_reason": converted.left_out_reason} if converted.left_out_lines else {}
+        return {"rows_in": converted.rows_in, "rows_out": converted.rows_out, "docs": converted.rows_out, "extra": extra}
     source = layout.input_path(job.stage, job.shard)
     if job.stage == "chunk":
         stats = chunking.chunk_shard(source, output, job.shard, job.run.chunk)

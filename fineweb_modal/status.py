@@ -63,8 +63,7 @@ def _stems(folder: Path | None, suffix: str | None) -> set[str]:
 
 def _source_shards(root: Path, name: str, split: str) -> set[str]:
     """Every shard the download stage has: its files, and its ledger's records (a failed one has no file)."""
-    recorded = _stems(root / name / "_ledger" / "download" / split, ".json")
-    return _stems(root / name / split, ".arrow") | recorded
+    return set(Layout(data_dir=str(root), name=name, split=split, max_tokens=0, model_slug="").list_shards("download"))
 
 
 def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageStatus]:
@@ -100,7 +99,7 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
             status.cost_usd += float(record.stats.get("cost_usd", 0.0))
             status.modal_estimate_usd += float(record.stats.get("modal_estimate_usd", 0.0))
         expected = _stems(_input_dir(root, dataset, stage, split), _INPUT_SUFFIX[stage])
-        if stage in ("chunk", "embed") and (match := _DERIVED.match(dataset)):
+        if stage != "download" and (match := _DERIVED.match(dataset)):
             expected |= _source_shards(root, match["name"], split)  # a shard whose download failed has no input yet
         status.missing += sorted(expected - recorded)
         statuses.append(status)

@@ -316,6 +316,21 @@ def check_served_model(info: TEIInfo, model_id: str, served_as: str | None = Non
         )
 
 
+def check_tei_server(url: str, model_id: str, served_as: str | None = None, api_key: str | None = None, timeout_s: float = 10.0) -> TEIInfo:
+    """Before any stage runs: the TEI at `url` answers `/info`, takes the key and serves the run's model; else ConfigError.
+
+    Quick (two retries, short timeouts): a server that is down now is a setup to fix, not a wait of minutes
+    after download and chunk have run.
+    """
+    client = TEIClient(url, api_key=api_key, timeout_s=timeout_s, max_retries=2, backoff_base_s=0.5, backoff_cap_s=2.0)
+    try:
+        info = asyncio.run(client.info())
+    except TEIUnavailable as exc:
+        raise ConfigError(f"{exc} (is TEI running at --tei-url?)") from None
+    check_served_model(info, model_id, served_as)
+    return info
+
+
 def wait_until_healthy(url: str, timeout_s: float = 600.0, process=None) -> None:
     """Poll `GET /health` until TEI answers 200 (model downloaded and warmed up), or fail with what happened."""
     import time

@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
     publish.add_argument("--to", help="where to write that folder (default: a temp dir)")
     publish.add_argument("--public", action="store_true", help="create the repo public (default private)")
+    publish.add_argument("--allow-partial", action="store_true", help="publish the embedded shards even if others are not (failed or not yet run); the card names them")
     status = commands.add_parser("status", help="per dataset and stage: shards done, failed, missing and stale, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
@@ -158,9 +159,9 @@ def run_pipeline(kwargs: dict) -> int:
     """Validate, connect to Prefect, run the pipeline flow, print where things are; return the exit code."""
     run = _validated(**kwargs)
     _connect()  # first: Prefect reads its API URL when its modules are first imported
-    from flows.stage import check_source_columns
+    from flows.stage import check_before_work
 
-    check_source_columns(run)  # a missing text column is refused here, before a flow run is made
+    check_before_work(run)  # an empty source, a missing text column, a TEI that is down: refused before a flow run is made
     from flows.outcome import outcome
     from flows.pipeline import pipeline
 
@@ -288,7 +289,7 @@ def plan(dataset: dict, shards: str | None) -> int:
     return EXIT_OK
 
 
-def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool) -> int:
+def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool, allow_partial: bool = False) -> int:
     """Run the publish flow; print the folder (dry run) or the dataset's URL."""
     if dataset.pop("backend") != "local":
         from fineweb_modal.report import cli_program
@@ -300,7 +301,7 @@ def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private:
     from flows.outcome import outcome
     from flows.publish import publish as publish_flow
 
-    state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, return_state=True)
+    state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, allow_partial=allow_partial, return_state=True)
     published = outcome(state)
     if not state.is_completed():
         print(f"error: {published}", file=sys.stderr)
@@ -388,7 +389,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "plan":
         return plan(dataset, args.shards)
     if args.command == "publish":
-        return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public)
+        return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public, args.allow_partial)
     return run_pipeline(_run_kwargs(args))
 
 

@@ -17,7 +17,7 @@ from flows.embed import embed
 from flows.hooks import cancel_modal_calls
 from flows.outcome import failed, outcome, refused
 from flows.reporting import publish_pipeline_stop
-from flows.stage import check_source_columns, failed_shards
+from flows.stage import check_before_work, failed_shards
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
@@ -53,7 +53,7 @@ def pipeline(
     run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
     logger = get_run_logger()
     try:
-        check_source_columns(run)  # so does a source without the text column
+        check_before_work(run)  # so do an empty source, a missing text column, a TEI that is down
     except ConfigError as exc:
         return refused("pipeline", exc)
     if run.only == "failed":

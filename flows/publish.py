@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,29 +55,49 @@ def publish(
     dry_run: bool = False,
     output_dir: str | None = None,
     private: bool = True,
+    allow_partial: bool = False,
 ) -> str:
-    """Join every embedded shard's chunks and vectors, write the dataset card, and upload (or only write, with dry_run)."""
+    """Join every embedded shard's chunks and vectors, write the dataset card, and upload (or only write, with dry_run).
+
+    A dataset with shards not embedded (failed or not yet run at any stage) is refused unless `allow_partial`.
+    """
     run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
     layout = layout_for(run)
-    chosen = select_shards(layout.list_shards("embed"), run.shards)
+    chosen = select_shards(sorted(set(layout.list_shards("download")) | set(layout.list_shards("embed"))), run.shards)
     embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
+    not_embedded = [s for s in chosen if s not in embedded]
     try:
         if not dry_run:
             _hf_token()  # fail before any work when there is no token
         if not embedded:
             raise ConfigError(f"no embedded shards for {name} in {layout.shard_dir('embed')}")
+        if not_embedded and not allow_partial:
+            raise ConfigError(
+                f"{len(not_embedded)} of {len(chosen)} shard(s) of {name} are not embedded ({_listing(not_embedded)}): "
+                f"finish them (`status` says why), or publish the {len(embedded)} that are with allow_partial (--allow-partial)"
+            )
     except ConfigError as exc:
         return refused("publish", exc)  # a message, not a traceback
+    if not_embedded:
+        get_run_logger().warning("publishing %d of %d shard(s); left out, not embedded: %s", len(embedded), len(chosen), _listing(not_embedded))
     folder = Path(output_dir or tempfile.mkdtemp(prefix="fineweb-modal-publish-"))
-    manifest = build_folder(layout, repo_id, model, folder, embedded)
-    get_run_logger().info("prepared %d file(s) in %s", len(manifest["files"]), folder)
-    create_markdown_artifact(
-        (folder / "README.md").read_text() + f"\n\nFiles: {', '.join(manifest['files'])}",
-        key=artifact_key("publish", name, "card"),
-        description=f"publish · {repo_id}" + (" (dry run)" if dry_run else ""),
-    )
-    if dry_run:
-        return str(folder)
-    url = upload_task(str(folder), repo_id, private)
+    try:
+        manifest = build_folder(layout, repo_id, model, folder, embedded, left_out=not_embedded)
+        get_run_logger().info("prepared %d file(s) in %s", len(manifest["files"]), folder)
+        create_markdown_artifact(
+            (folder / "README.md").read_text() + f"\n\nFiles: {', '.join(manifest['files'])}",
+            key=artifact_key("publish", name, "card"),
+            description=f"publish · {repo_id}" + (" (dry run)" if dry_run else ""),
+        )
+        if dry_run:
+            return str(folder)
+        url = upload_task(str(folder), repo_id, private)
+    finally:
+        if output_dir is None and not dry_run:
+            shutil.rmtree(folder, ignore_errors=True)  # a full copy of the dataset: uploaded or not, it goes
     create_link_artifact(url, link_text=repo_id, key=artifact_key("publish", name, "link"))
     return url
+
+
+def _listing(shards: list[str]) -> str:
+    return ", ".join(shards[:10]) + (f" and {len(shards) - 10} more" if len(shards) > 10 else "")

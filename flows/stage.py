@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,16 @@ from fineweb_modal.config import RunConfig
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
-from fineweb_modal.layout import list_source_files
+from fineweb_modal.layout import SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import open_arrow_batches
+from fineweb_modal.tei import check_tei_server
 from flows.outcome import failed, refused
 from flows.reporting import StageProgress, publish_stage
 from tasks.backends import get_backend
+from tasks.secrets import TEI_API_KEY_ENV, load_tei_api_key
 from tasks.shard_tasks import STAGE_TASKS, download_hub_task
 
 # Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: max_containers).
@@ -36,12 +39,30 @@ def _candidates(stage: str, run: RunConfig) -> dict[str, dict]:
     if stage == "download":
         if run.download is None or run.download.source_kind != "folder":
             return {}
-        return {f.stem: {"source_file": str(f)} for f in list_source_files(run.download.source)}
+        try:
+            files = list_source_files(run.download.source)
+        except ValueError as exc:  # several files per shard name
+            raise ConfigError(str(exc)) from None
+        if not files:
+            raise ConfigError(_no_source_files(Path(run.download.source)))
+        return {f.stem: {"source_file": str(f)} for f in files}
     available = get_backend(run.backend).list_shards(run, stage)
     if not available:
         where = layout_for(run).shard_dir(layout_for(run).input_stage(stage))
         raise ConfigError(f"{stage}: no input shards in {where}; run the earlier stages first")
     return {shard: {} for shard in available}
+
+
+def _no_source_files(folder: Path) -> str:
+    """Why a source folder gives no shard, with what it does hold (files in subfolders are not read)."""
+    entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    found = [f"{p.name}/" if p.is_dir() else p.name for p in entries if not p.name.startswith(".")]
+    message = f"download: no shard files ({', '.join(SOURCE_SUFFIXES)}) in {folder}"
+    message += f"; it holds {', '.join(found[:8])}{' …' if len(found) > 8 else ''}" if found else "; it is empty"
+    nested = sorted({p.parent for p in folder.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.parent != folder})
+    if nested:
+        message += f" (subfolders are not read: pass the folder that holds the files, e.g. {nested[0]})"
+    return message
 
 
 def _only_failed(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
@@ -70,14 +91,30 @@ def _check_columns(schema, run: RunConfig, path: Path) -> None:
         raise ConfigError(f"{exc} (set --text-column / --keep-columns)") from None
 
 
+def check_before_work(run: RunConfig) -> None:
+    """What can be checked before any shard runs, or ConfigError: the source's files and columns, the TEI server."""
+    check_source_columns(run)
+    if "embed" in run.stages:
+        check_tei(run)
+
+
+def check_tei(run: RunConfig) -> None:
+    """A TEI at --tei-url must answer, take the API key and serve the run's model (one `GET /info`)."""
+    if run.embed.engine != "tei" or not run.embed.tei_url:
+        return  # on Modal each GPU container starts its own TEI
+    load_tei_api_key()
+    check_tei_server(run.embed.tei_url, run.embed.model, run.embed.tei_served_model, os.environ.get(TEI_API_KEY_ENV))
+
+
 def check_source_columns(run: RunConfig) -> None:
-    """Before a run that downloads from a folder and then chunks: the first source file must have the text and kept columns."""
-    if "download" not in run.stages or "chunk" not in run.stages:
+    """Before a run that downloads from a folder: it must hold shard files, and (when chunk follows) the first must have the text and kept columns."""
+    if "download" not in run.stages or run.download is None or run.download.source_kind != "folder":
         return
-    if run.download is None or run.download.source_kind != "folder":
+    chosen = set(select_shards(list(_candidates("download", run)), run.shards))  # an empty folder is refused here
+    if "chunk" not in run.stages:
         return
-    chosen = set(select_shards(list(_candidates("download", run)), run.shards))
-    _check_first_readable((f for f in list_source_files(run.download.source) if f.stem in chosen), source_schema, run)
+    paths = (f for f in list_source_files(run.download.source) if f.stem in chosen)
+    _check_first_readable(paths, lambda path: source_schema(path, run.chunk.text_column), run)
 
 
 def _check_first_readable(paths: Iterable[Path], read_schema: Callable[[Path], Any], run: RunConfig) -> None:
@@ -118,6 +155,8 @@ def run_stage(stage: str, run: RunConfig) -> State:
 def _run_stage(stage: str, run: RunConfig) -> State:
     logger = get_run_logger()
     get_backend(run.backend)  # the modal backend without a token is refused here, not once per shard
+    if stage == "embed":
+        check_tei(run)  # a TEI that is down or serves another model: refused here, not once per shard
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
         results = download_hub_task(run.dataset.name, run)

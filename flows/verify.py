@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -45,9 +47,11 @@ def verify(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
         max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
     )  # fmt: skip
-    chosen = select_shards(get_backend(backend).list_shards(run, "embed"), run.shards)
-    if not chosen:  # a misspelt name or data dir must not pass as "0 shard(s) ok"
-        return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}")
+    chunked = get_backend(backend).list_shards(run, "embed")
+    if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
+        return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")
+    # Every shard the dataset has, not only the chunked ones: one whose download or chunk failed is a problem too.
+    chosen = select_shards(sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download"))), run.shards)
     futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
     for future in futures:
         future.wait()  # sets each final state locally
@@ -63,3 +67,11 @@ def verify(
     if bad:
         return failed(f"verify: {len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}", rows)
     return Completed(message=f"verify: {len(rows)} shard(s) ok", data=rows)
+
+
+def _other_embeddings(run: RunConfig) -> str:
+    """A hint naming the embedded datasets of this name that other chunk sizes or models made (local data dirs)."""
+    if run.backend != "local":
+        return ""
+    found = sorted(p.name for p in Path(run.dataset.data_dir).glob(f"{run.dataset.name}-chunked-*-*") if p.is_dir())
+    return f"; found {', '.join(found)}: pass the --max-tokens and --model they were made with" if found else ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.runtime import flow_run as current_flow_run
@@ -53,6 +53,9 @@ def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | No
     except Exception as exc:
         _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc)})
         raise
+    if result.status == "done" and (lines := result.extra.get("left_out_lines")):
+        shown = ", ".join(map(str, lines[:10])) + (", …" if result.rows_in - result.rows_out > 10 else "")
+        get_run_logger().warning("%s: left out %d line(s) that are no document: line %s (%s)", source_file, result.rows_in - result.rows_out, shown, result.extra.get("left_out_reason", ""))
     _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "overhead_seconds": result.overhead_seconds, "cost_usd": result.cost_usd})
     return Completed(message=state_message(result), data=result)
 

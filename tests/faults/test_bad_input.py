@@ -216,3 +216,60 @@ def test_an_unreadable_first_shard_does_not_stop_the_chunk_stages_column_check(r
     bad_columns = run.model_copy(update={"chunk": run.chunk.model_copy(update={"text_column": "body"})})
     with pytest.raises(ConfigError, match=r"b.arrow: column\(s\) \['body'\] not found"):
         _shards_and_inputs("chunk", bad_columns)
+
+
+def test_a_source_folder_without_shard_files_is_refused_saying_what_it_holds(tmp_path):
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import check_before_work
+
+    def refusal(source) -> str:
+        with pytest.raises(ConfigError) as refused:
+            check_before_work(build_run_config(source=str(source), data_dir=str(tmp_path / "data"), stages="download"))
+        return str(refused.value)
+
+    source = tmp_path / "source" / "hub-layout"
+    (source / "data").mkdir(parents=True)
+    assert refusal(source / "data") == f"download: no shard files (.parquet, .arrow, .jsonl, .json) in {source / 'data'}; it is empty"
+    (source / "notes.txt").write_text("not a shard")
+    assert refusal(source).endswith(f"in {source}; it holds data/, notes.txt")
+    pq.write_table(pa.table({"text": ["hello"]}), source / "data" / "s0.parquet")
+    assert refusal(source).endswith(f"(subfolders are not read: pass the folder that holds the files, e.g. {source / 'data'})")
+
+
+def test_jsonl_lines_that_are_no_document_are_a_counted_skip_in_the_shard_result(run_config_for, tmp_path):
+    from fineweb_modal.report import state_message
+
+    source = tmp_path / "source" / "lines"
+    source.mkdir(parents=True)
+    (source / "s0.jsonl").write_text('{"text": "good"}\n{"text": 7}\n{"text": "also good"}\n')
+    run = run_config_for(source, keep_columns="", max_tokens=64)
+    result = run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
+    assert (result.rows_in, result.rows_out, result.docs) == (3, 2, 2) and result.extra["left_out_lines"] == [2]
+    assert state_message(result).startswith("2 docs (1 line(s) left out)")
+    again = run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
+    assert again.status == "skipped" and state_message(again) == "skipped: done earlier (2 docs (1 line(s) left out))"
+
+
+def test_a_tei_that_is_down_or_serves_another_model_is_refused_before_any_work(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
+    """Found by one `GET /info` before download and chunk run, not by every embed shard's retries after them."""
+    import time
+
+    from flows.cli import main
+    from tests.tei_double import TEITestDouble
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    data = tmp_path / "data"
+    argv = ["run", "--source", str(demo_source), "--data-dir", str(data), "--max-tokens", "64", "--engine", "tei"]
+    started = time.monotonic()
+    assert main([*argv, "--tei-url", "http://127.0.0.1:9"]) == 2
+    assert time.monotonic() - started < 60
+    assert "is TEI running at --tei-url?" in capsys.readouterr().err
+    double = TEITestDouble().start()
+    try:
+        double.served_model_id = "nomic-ai/nomic-embed-text-v1.5"
+        assert main([*argv, "--tei-url", double.url]) == 2
+        assert "TEI serves 'nomic-ai/nomic-embed-text-v1.5'" in capsys.readouterr().err
+    finally:
+        double.stop()
+    assert not data.exists(), "nothing was downloaded or chunked"

@@ -50,8 +50,8 @@ def test_fake_credentials_appear_nowhere(prefect_api, demo_source, tmp_path, mon
         monkeypatch.setenv("TEI_API_KEY", "tei-WrongKey-SECRET")  # a rejected key must not be echoed either
         for embedded in data.glob("*MiniLM*"):
             shutil.rmtree(embedded)  # embed again, now with the wrong key
-        failed = main(["run", "--name", demo_source.name, "--stages", "embed", "--data-dir", str(data), "--engine", "tei", "--tei-url", tei.url, "--max-tokens", "64"])
-        assert failed == 1
+        refused = main(["run", "--name", demo_source.name, "--stages", "embed", "--data-dir", str(data), "--engine", "tei", "--tei-url", tei.url, "--max-tokens", "64"])
+        assert refused == 2, "a refused key is bad config, found before any shard runs"
     finally:
         tei.stop()
     captured = capfd.readouterr()

@@ -62,6 +62,17 @@ def test_bad_config_is_rejected_with_the_reason(overrides, message):
         build_run_config(**params)
 
 
+def test_a_mistyped_local_folder_is_not_taken_as_a_hub_id_nor_a_file_as_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    with pytest.raises(ConfigError, match=r"source 'src/does-not-exist': no such folder \(not taken as a Hub id: src/ is a folder here\)"):
+        build_run_config(source="src/does-not-exist", stages="download")
+    assert build_run_config(source="HuggingFaceFW/fineweb-edu", stages="download").download.source_kind == "hub"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="data_dir 'afile' is a file, not a folder"):
+        build_run_config(name="demo", stages="chunk", data_dir="afile")
+
+
 def test_keeping_the_source_id_is_what_the_chunk_id_already_does():
     run = build_run_config(name="demo", stages="chunk", keep_columns="id,url")
     assert run.chunk.keep_columns == ("url",)

@@ -26,7 +26,7 @@ def test_parquet_jsonl_and_arrow_sources_convert(tmp_path):
     sources.append(jsonl)
     out = tmp_path / "data" / "d" / "train"
     for source in sources:
-        assert convert_file(source, out / f"{source.stem}.arrow") == 5
+        assert convert_file(source, out / f"{source.stem}.arrow").rows_out == 5
         schema, batches = open_arrow_batches(out / f"{source.stem}.arrow")
         assert pa.Table.from_batches(list(batches), schema).to_pylist() == ROWS
     assert write_dataset_index(out, "train")
@@ -75,3 +75,42 @@ def test_a_dataset_download_keeps_or_deletes_what_load_dataset_cached(tmp_path, 
     assert sum(rows.values()) == docs and all((tmp_path / "data" / "train" / f"{shard}.arrow").is_file() for shard in rows)
     cached = list((tmp_path / "hf-datasets").rglob("*.arrow"))
     assert bool(cached) == keep_cache, "the Arrow cache is kept for a local run, deleted on Modal"
+
+
+def test_jsonl_lines_that_are_no_document_are_left_out_and_counted(tmp_path):
+    """pyarrow refuses the whole file for one such line; the rest of the shard is kept, each line left out is numbered."""
+    source = tmp_path / "s.jsonl"
+    lines = [
+        '{"text": "one", "url": "a"}',
+        '{"text": "lone \\ud800 surrogate", "url": "b"}',
+        "",
+        '{"text": 5, "url": "c"}',
+        '["not", "an", "object"]',
+        '{"text": null, "url": "d"}',
+        '{"text": "two", "url": "e", "extra": 1}',
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    converted = convert_file(source, tmp_path / "s.arrow")
+    assert (converted.rows_in, converted.rows_out, converted.left_out_lines) == (6, 3, [2, 4, 5])
+    assert "line 2" in converted.left_out_reason and "Unicode" in converted.left_out_reason
+    schema, batches = open_arrow_batches(tmp_path / "s.arrow")
+    rows = pa.Table.from_batches(list(batches), schema).to_pylist()
+    assert [r["url"] for r in rows] == ["a", "d", "e"] and schema.field("text").type == pa.string()
+    assert rows[2]["extra"] == 1 and rows[0]["extra"] is None, "a column first seen on a later line is kept"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", r"holds no document \(an empty file\)"),
+        ('{"text": 1}\n[2]\n', r"holds no document \(2 line\(s\) left out; line 1: 'text' is a number"),
+        ('{"text": "a"}\n{"text": "b\n', "line 2 is not valid JSON"),
+        ('{"text": "a", "n": 1}\n{"text": "b", "n": "x"}\n', "column 'n' holds values of different types"),
+    ],
+)
+def test_a_jsonl_file_that_cannot_be_a_shard_is_bad_data_naming_why(tmp_path, content, message):
+    source = tmp_path / "s.jsonl"
+    source.write_text(content)
+    with pytest.raises(BadDataError, match=message):
+        convert_file(source, tmp_path / "s.arrow")
+    assert not (tmp_path / "s.arrow").exists()

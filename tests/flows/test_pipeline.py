@@ -99,7 +99,7 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     record = json.loads(next(data_dir.rglob("_ledger/download/*/data-00001-of-00003.json")).read_text())
     assert record["attempts"] == 1 and record["error_type"] == "BadDataError", "bad data is not retried"
     downstream = {s.stage: s.missing for s in ledger_status(data_dir, "demo") if s.stage != "download"}
-    assert downstream == {"chunk": ["data-00001-of-00003"], "embed": ["data-00001-of-00003"], "summarize": []}, "its later stages lack it too"
+    assert downstream == {"chunk": ["data-00001-of-00003"], "embed": ["data-00001-of-00003"], "summarize": ["data-00001-of-00003"]}, "its later stages lack it too"
 
     shutil.copy(backup, good)
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, only="failed")

@@ -29,3 +29,35 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     assert main(argv) == 2, "no token is a configuration error"
     captured = capsys.readouterr()
     assert "needs a Hub token" in captured.err and "Traceback" not in captured.out + captured.err
+
+
+def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
+    from flows import publish as publish_module
+    from flows.cli import main
+    from flows.pipeline import pipeline
+
+    data_dir = tmp_path / "data"
+    assert pipeline(source=str(demo_source), data_dir=str(data_dir), max_tokens=64, stages=["download", "chunk", "embed"], return_state=True).is_completed()
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    (demo_source / "data-00003-of-00003.jsonl").write_text('{"text": broken')  # a shard whose download fails
+    assert not pipeline(source=str(demo_source), data_dir=str(data_dir), max_tokens=64, stages=["download", "chunk", "embed"], return_state=True).is_completed()
+    argv = ["publish", "--name", "demo", "--data-dir", str(data_dir), "--max-tokens", "64", "--repo-id", "me/demo-embeddings", "--dry-run"]
+    assert main([*argv, "--to", str(tmp_path / "refused")]) == 2
+    assert "1 of 4 shard(s) of demo are not embedded (data-00003-of-00003)" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists(), "refused before any work"
+    assert main([*argv, "--to", str(tmp_path / "partial"), "--allow-partial"]) == 0
+    assert len(list((tmp_path / "partial").rglob("*.parquet"))) == 3
+    assert "| shards | 3 of 4: not embedded, left out: data-00003-of-00003 |" in (tmp_path / "partial" / "README.md").read_text()
+    verified = main(["verify", "--name", "demo", "--data-dir", str(data_dir), "--max-tokens", "64"])
+    assert verified == 1 and "data-00003-of-00003" in capsys.readouterr().out, "verify counts the shard that never reached chunk"
+
+    uploaded = {}
+
+    def upload_folder_double(folder, repo_id, token, private=True):  # stands in for the Hub (no network here)
+        uploaded.update(folder=folder, files=sorted(p.name for p in folder.rglob("*.parquet")))
+        return f"https://huggingface.co/datasets/{repo_id}"
+
+    monkeypatch.setattr(publish_module, "upload_folder", upload_folder_double)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 0
+    assert len(uploaded["files"]) == 3 and not uploaded["folder"].exists(), "the temp copy of the dataset is removed after the upload"

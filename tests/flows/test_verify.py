@@ -33,6 +33,9 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     assert not rows["data-00002-of-00003"]["ok"] and "not unit-norm" in rows["data-00002-of-00003"]["problems"]
     assert rows["data-00000-of-00003"]["ok"]
 
+    state = verify(name="demo", data_dir=data_dir, return_state=True)  # the default max_tokens: none made with it
+    assert state.is_failed() and "found demo-chunked-64-all-MiniLM-L6-v2: pass the --max-tokens and --model" in state.message
+
 
 def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp_path):
     from flows.fetch import fetch
