@@ -232,14 +232,23 @@ def build_run_config(
 
     download = None
     if source:
-        if Path(source).expanduser().exists():
+        hub_named = source.removeprefix("hf://datasets/").removeprefix("hf://") if source.startswith("hf://") else None
+        if hub_named is not None:  # a Hub id said to be one, whatever folders are here
+            if not _HUB_ID.match(hub_named):
+                raise ConfigError(f"source {source!r}: after hf:// comes a Hub id like 'org/name'")
+            source = hub_named
+            download = DownloadConfig(source=source, source_kind="hub", subset=subset or None)
+        elif Path(source).expanduser().exists():
             if not Path(source).expanduser().is_dir():
                 raise ConfigError(f"source {source!r} is a file: pass the folder that holds the shard files")
             if subset:
                 raise ConfigError(f"subset {subset!r} is for a Hub dataset; source {source!r} is a local folder (drop --subset)")
             download = DownloadConfig(source=str(Path(source).expanduser().resolve()), source_kind="folder")
         elif _HUB_ID.match(source) and Path(source).parent.is_dir():
-            raise ConfigError(f"source {source!r}: no such folder (not taken as a Hub id: {Path(source).parent}/ is a folder here)")
+            raise ConfigError(
+                f"source {source!r}: no such folder (not taken as a Hub id, since {Path(source).parent}/ is a folder here; "
+                f"for the Hub dataset write hf://{source})"
+            )
         elif _HUB_ID.match(source):
             download = DownloadConfig(source=source, source_kind="hub", subset=subset or None)
         else:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -37,52 +39,56 @@ def _source_batches(path: Path, text_column: str) -> tuple[pa.Schema, Iterator[p
             return parquet.schema_arrow, parquet.iter_batches(batch_size=8192), ([], "")
         if path.suffix == ".arrow":
             return *open_arrow_batches(path), ([], "")
-    if path.suffix in (".jsonl", ".json"):
-        try:
-            table, left_out = pa_json.read_json(path), ([], "")
-        except pa.ArrowInvalid:  # an empty file, one bad value, a type that changes: read it line by line
-            table, left_out = _read_jsonl_lines(path, text_column)
-        return table.schema, iter(table.to_batches(max_chunksize=8192)), left_out
+        if path.suffix in (".jsonl", ".json"):
+            try:
+                table, left_out = pa_json.read_json(path), ([], "")
+            except pa.ArrowInvalid:  # empty, a line over its 1 MiB block, one bad value, a changing type: line by line
+                table, left_out = _read_jsonl_lines(path, text_column)
+            return table.schema, iter(table.to_batches(max_chunksize=8192)), left_out
     raise BadDataError(f"{path}: unsupported file type {path.suffix!r} (parquet, arrow, jsonl)")
 
 
 def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[list[int], str]]:
-    """A JSONL file pyarrow refused, read with Python's json: a line that is not JSON is a broken file (an error
-    naming it); a JSON line that cannot be a document — not an object, a `text_column` that is not a string, a
-    string that is not valid Unicode (a lone surrogate) — is left out and counted. A file with no document is
-    an error: it has no columns to give its shard."""
-    rows: list[dict] = []
+    """A JSONL file pyarrow refused, checked line by line with Python's json, then read by pyarrow again (the same
+    column types as any other shard) from the lines kept, in blocks as long as the longest line.
+
+    A line that is not JSON is a broken file (an error naming it); a JSON line that cannot be a document — not
+    an object, a `text_column` that is not a string, a string that is not valid Unicode (a lone surrogate) — is
+    left out and counted. A file with no document is an error: it has no columns to give its shard.
+    """
+    kept = io.BytesIO()
     left_out: list[int] = []
     first_reason = ""
-    with decoding(path, "read as jsonl"), path.open(encoding="utf-8-sig") as lines:
+    longest = 0
+    with path.open("rb") as lines:
         for number, line in enumerate(lines, start=1):
+            line = line.removeprefix(b"\xef\xbb\xbf") if number == 1 else line  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BadDataError(f"{path}: line {number} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+                raise BadDataError(f"{path}: line {number} is not valid JSON ({where})") from None
             if reason := _not_a_document(row, text_column):
                 left_out.append(number)
                 first_reason = first_reason or f"line {number}: {reason}"
                 continue
-            rows.append(row)
-    if not rows:
+            kept.write(line if line.endswith(b"\n") else line + b"\n")
+            longest = max(longest, len(line))
+    if not kept.tell():
         raise BadDataError(f"{path}: holds no document" + (f" ({len(left_out)} line(s) left out; {first_reason})" if left_out else " (an empty file)"))
     if left_out:
         log.warning("%s: left out %d line(s) that are no document (%s)", path, len(left_out), first_reason)
-    arrays = {}
-    for key in dict.fromkeys(key for row in rows for key in row):
-        try:
-            arrays[key] = pa.array([row.get(key) for row in rows])
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise BadDataError(f"{path}: column {key!r} holds values of different types ({exc})") from None
-    table = pa.table(arrays)
-    if text_column in table.column_names and pa.types.is_null(table.schema.field(text_column).type):
-        table = table.set_column(table.column_names.index(text_column), text_column, table[text_column].cast(pa.string()))
-    return table, (left_out, first_reason)
+    kept.seek(0)
+    options = pa_json.ReadOptions(block_size=max(1 << 20, longest + 1024))
+    try:
+        return pa_json.read_json(kept, read_options=options), (left_out, first_reason)
+    except pa.ArrowInvalid as exc:  # e.g. a column whose values change type; its row number counts kept lines only
+        raise BadDataError(f"{path}: cannot read as jsonl ({_ROW_NUMBER.sub('', str(exc))})") from None
 
 
+_ROW_NUMBER = re.compile(r" in row \d+")
 _JSON_TYPE = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", dict: "object", type(None): "null"}
 
 

@@ -99,7 +99,9 @@ def stage_config_fingerprint(job: ShardJob) -> str:
     """The fingerprint of the part of the run config that shapes this stage's output (not which shards, not the budget)."""
     run = job.run
     if job.stage == "download":
-        return run.download.fingerprint() if run.download else "none"
+        config = run.download.fingerprint() if run.download else "none"
+        # Which JSONL lines are documents (and kept) depends on the text column; other formats are copied whole.
+        return f"{config}|text={run.chunk.text_column}" if Path(job.source_file or "").suffix in (".jsonl", ".json") else config
     if job.stage == "chunk":
         return run.chunk.fingerprint()
     if job.stage == "embed":

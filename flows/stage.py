@@ -17,7 +17,7 @@ from fineweb_modal.config import RunConfig
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
-from fineweb_modal.layout import SOURCE_SUFFIXES, list_source_files
+from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
@@ -59,7 +59,9 @@ def _no_source_files(folder: Path) -> str:
     found = [f"{p.name}/" if p.is_dir() else p.name for p in entries if not p.name.startswith(".")]
     message = f"download: no shard files ({', '.join(SOURCE_SUFFIXES)}) in {folder}"
     message += f"; it holds {', '.join(found[:8])}{' …' if len(found) > 8 else ''}" if found else "; it is empty"
-    nested = sorted({p.parent for p in folder.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.parent != folder})
+    # Two levels down at most (a Hub repo's `data/`, `data/<config>/`): a home folder must not be walked whole.
+    below = [*folder.glob("[!.]*/[!.]*"), *folder.glob("[!.]*/[!.]*/[!.]*")]
+    nested = sorted({p.parent for p in below if p.suffix in SOURCE_SUFFIXES and p.name not in SAVE_TO_DISK_METADATA})
     if nested:
         message += f" (subfolders are not read: pass the folder that holds the files, e.g. {nested[0]})"
     return message
@@ -94,8 +96,19 @@ def _check_columns(schema, run: RunConfig, path: Path) -> None:
 def check_before_work(run: RunConfig) -> None:
     """What can be checked before any shard runs, or ConfigError: the source's files and columns, the TEI server."""
     check_source_columns(run)
-    if "embed" in run.stages:
+    if "embed" in run.stages and run.embed.tei_url and _embedding_left(run):
         check_tei(run)
+
+
+def _embedding_left(run: RunConfig) -> bool:
+    """Whether any shard of the dataset is not yet embedded with this config, as far as can be told before the
+    earlier stages run (a rerun that only redoes summarize must not need TEI; the embed stage checks again)."""
+    layout = layout_for(run)
+    shards = set(layout.list_shards("download")) | set(layout.list_shards("embed"))
+    if run.download is not None and run.download.source_kind == "folder":
+        shards |= set(_candidates("download", run))
+    statuses = get_backend(run.backend).shard_statuses(run, "embed", sorted(shards))
+    return not shards or any(status != "done" for status in statuses.values())
 
 
 def check_tei(run: RunConfig) -> None:
@@ -155,8 +168,6 @@ def run_stage(stage: str, run: RunConfig) -> State:
 def _run_stage(stage: str, run: RunConfig) -> State:
     logger = get_run_logger()
     get_backend(run.backend)  # the modal backend without a token is refused here, not once per shard
-    if stage == "embed":
-        check_tei(run)  # a TEI that is down or serves another model: refused here, not once per shard
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
         results = download_hub_task(run.dataset.name, run)
@@ -170,6 +181,8 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     if run.backend == "local":
         statuses = get_backend(run.backend).shard_statuses(run, stage, list(inputs))
         to_run = {shard: extra for shard, extra in inputs.items() if statuses.get(shard) != "done"}
+        if stage == "embed" and to_run:
+            check_tei(run)  # a TEI that is down or serves another model: refused here, not once per shard
         if needed := check_disk_space(run, layout_for(run), stage, to_run):
             logger.info("%s: %d shard(s) to run will write about %s", stage, len(to_run), human_bytes(needed))
     progress = StageProgress(stage, run.dataset.name, len(inputs))

@@ -50,8 +50,9 @@ def verify(
     chunked = get_backend(backend).list_shards(run, "embed")
     if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
         return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")
-    # Every shard the dataset has, not only the chunked ones: one whose download or chunk failed is a problem too.
-    chosen = select_shards(sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download"))), run.shards)
+    # All: every shard the dataset has, not only the chunked ones (one whose download or chunk failed is a problem
+    # too). Chosen: by name or by index among the chunked ones, as `fetch` and `plan` count them.
+    chosen = select_shards(chunked, run.shards) if run.shards else sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download")))
     futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
     for future in futures:
         future.wait()  # sets each final state locally

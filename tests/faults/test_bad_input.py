@@ -250,11 +250,23 @@ def test_jsonl_lines_that_are_no_document_are_a_counted_skip_in_the_shard_result
     again = run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
     assert again.status == "skipped" and state_message(again) == "skipped: done earlier (2 docs (1 line(s) left out))"
 
+    # Which lines are documents depends on the text column: the same file read for another one is redone.
+    (source / "s1.jsonl").write_text('{"text": "good"}\n{"text": "also", "body": 5}\n{"text": "\\ud800"}\n')
+
+    def download_s1(text_column: str):
+        run = run_config_for(source, keep_columns="", text_column=text_column)
+        return run_shard(ShardJob(stage="download", shard="s1", run=run, source_file=str(source / "s1.jsonl")))
+
+    assert download_s1("text").rows_out == 2
+    body = download_s1("body")
+    assert (body.status, body.rows_out) == ("done", 1), "not skipped as done: its kept lines differ"
+
 
 def test_a_tei_that_is_down_or_serves_another_model_is_refused_before_any_work(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
     """Found by one `GET /info` before download and chunk run, not by every embed shard's retries after them."""
     import time
 
+    from fineweb_modal.models import DEFAULT_MODEL
     from flows.cli import main
     from tests.tei_double import TEITestDouble
 
@@ -270,6 +282,26 @@ def test_a_tei_that_is_down_or_serves_another_model_is_refused_before_any_work(p
         double.served_model_id = "nomic-ai/nomic-embed-text-v1.5"
         assert main([*argv, "--tei-url", double.url]) == 2
         assert "TEI serves 'nomic-ai/nomic-embed-text-v1.5'" in capsys.readouterr().err
+        assert not data.exists(), "nothing was downloaded or chunked"
+
+        # Through a deployment (no CLI in front): the pipeline flow checks first too, and ends Failed holding the ConfigError.
+        from fineweb_modal.errors import ConfigError
+        from flows.outcome import outcome
+        from flows.pipeline import pipeline
+
+        flow_args = dict(source=str(demo_source), data_dir=str(data), max_tokens=64, engine="tei", tei_url=double.url, return_state=True)
+        state = pipeline(**flow_args)
+        assert state.is_failed() and isinstance(outcome(state), ConfigError) and not data.exists()
+        double.served_model_id = DEFAULT_MODEL
+        assert pipeline(**flow_args).is_completed()
     finally:
         double.stop()
-    assert not data.exists(), "nothing was downloaded or chunked"
+    # Everything embedded: a rerun needs no TEI, so one that is gone now does not stop it.
+    assert main([*argv, "--tei-url", double.url]) == 0
+    assert "embed      3 ok (3 skipped), 0 failed" in capsys.readouterr().out
+    # The embed stage on its own checks once it has a shard to run, before any task starts.
+    from flows.embed import embed
+
+    next(data.glob("*MiniLM*/train/data-00000-of-00003.parquet")).unlink()
+    state = embed(name=demo_source.name, data_dir=str(data), max_tokens=64, engine="tei", tei_url=double.url, return_state=True)
+    assert state.is_failed() and isinstance(outcome(state), ConfigError) and "is TEI running" in str(outcome(state))

@@ -65,9 +65,12 @@ def test_bad_config_is_rejected_with_the_reason(overrides, message):
 def test_a_mistyped_local_folder_is_not_taken_as_a_hub_id_nor_a_file_as_the_data_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "src").mkdir()
-    with pytest.raises(ConfigError, match=r"source 'src/does-not-exist': no such folder \(not taken as a Hub id: src/ is a folder here\)"):
+    with pytest.raises(ConfigError, match=r"source 'src/does-not-exist': no such folder .*src/ is a folder here; for the Hub dataset write hf://src/does-not-exist\)"):
         build_run_config(source="src/does-not-exist", stages="download")
     assert build_run_config(source="HuggingFaceFW/fineweb-edu", stages="download").download.source_kind == "hub"
+    for spelt in ("hf://src/does-not-exist", "hf://datasets/src/does-not-exist"):
+        run = build_run_config(source=spelt, stages="download")
+        assert (run.download.source_kind, run.download.source, run.dataset.name) == ("hub", "src/does-not-exist", "does-not-exist")
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="data_dir 'afile' is a file, not a folder"):
         build_run_config(name="demo", stages="chunk", data_dir="afile")
