@@ -90,6 +90,10 @@ class Layout:
             return sorted(_stems(self.shard_dir("download"), ".arrow") | recorded)
         return sorted(_stems(self.shard_dir(_INPUT_STAGE[stage]), _OUTPUT_SUFFIX[_INPUT_STAGE[stage]]))
 
+    def dataset_shards(self) -> list[str]:
+        """Every shard the dataset has: all the download stage made or tried, and any chunked since."""
+        return sorted(set(self.list_shards("download")) | set(self.list_shards("embed")))
+
 
 def _stems(folder: Path, suffix: str) -> set[str]:
     """The names of a folder's files ending in `suffix`, less the suffix (none when there is no folder)."""

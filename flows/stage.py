@@ -103,8 +103,7 @@ def check_before_work(run: RunConfig) -> None:
 def _embedding_left(run: RunConfig) -> bool:
     """Whether any shard of the dataset is not yet embedded with this config, as far as can be told before the
     earlier stages run (a rerun that only redoes summarize must not need TEI; the embed stage checks again)."""
-    layout = layout_for(run)
-    shards = set(layout.list_shards("download")) | set(layout.list_shards("embed"))
+    shards = set(layout_for(run).dataset_shards())
     if run.download is not None and run.download.source_kind == "folder":
         shards |= set(_candidates("download", run))
     statuses = get_backend(run.backend).shard_statuses(run, "embed", sorted(shards))
