@@ -44,6 +44,9 @@ def _source_batches(path: Path, text_column: str) -> tuple[pa.Schema, Iterator[p
                 table, left_out = pa_json.read_json(path), ([], "")
             except pa.ArrowInvalid:  # empty, a line over its 1 MiB block, one bad value, a changing type: line by line
                 table, left_out = _read_jsonl_lines(path, text_column)
+            else:
+                if not _text_or_absent(table.schema, text_column):  # e.g. every `text` a number: no line is a document
+                    table, left_out = _read_jsonl_lines(path, text_column)
             return table.schema, iter(table.to_batches(max_chunksize=8192)), left_out
     raise BadDataError(f"{path}: unsupported file type {path.suffix!r} (parquet, arrow, jsonl)")
 
@@ -86,6 +89,14 @@ def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[lis
         return pa_json.read_json(kept, read_options=options), (left_out, first_reason)
     except pa.ArrowInvalid as exc:  # e.g. a column whose values change type; its row number counts kept lines only
         raise BadDataError(f"{path}: cannot read as jsonl ({_ROW_NUMBER.sub('', str(exc))})") from None
+
+
+def _text_or_absent(schema: pa.Schema, text_column: str) -> bool:
+    """Whether pyarrow read `text_column` as strings (or all nulls), or not at all (the column check names that)."""
+    if text_column not in schema.names:
+        return True
+    kind = schema.field(text_column).type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)
 
 
 _ROW_NUMBER = re.compile(r" in row \d+")
