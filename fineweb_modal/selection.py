@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fineweb_modal.errors import ConfigError
+from fineweb_modal.report import listing
 
 
 def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) -> list[str]:
@@ -18,6 +19,6 @@ def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) 
         else:
             raise ConfigError(
                 f"shard {selector!r} is neither a shard name nor an index from 0 to {len(available) - 1} (or -1 for the last); "
-                f"shards: {', '.join(available[:10])}{' …' if len(available) > 10 else ''}"
+                f"shards: {listing(available)}"
             )
     return [s for s in available if s in chosen]

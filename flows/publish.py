@@ -15,7 +15,7 @@ from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.publish import build_folder, upload_folder
-from fineweb_modal.report import artifact_key
+from fineweb_modal.report import artifact_key, listing
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from flows.outcome import refused
@@ -74,13 +74,13 @@ def publish(
             raise ConfigError(f"no embedded shards for {name} in {layout.shard_dir('embed')}")
         if not_embedded and not allow_partial:
             raise ConfigError(
-                f"{len(not_embedded)} of {len(chosen)} shard(s) of {name} are not embedded ({_listing(not_embedded)}): "
+                f"{len(not_embedded)} of {len(chosen)} shard(s) of {name} are not embedded ({listing(not_embedded)}): "
                 f"finish them (`status` says why), or publish the {len(embedded)} that are with allow_partial (--allow-partial)"
             )
     except ConfigError as exc:
         return refused("publish", exc)  # a message, not a traceback
     if not_embedded:
-        get_run_logger().warning("publishing %d of %d shard(s); left out, not embedded: %s", len(embedded), len(chosen), _listing(not_embedded))
+        get_run_logger().warning("publishing %d of %d shard(s); left out, not embedded: %s", len(embedded), len(chosen), listing(not_embedded))
     folder = Path(output_dir or tempfile.mkdtemp(prefix="fineweb-modal-publish-"))
     try:
         manifest = build_folder(layout, repo_id, model, folder, embedded, left_out=not_embedded)
@@ -98,7 +98,3 @@ def publish(
             shutil.rmtree(folder, ignore_errors=True)  # a full copy of the dataset: uploaded or not, it goes
     create_link_artifact(url, link_text=repo_id, key=artifact_key("publish", name, "link"))
     return url
-
-
-def _listing(shards: list[str]) -> str:
-    return ", ".join(shards[:10]) + (f" and {len(shards) - 10} more" if len(shards) > 10 else "")

@@ -18,7 +18,7 @@ from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
-from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
+from fineweb_modal.report import StageReport, group_digits, listing, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import open_arrow_batches
@@ -58,7 +58,7 @@ def _no_source_files(folder: Path) -> str:
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     found = [f"{p.name}/" if p.is_dir() else p.name for p in entries if not p.name.startswith(".")]
     message = f"download: no shard files ({', '.join(SOURCE_SUFFIXES)}) in {folder}"
-    message += f"; it holds {', '.join(found[:8])}{' …' if len(found) > 8 else ''}" if found else "; it is empty"
+    message += f"; it holds {listing(found, limit=8)}" if found else "; it is empty"
     # Two levels down at most (a Hub repo's `data/`, `data/<config>/`): a home folder must not be walked whole.
     below = [*folder.glob("[!.]*/[!.]*"), *folder.glob("[!.]*/[!.]*/[!.]*")]
     nested = sorted({p.parent for p in below if p.suffix in SOURCE_SUFFIXES and p.name not in SAVE_TO_DISK_METADATA})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,6 +36,28 @@ def fineweb_modal_home(tmp_path_factory):
         if left is not None:
             server.stop()
             pytest.fail(f"a test left the local Prefect server running (pid {left['pid']}, port {left['port']})")
+
+
+class _CurrentStderr:
+    """Whatever `sys.stderr` is at the moment of writing (pytest swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_follows_stderr():
+    """Prefect's console handler keeps the stderr it was built with; built under one test's capture, it would write
+    to that closed stream in every later test (a '--- Logging error ---' traceback in their captured stderr)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        handler.stream = handler.console.file = _CurrentStderr()
+    yield
 
 
 @pytest.fixture(scope="session")

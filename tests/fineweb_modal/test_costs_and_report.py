@@ -9,7 +9,7 @@ import pytest
 
 from fineweb_modal.costs import RATES_USD_PER_SECOND, ContainerClock, Resources, cost_usd, format_usd, parse_gpu
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.report import StageReport, artifact_key, shard_table, stage_markdown, state_message, text_histogram
+from fineweb_modal.report import StageReport, artifact_key, listing, shard_table, stage_markdown, state_message, text_histogram
 from fineweb_modal.shards import ShardResult
 
 
@@ -154,3 +154,9 @@ def test_the_resume_command_rebuilds_the_same_run(tmp_path):
         args = _parser().parse_args(shlex.split(command)[1:])
         again = build_run_config(**_run_kwargs(args))
         assert again.embed == one.embed and again.chunk == one.chunk and again.stages == ("embed",)
+
+
+def test_a_long_list_is_cut_saying_how_many_more():
+    assert listing(["a", "b"]) == "a, b"
+    assert listing([f"s{i}" for i in range(12)]) == "s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 and 2 more"
+    assert listing([3, 9], limit=8, total=40) == "3, 9 and 38 more", "a list cut already counts what it lost"
