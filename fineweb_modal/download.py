@@ -165,7 +165,9 @@ def write_dataset_index(split_dir: Path, split: str) -> bool:
 def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:
     """`load_dataset` + `save_to_disk` of a Hub dataset into `split_dir`; returns rows per shard file.
 
-    `keep_cache=False` deletes what `load_dataset` cached (the Hub's files, the Arrow cache) once the shards are saved.
+    Shard files an earlier save left that this one did not write (it split the data into fewer files) are
+    removed. `keep_cache=False` deletes what `load_dataset` cached (the Hub's files, the Arrow cache) once the
+    shards are saved.
     """
     from datasets import load_dataset
 
@@ -175,10 +177,14 @@ def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, 
 
         cached = {Path(f["filename"]).parent for f in dataset.cache_files}
         cached.add(Path(huggingface_hub.constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}")
+    split_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=split_dir.parent))
     try:
         dataset.save_to_disk(str(staging), num_proc=num_proc)
-        split_dir.mkdir(parents=True, exist_ok=True)
+        saved = {path.name for path in staging.iterdir()}
+        for earlier in split_dir.glob("*.arrow"):
+            if earlier.name not in saved:
+                earlier.unlink()
         rows = {}
         for path in sorted(staging.iterdir()):
             path.replace(split_dir / path.name)

@@ -285,11 +285,18 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
 def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult]:
     """The Hub path of the download stage: one call yields every shard; each gets its ledger record and a share of the cost.
 
-    On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on the Volume
-    they would keep two more copies of the dataset.
+    Skipped when every shard file there has a done record of this source (delete the download ledger to fetch
+    it again). On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on
+    the Volume they would keep two more copies of the dataset.
     """
     assert run.download is not None and run.download.source_kind == "hub"
     layout = layout_for(run)
+    ledger = Ledger(layout)
+    fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
+    on_disk = sorted(path.stem for path in layout.shard_dir("download").glob("*.arrow"))
+    earlier = [_skipped_result(ShardJob(stage="download", shard=shard, run=run, where=where), ledger, fingerprint) for shard in on_disk]
+    if on_disk and None not in earlier:
+        return [result for result in earlier if result is not None]
     resources = stage_resources("download-hub")
     rate = rate_per_second(resources)
     started = time.perf_counter()
@@ -297,7 +304,11 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
         run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc, keep_cache=where == "local"
     )
     seconds = time.perf_counter() - started
-    ledger = Ledger(layout)
+    gone = sorted(set(on_disk) - set(rows))  # this save split the dataset into other files: their records go with them
+    for shard in gone:
+        layout.ledger_path("download", shard).unlink(missing_ok=True)
+    if chunked := [shard for shard in gone if layout.output_path("chunk", shard).exists()]:
+        log.warning("download: shard(s) %s are no longer in the dataset but still chunked in %s: delete those files", ", ".join(chunked), layout.shard_dir("chunk"))
     results = []
     share = seconds / max(len(rows), 1)
     for shard, count in rows.items():
@@ -305,7 +316,6 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
             stage="download", shard=shard, status="done", rows_in=count, rows_out=count, docs=count, seconds=round(share, 3), host=socket.gethostname(),
             where=where, cpu=resources.cpu, memory_gib=resources.memory_gib, cost_usd=share * rate if where == "modal" else 0.0, modal_estimate_usd=share * rate,
         )  # fmt: skip
-        fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
         ledger.write_done("download", shard, fingerprint, count, result.model_dump(mode="json"), 1)
         results.append(result)
     return results

@@ -89,3 +89,43 @@ def test_summarize_totals_combine_shards(demo_source, run_config_for):
     # A shard whose chunks changed since its summary no longer counts until it is summarized again.
     layout_for(run).ledger_path("chunk", results[1].shard).unlink()
     assert finalize_stage(run, "summarize", [])["totals"]["shards"] == 2
+
+
+def test_a_hub_download_into_a_new_data_dir_is_skipped_when_run_again(demo_source, run_config_for, tmp_path, monkeypatch):
+    """A local folder stands in for a Hub repo (no Hub here): the same load_dataset + save_to_disk path."""
+    import datasets
+
+    from fineweb_modal import download
+    from fineweb_modal.shards import download_hub_shards
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    run = run_config_for(demo_source, data_dir=str(tmp_path / "new" / "data"), name="hubbed")
+    hub_run = run.model_copy(update={"download": run.download.model_copy(update={"source_kind": "hub"})})
+    first = download_hub_shards(hub_run)
+    docs = sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
+    assert first and {r.status for r in first} == {"done"} and sum(r.docs for r in first) == docs
+
+    def no_second_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(download, "download_hub", no_second_download)
+    again = download_hub_shards(hub_run)
+    assert [(r.shard, r.status, r.docs) for r in again] == [(r.shard, "skipped", r.docs) for r in first]
+
+
+def test_a_hub_download_saved_in_fewer_files_leaves_no_earlier_shard_behind(demo_source, run_config_for, tmp_path, monkeypatch):
+    """A rerun whose save writes other files (another num_proc, a dataset that shrank) must not keep the old ones: their rows would count twice."""
+    import datasets
+
+    from fineweb_modal.shards import download_hub_shards
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    run = run_config_for(demo_source, name="hubbed", num_proc=2)
+    hub_run = run.model_copy(update={"download": run.download.model_copy(update={"source_kind": "hub"})})
+    assert len(download_hub_shards(hub_run)) == 2
+    layout = layout_for(hub_run)
+    layout.ledger_path("download", "data-00001-of-00002").unlink()  # not done: the next run downloads again
+    results = download_hub_shards(hub_run.model_copy(update={"num_proc": 1}))
+    docs = sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
+    assert [r.shard for r in results] == ["data-00000-of-00001"] and results[0].docs == docs
+    assert layout.list_shards("download") == ["data-00000-of-00001"], "files and ledger records of the earlier save are gone"
