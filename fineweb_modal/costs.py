@@ -68,21 +68,26 @@ def _normalized(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+_GPU_ALIASES = {"a100": "a10040gb"}  # Modal's `A100` is the 40 GB card (see parse_gpu)
+
+
 def reconcile_rates(reported: Mapping[str, object]) -> dict[str, float]:
     """Rates reported by Modal's billing API, as this table's keys in $/second, where they can be trusted.
 
     The API's key names and units are not documented: a reported key is matched to a table key by name
-    (`h100` in `gpu.h100`, `cpu` for `cpu_core`, `mem` for `memory_gib`), and its value is read as per
-    second, or else per hour, whichever lands within 4× of the dated table; anything else is left out,
-    so a misread unit can never multiply costs by 3 600.
+    (a GPU's whole name: `gpu.a100.80gb` is `A100-80GB`, `gpu.a100` Modal's 40 GB card, never `A10`; `cpu`
+    in the name for `cpu_core`, `mem` for `memory_gib`), and its value is read as per second, or else per
+    hour, whichever lands within 4× of the dated table; anything else is left out, so a misread unit can
+    never multiply costs by 3 600.
     """
     accepted: dict[str, float] = {}
     names = {key: _normalized(key) for key in reported}
     for ours, table_rate in RATES_USD_PER_SECOND.items():
-        wanted = {"cpu_core": "cpu", "memory_gib": "mem"}.get(ours, _normalized(ours))
-        matches = [key for key, name in names.items() if wanted in name]
-        if ours[0].isupper():  # a GPU: "a100" must not match "a10", nor "a10040gb" "a10080gb"
-            matches = [key for key in matches if not any(_normalized(other) in names[key] and len(other) > len(ours) for other in RATES_USD_PER_SECOND if other != ours)]
+        if ours[0].isupper():  # a GPU
+            matches = [key for key, name in names.items() if _GPU_ALIASES.get(name.removeprefix("gpu"), name.removeprefix("gpu")) == _normalized(ours)]
+        else:
+            wanted = {"cpu_core": "cpu", "memory_gib": "mem"}[ours]
+            matches = [key for key, name in names.items() if wanted in name]
         for key in matches:
             try:
                 value = float(reported[key])  # Decimal, str or float

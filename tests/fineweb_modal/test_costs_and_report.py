@@ -116,6 +116,8 @@ def test_live_rates_are_matched_by_name_and_read_per_second_or_per_hour():
     assert "L4" not in accepted, "a rate off by more than 4x in both readings is not trusted"
     assert "A10" not in accepted and "A100-40GB" not in accepted, "no key is matched to a shorter or sibling GPU name"
     assert set(accepted) <= set(RATES_USD_PER_SECOND)
+    siblings = reconcile_rates({"gpu.a100": 0.000583, "gpu.a10": 0.000306, "gpu.h100": 0.001097})
+    assert siblings == {"A100-40GB": 0.000583, "A10": 0.000306, "H100": 0.001097}, "`a10` is a prefix of `a100`: each GPU by its whole name"
 
 
 def test_printed_commands_name_this_install_s_cli_where_path_would_miss_it(tmp_path, monkeypatch):
