@@ -169,10 +169,10 @@ def summarize_shard(job: dict) -> dict:
 
 
 @app.function(image=cpu_image, **_resources("download-hub"), **common)
-def download_hub(run: dict) -> list[dict]:
+def download_hub(run: dict, rates: dict[str, float] | None = None) -> list[dict]:
     """download from the Hub: `load_dataset` + `save_to_disk` onto the Volume, one ledger record per shard."""
     with _failing_in_the_container(), _on_the_volume():
-        results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal")
+        results = download_hub_shards(RunConfig.model_validate(run), where="local" if modal.is_local() else "modal", rates=rates or {})
     return [r.model_dump(mode="json") for r in results]
 
 

@@ -42,6 +42,9 @@ class ShardJob(BaseModel):
     attempt: int = 1
     where: Literal["local", "modal"] = "local"
     owner: str | None = None  # who runs it (the Prefect flow run id): the shard's lease is held in this name
+    # $/second rates read from Modal's billing API by the caller ({}: the dated price table): the cost in the
+    # result and in the ledger record is computed once, with them.
+    rates: dict[str, float] = {}
 
     def layout(self) -> Layout:
         """The paths this job reads and writes."""
@@ -173,7 +176,7 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overh
     common = _result_fields(job)
     if removed := remove_stale_temps(layout.output_path(job.stage, job.shard)):
         log.info("%s/%s: removed %d temp file(s) left by an interrupted writer", job.stage, job.shard, removed)
-    rate = rate_per_second(stage_resources(job.stage))  # an unpriced GPU fails here, before the work, not after it
+    rate = rate_per_second(stage_resources(job.stage), job.rates)  # an unpriced GPU fails here, before the work, not after it
     started = time.perf_counter()
     try:
         stats = _do_stage(job, fingerprint)
@@ -282,7 +285,7 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
     return record.status
 
 
-def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult]:
+def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "local", rates: dict[str, float] | None = None) -> list[ShardResult]:
     """The Hub path of the download stage: one call yields every shard; each gets its ledger record and a share of the cost.
 
     Skipped when every shard file there has a done record of this source (delete the download ledger to fetch
@@ -298,7 +301,7 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
     if on_disk and None not in earlier:
         return [result for result in earlier if result is not None]
     resources = stage_resources("download-hub")
-    rate = rate_per_second(resources)
+    rate = rate_per_second(resources, rates)
     started = time.perf_counter()
     rows = download.download_hub(
         run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc, keep_cache=where == "local"

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import PRICE_TABLE_DATE, Resources, cost_usd, reconcile_rates
+from fineweb_modal.costs import PRICE_TABLE_DATE, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
@@ -334,7 +334,7 @@ class ModalBackend:
     def run(self, job: ShardJob) -> ShardResult:
         """Call the stage's Modal function on one shard; a local source file is uploaded to the Volume first."""
         raise_if_stop_requested(f"{job.stage}/{job.shard}")
-        update: dict[str, Any] = {"run": self._on_volume(job.run), "where": "modal"}
+        update: dict[str, Any] = {"run": self._on_volume(job.run), "where": "modal", "rates": self.rates}
         if job.stage == "download" and job.source_file and not job.source_file.startswith(MODAL_DATA_DIR + "/"):
             remote = f"/_sources/{job.run.dataset.name}/{Path(job.source_file).name}"
             with self._volume.batch_upload(force=True) as upload:
@@ -352,9 +352,6 @@ class ModalBackend:
         output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
         result = ShardResult.model_validate(output)
         result.extra["modal_call_id"] = call_id
-        if self.rates and result.status == "done":
-            resources = Resources(cpu=result.cpu, memory_gib=result.memory_gib, gpu=result.gpu)
-            result.cost_usd = result.modal_estimate_usd = cost_usd(result.billed_seconds, resources, self.rates)
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
         return result
 
@@ -484,7 +481,7 @@ class ModalBackend:
         digest = hashlib.sha256(run.download.model_dump_json().encode()).hexdigest()[:12]
         key = f"{run.dataset.name}/{run.dataset.split}/download-hub/{digest}"
         # Spawned and recorded like a shard's call: a retry after a lost link re-attaches, not downloads twice.
-        results, _ = self._call(key, lambda: self._function("download_hub").spawn(payload))
+        results, _ = self._call(key, lambda: self._function("download_hub").spawn(payload, self.rates))
         return [ShardResult.model_validate(r) for r in results]
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:

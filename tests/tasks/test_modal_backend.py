@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from fineweb_modal.errors import is_transient
-from fineweb_modal.shards import ShardJob, run_shard
+from fineweb_modal.ledger import Ledger
+from fineweb_modal.shards import ShardJob, layout_for, run_shard
 from tasks.backends import ModalBackend, call_key, lost_modal_link
 
 _ids = itertools.count()
@@ -84,10 +85,10 @@ class FakeModal:
 
         class Remote:
             @staticmethod
-            def spawn(payload):
+            def spawn(payload, *args):
                 payload.get("run", payload)["dataset"]["data_dir"] = fake.data_dir  # the Volume is this local dir here
                 wait_error = fake.wait_errors.pop(0) if fake.wait_errors else None
-                call = FakeCall(lambda: getattr(fake.app, name).local(payload), fake.calls, wait_error)
+                call = FakeCall(lambda: getattr(fake.app, name).local(payload, *args), fake.calls, wait_error)
                 fake.spawned.append(call.object_id)
                 return call
 
@@ -273,7 +274,9 @@ def test_costs_use_the_workspaces_live_rates_when_readable(downloaded, monkeypat
     result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
     assert 30.0 <= result.overhead_seconds < 60.0
     expected = cost_usd(result.seconds + result.overhead_seconds, Resources(cpu=result.cpu, memory_gib=result.memory_gib), {"cpu_core": 0.00002, "memory_gib": 0.000003})
-    assert result.cost_usd == pytest.approx(expected) and result.extra["rates"] == "modal billing API"
+    assert result.cost_usd == pytest.approx(expected, rel=1e-3) and result.extra["rates"] == "modal billing API"  # seconds are rounded to ms
+    recorded = Ledger(layout_for(run)).read("chunk", shard).stats["cost_usd"]
+    assert recorded == result.cost_usd, "status, publish's card and the ledger show the cost the run reported"
 
     del fake.Workspace  # no billing access: the dated table stands
     assert ModalBackend(modal_module=fake).rates == {}
