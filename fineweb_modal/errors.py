@@ -29,6 +29,10 @@ class BadDataError(Exception):
     """The input itself is wrong (missing column, unreadable file): retrying cannot help."""
 
 
+class UnreadableFileError(BadDataError):
+    """A file that cannot be decoded at all (truncated, garbled), as opposed to a readable file with wrong data."""
+
+
 # OSErrors whose cause is the data or the setup, not the moment: retrying them only wastes time.
 _PERMANENT_ERRNOS = {errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ENOSPC}
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import rate_per_second, stage_resources
-from fineweb_modal.errors import ShardBusyError
+from fineweb_modal.errors import ShardBusyError, UnreadableFileError
 from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
@@ -133,7 +133,12 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
         return {"rows_in": converted.rows_in, "rows_out": converted.rows_out, "docs": converted.rows_out, "extra": extra}
     source = layout.input_path(job.stage, job.shard)
     if job.stage == "chunk":
-        stats = chunking.chunk_shard(source, output, job.shard, job.run.chunk)
+        try:
+            stats = chunking.chunk_shard(source, output, job.shard, job.run.chunk)
+        except UnreadableFileError as exc:
+            if not _download_undone(layout, job.shard, exc):
+                raise
+            raise UnreadableFileError(f"{exc}; its download is marked failed, so a rerun with --only failed makes the copy again") from None
         return {
             "rows_in": stats.docs,
             "rows_out": stats.chunks,
@@ -156,6 +161,16 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
         "tokens": shard_summary["tokens"],
         "extra": {"summary": shard_summary},
     }
+
+
+def _download_undone(layout: Layout, shard: str, exc: BaseException) -> bool:
+    """Mark a shard's download failed when the copy it made cannot be read (damaged since): a done record would keep it."""
+    ledger = Ledger(layout)
+    record = ledger.read("download", shard)
+    if record is None or record.status != "done":
+        return False
+    ledger.write_failed("download", shard, record.fingerprint, exc, record.attempts)
+    return True
 
 
 def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overhead_seconds: float = 0.0) -> ShardResult:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fineweb_modal.errors import BadDataError
+from fineweb_modal.errors import BadDataError, UnreadableFileError
 
 
 @contextlib.contextmanager
@@ -46,18 +46,18 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 @contextlib.contextmanager
 def decoding(path: Path, what: str = "read") -> Iterator[None]:
-    """Turn format errors while decoding `path` into BadDataError; real OS errors (with an errno) pass through.
+    """Turn format errors while decoding `path` into UnreadableFileError; real OS errors (with an errno) pass through.
 
     pyarrow reports a truncated or garbled file as ArrowInvalid or as an OSError without an errno.
     """
     try:
         yield
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise BadDataError(f"{path}: cannot {what} ({exc})") from None
+        raise UnreadableFileError(f"{path}: cannot {what} ({exc})") from None
     except OSError as exc:
         if exc.errno is not None:
             raise
-        raise BadDataError(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
+        raise UnreadableFileError(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
 
 
 def open_arrow_batches(path: Path, validate: bool = False) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:

@@ -10,14 +10,14 @@ from prefect.states import Completed, Failed
 from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
-from fineweb_modal.report import StageReport
+from fineweb_modal.report import StageReport, listing
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
 from flows.outcome import failed, outcome, refused
 from flows.reporting import publish_pipeline_stop
-from flows.stage import check_before_work, failed_shards
+from flows.stage import check_before_work, failed_shards, without_input
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
@@ -60,6 +60,9 @@ def pipeline(
         params.update(shards=failed_shards(run), only=None)
         if not params["shards"]:
             return Completed(message="no failed shards: nothing to rerun")
+        if lost := without_input(run, run.stages[0], params["shards"]):
+            earlier = ",".join(STAGES[: STAGES.index(run.stages[0])])
+            return refused("pipeline", ConfigError(f"failed shard(s) {listing(lost)} have no {run.stages[0]} input any more: rerun with the stages before it too ({earlier})"))
         logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     failed_by_stage: dict[str, list[str]] = {}
     reports: dict[str, StageReport] = {}
@@ -87,8 +90,8 @@ def pipeline(
             logger.error("%s: no shard succeeded; later stages have nothing to do", stage)
             break
     if failed_by_stage:
-        listing = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed_by_stage.items())
-        return _stopped(run, f"failed shards — {listing}", reports)
+        by_stage = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed_by_stage.items())
+        return _stopped(run, f"failed shards — {by_stage}", reports)
     return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)
 
 

@@ -141,15 +141,32 @@ def _check_first_readable(paths: Iterable[Path], read_schema: Callable[[Path], A
 
 
 def failed_shards(run: RunConfig) -> list[str]:
-    """Shards with a `failed` ledger record in any of the run's stages (what `--only failed` reruns)."""
+    """Shards with a `failed` ledger record in any of the run's stages (what `--only failed` reruns).
+
+    Every shard the dataset has made or tried is looked at, not only those whose input is there now: a shard
+    whose chunk failed and whose downloaded copy was deleted since is still failed (its download redoes it).
+    """
+    known = set(get_backend(run.backend).list_shards(run, "download"))
     failed: set[str] = set()
     for stage in run.stages:
         try:
-            candidates = list(_candidates(stage, run))
+            candidates = set(_candidates(stage, run))
         except ConfigError:  # nothing reached this stage yet
-            continue
-        failed |= set(_only_failed(run, stage, candidates))
+            candidates = set()
+        if shards := sorted(candidates | known):
+            failed |= set(_only_failed(run, stage, shards))
     return sorted(failed)
+
+
+def without_input(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
+    """The shards among `shards` whose input to `stage` is not there (nothing made it, or it was deleted since)."""
+    if stage == "download":
+        return []
+    try:
+        available = set(_candidates(stage, run))
+    except ConfigError:
+        available = set()
+    return [shard for shard in shards if shard not in available]
 
 
 def run_stage(stage: str, run: RunConfig) -> State:

@@ -66,7 +66,7 @@ def test_failure_writes_a_failed_record_and_leaves_no_output(tmp_path, run_confi
     with pytest.raises(BadDataError, match="broken.parquet"):
         run_shard(ShardJob(stage="download", shard="broken", run=run, source_file=str(bad), attempt=1))
     record = Ledger(layout_for(run)).read("download", "broken")
-    assert record.status == "failed" and record.error_type == "BadDataError" and "broken.parquet" in record.error
+    assert record.status == "failed" and record.error_type == "UnreadableFileError" and "broken.parquet" in record.error
     assert not layout_for(run).output_path("download", "broken").exists()
     assert shard_status(run, "download", "broken") == "failed"
 

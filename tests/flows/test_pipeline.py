@@ -97,7 +97,7 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     download_status = next(s for s in ledger_status(data_dir, "demo") if s.stage == "download")
     assert list(download_status.failed) == ["data-00001-of-00003"] and len(download_status.done) == 2
     record = json.loads(next(data_dir.rglob("_ledger/download/*/data-00001-of-00003.json")).read_text())
-    assert record["attempts"] == 1 and record["error_type"] == "BadDataError", "bad data is not retried"
+    assert record["attempts"] == 1 and record["error_type"] == "UnreadableFileError", "bad data is not retried"
     downstream = {s.stage: s.missing for s in ledger_status(data_dir, "demo") if s.stage != "download"}
     assert downstream == {"chunk": ["data-00001-of-00003"], "embed": ["data-00001-of-00003"], "summarize": ["data-00001-of-00003"]}, "its later stages lack it too"
 
@@ -111,6 +111,59 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
     assert all(r.status == "skipped" for stage in STAGES for r in reports[stage].results)
     assert all(not s.failed and not s.missing for s in ledger_status(data_dir, "demo"))
+
+
+def _damage_text(path) -> None:
+    """Rewrite an Arrow shard with the same rows, one text no longer UTF-8 (a copy damaged on disk since its download)."""
+    import pyarrow as pa
+
+    from fineweb_modal.storage import open_arrow_batches
+
+    schema, batches = open_arrow_batches(path)
+    table = pa.Table.from_batches(list(batches), schema).combine_chunks()
+    texts = table.column("text").chunk(0)
+    offsets, data = texts.buffers()[1], bytearray(texts.buffers()[2].to_pybytes())
+    data[0] = 0xFF
+    damaged = pa.Array.from_buffers(pa.string(), len(texts), [None, offsets, pa.py_buffer(bytes(data))])
+    table = table.set_column(table.schema.get_field_index("text"), "text", damaged)
+    damaged_path = path.with_suffix(".damaged")  # not over the memory-mapped file being read
+    with pa.OSFile(str(damaged_path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    damaged_path.replace(path)
+
+
+def test_a_download_copy_damaged_since_is_made_again_by_only_failed(pipeline_flow, demo_source, tmp_path):
+    """Its done record still matches its row count: chunk finds the damage, marks the download failed, and `only=failed` redoes both."""
+    data_dir, shard = tmp_path / "data", "data-00001-of-00003"
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download"])
+    assert state.is_completed(), state.message
+    copy = next(data_dir.rglob(f"{shard}.arrow"))
+    _damage_text(copy)
+
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"])
+    assert state.is_failed() and list(reports["chunk"].failed) == [shard]
+    assert "its download is marked failed" in reports["chunk"].failed[shard]
+    from fineweb_modal.status import ledger_status
+
+    assert {s.stage: list(s.failed) for s in ledger_status(data_dir, "demo")} == {"download": [shard], "chunk": [shard]}
+
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"], only="failed")
+    assert state.is_completed(), state.message
+    assert {r.shard: r.status for r in reports["download"].results} == {shard: "done"} == {r.shard: r.status for r in reports["chunk"].results}
+
+
+def test_only_failed_finds_a_failed_shard_whose_input_was_deleted_since(pipeline_flow, demo_source, tmp_path, run_config_for):
+    data_dir, shard = tmp_path / "data", "data-00002-of-00003"
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download"])
+    run = run_config_for(demo_source, stages=["download", "chunk"])
+    Ledger(layout_for(run)).write_failed("chunk", shard, "f" * 16, RuntimeError("a chunk failure"), 3)
+    layout_for(run).output_path("download", shard).unlink()  # "fix" it by deleting the copy
+
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["chunk"], only="failed")
+    assert state.is_failed() and f"{shard} have no chunk input any more" in state.message and "(download)" in state.message
+    state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"], only="failed")
+    assert state.is_completed(), state.message
+    assert [r.shard for r in reports["download"].results] == [shard] == [r.shard for r in reports["chunk"].results]
 
 
 def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path):
