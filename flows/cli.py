@@ -254,9 +254,9 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     """Copy one output shard to a local path and print a preview (no Prefect server needed)."""
     from fineweb_modal.verify import preview
-    from flows.fetch import fetch_shard
+    from flows.fetch import fetch_shard, stages_for
 
-    run = _validated(stages=[stage], **dataset)
+    run = _validated(stages=stages_for(stage), **dataset)
     try:
         path = fetch_shard(run, stage, shard, to)
     except FileNotFoundError as exc:

@@ -20,6 +20,11 @@ _LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}  # the st
 _FILE_SUFFIX = {"download": ".arrow", "chunk": "-chunks.parquet", "embed": "-embeddings.parquet"}  # one folder holds all three
 
 
+def stages_for(stage: str) -> list[str]:
+    """The stages a fetch's run config is built for: the download stage's own would ask for its --source."""
+    return ["chunk" if stage == "download" else stage]
+
+
 def fetch_shard(run: RunConfig, stage: str, shard: str | int, to: Path) -> Path:
     """Copy one output shard (by name or index) to `to`, a folder or a file; returns the local path."""
     where = get_backend(run.backend)
@@ -42,7 +47,7 @@ def fetch(
     prefix: str = "",
 ) -> str:
     """Copy the shard (by name or index) to `to` (a folder or a file) and attach a preview; returns the local path."""
-    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=[stage], backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
+    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=stages_for(stage), backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
     path = fetch_shard(run, stage, shard, Path(to))
     text = preview(path) if path.suffix == ".parquet" else f"{path}"
     create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {path.stem}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -48,3 +49,5 @@ def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp
     assert pq.read_table(path).equals(pq.read_table(tmp_path / "data" / "demo-chunked-64" / "train" / "data-00001-of-00003.parquet"))
     text = latest_artifact("fetch-demo-chunk").data
     assert "rows" in text and "[0:0]" in text
+    copy = fetch(name="demo", shard="data-00000-of-00003", stage="download", to=str(tmp_path / "out"), data_dir=data_dir)  # no --source needed
+    assert Path(copy).read_bytes() == (tmp_path / "data" / "demo" / "train" / "data-00000-of-00003.arrow").read_bytes()
