@@ -168,20 +168,21 @@ def cli_program() -> str:
 def resume_command(run: RunConfig, stage: str) -> str:
     """The CLI command that reruns a stage and the run's stages after it; shards done with the same config are skipped."""
     stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)
+    q = shlex.quote  # a data dir with a space, a prefix with a quote: the command still pastes into a shell
     parts = [f"{cli_program()} run"]
     if run.download is not None and "download" in stages:
-        parts.append(f"--source {run.download.source}" + (f" --subset {run.download.subset}" if run.download.subset else ""))
+        parts.append(f"--source {q(run.download.source)}" + (f" --subset {q(run.download.subset)}" if run.download.subset else ""))
     data_dir = Path(run.dataset.data_dir).resolve()  # so it runs from any folder
-    parts += [f"--name {run.dataset.name}", f"--data-dir {data_dir}", f"--split {run.dataset.split}", f"--stages {','.join(stages)}"]
-    parts += [f"--backend {run.backend}", f"--model {run.chunk.model}", f"--max-tokens {run.chunk.max_tokens}"]
+    parts += [f"--name {q(run.dataset.name)}", f"--data-dir {q(str(data_dir))}", f"--split {q(run.dataset.split)}", f"--stages {','.join(stages)}"]
+    parts += [f"--backend {run.backend}", f"--model {q(run.chunk.model)}", f"--max-tokens {run.chunk.max_tokens}"]
     if "chunk" in stages:
-        parts += [f"--overlap {run.chunk.overlap}", f"--text-column {run.chunk.text_column}", f"--keep-columns '{','.join(run.chunk.keep_columns)}'"]
+        parts += [f"--overlap {run.chunk.overlap}", f"--text-column {q(run.chunk.text_column)}", f"--keep-columns {q(','.join(run.chunk.keep_columns))}"]
     if run.embed.prefix:
-        parts.append(f"--prefix '{run.embed.prefix}'")
+        parts.append(f"--prefix {q(run.embed.prefix)}")
     if "embed" in stages:
-        parts.append(f"--engine {run.embed.engine}" + (f" --tei-url {run.embed.tei_url}" if run.embed.tei_url else ""))
+        parts.append(f"--engine {run.embed.engine}" + (f" --tei-url {q(run.embed.tei_url)}" if run.embed.tei_url else ""))
         if run.embed.tei_served_model:
-            parts.append(f"--tei-served-model {shlex.quote(run.embed.tei_served_model)}")
+            parts.append(f"--tei-served-model {q(run.embed.tei_served_model)}")
         if run.embed.dimensions:
             parts.append(f"--dimensions {run.embed.dimensions}")
         if run.embed.embedding_dtype != "float32":

@@ -16,7 +16,7 @@ from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls
 from flows.outcome import failed, outcome, refused
-from flows.reporting import publish_pipeline_stop
+from flows.reporting import publish_pipeline_summary
 from flows.stage import check_before_work, failed_shards, without_input
 from flows.summarize import summarize
 
@@ -59,6 +59,7 @@ def pipeline(
     if run.only == "failed":
         params.update(shards=failed_shards(run), only=None)
         if not params["shards"]:
+            publish_pipeline_summary(run, {}, "No failed shards: nothing to rerun.", finished=True)
             return Completed(message="no failed shards: nothing to rerun")
         if lost := without_input(run, run.stages[0], params["shards"]):
             earlier = ",".join(STAGES[: STAGES.index(run.stages[0])])
@@ -92,10 +93,12 @@ def pipeline(
     if failed_by_stage:
         by_stage = "; ".join(f"{stage}: {', '.join(shards)}" for stage, shards in failed_by_stage.items())
         return _stopped(run, f"failed shards — {by_stage}", reports)
-    return Completed(message=f"{', '.join(run.stages)}: all shards done", data=reports)
+    message = f"{', '.join(run.stages)}: all shards done"
+    publish_pipeline_summary(run, reports, message, finished=True)
+    return Completed(message=message, data=reports)
 
 
 def _stopped(run: RunConfig, message: str, reports: dict[str, StageReport]):
     """Fail the pipeline run, leaving in the UI how to resume all of it (a stage's own summary covers that stage only)."""
-    publish_pipeline_stop(run, reports, message)
+    publish_pipeline_summary(run, reports, message, finished=False)
     return failed(message, reports)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from uuid import UUID
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.report import StageReport, artifact_key, pipeline_resume, resume_command, shard_table, stage_markdown
+from fineweb_modal.costs import format_usd
+from fineweb_modal.report import StageReport, artifact_key, group_digits, pipeline_resume, resume_command, shard_table, stage_markdown
+from tasks.backends import get_backend
 
 
 class StageProgress:
@@ -40,12 +43,40 @@ def publish_stage(report: StageReport, run: RunConfig, extra_markdown: str = "")
     )
 
 
-def publish_pipeline_stop(run: RunConfig, reports: dict[str, StageReport], message: str) -> None:
-    """The pipeline run's own summary when it did not finish: why, each stage's counts, and the command that resumes the whole run."""
-    lines = [f"# pipeline · {run.dataset.name}: not finished", "", message, "", "| stage | done | skipped | failed | not started |", "|---|---:|---:|---:|---:|"]
+def publish_pipeline_summary(run: RunConfig, reports: dict[str, StageReport], message: str, finished: bool) -> None:
+    """The pipeline run's own summary, finished or not: this run's counts and $ per stage, every shard of the dataset
+    per stage as the ledger says now (a run over some shards shows the whole), and how to resume when not finished."""
+    title = "finished" if finished else "not finished"
+    lines = [f"# pipeline · {run.dataset.name}: {title}", "", message, "", "## This run", ""]
+    lines += ["| stage | done | skipped | failed | not started | tokens | cost $ |", "|---|---:|---:|---:|---:|---:|---:|"]
     for stage, report in reports.items():
-        done = sum(r.status == "done" for r in report.results)
-        lines.append(f"| {stage} | {done} | {len(report.results) - done} | {len(report.failed)} | {len(report.not_started)} |")
-    if resume := pipeline_resume(run, reports):
+        done, totals = sum(r.status == "done" for r in report.results), report.totals()
+        lines.append(
+            f"| {stage} | {done} | {len(report.results) - done} | {len(report.failed)} | {len(report.not_started)} | {group_digits(totals['tokens'])} | {format_usd(totals['cost_usd'])} |"
+        )
+    lines += ["", "## The dataset now", "", *_dataset_status(run)]
+    if not finished and (resume := pipeline_resume(run, reports)):
         lines += ["", resume[0], "", f"```\n{resume[1]}\n```"]
-    create_markdown_artifact("\n".join(lines), key=artifact_key("pipeline", run.dataset.name, "summary"), description=f"pipeline · {run.dataset.name}: how to resume")
+        if (rerun := _prefect_rerun()) is not None:
+            lines += ["", "Or from Prefect, with this run's parameters:", "", f"```\n{rerun}\n```"]
+    create_markdown_artifact("\n".join(lines), key=artifact_key("pipeline", run.dataset.name, "summary"), description=f"pipeline · {run.dataset.name}: {title}")
+
+
+def _dataset_status(run: RunConfig) -> list[str]:
+    """Per stage, how many of the dataset's shards are done, failed, missing or stale (the ledger, through the backend)."""
+    backend = get_backend(run.backend)
+    shards = backend.list_shards(run, "download")
+    if not shards:
+        return ["(no shard yet)"]
+    lines = [f"{len(shards)} shard(s).", "", "| stage | done | failed | missing | stale |", "|---|---:|---:|---:|---:|"]
+    for stage in run.stages:
+        counts = Counter(backend.shard_statuses(run, stage, shards).values())
+        lines.append(f"| {stage} | {counts['done']} | {counts['failed']} | {counts['missing']} | {counts['stale']} |")
+    return lines
+
+
+def _prefect_rerun() -> str | None:
+    """`prefect flow-run retry <id>` for a run a deployment started (its worker runs it again); None otherwise."""
+    from prefect.runtime import deployment, flow_run
+
+    return f"prefect flow-run retry {flow_run.id}" if deployment.id else None

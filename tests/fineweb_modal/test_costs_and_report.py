@@ -151,11 +151,12 @@ def test_the_resume_command_rebuilds_the_same_run(tmp_path):
         name="demo", data_dir=str(tmp_path), stages="chunk,embed", prefix="search_document: ", dimensions=128, embedding_dtype="float16", compile="on"
     )
     tei_run = build_run_config(name="demo", data_dir=str(tmp_path), stages="embed", engine="tei", tei_url="http://127.0.0.1:8080", tei_served_model="/my repo")
-    for one in (run, tei_run):
-        command = resume_command(one, "embed")
+    odd_run = build_run_config(name="demo", data_dir=str(tmp_path / "my data"), stages="chunk,embed", prefix="it's: ", keep_columns="url,my col")
+    for one in (run, tei_run, odd_run):
+        command = resume_command(one, "chunk" if one is odd_run else "embed")
         args = _parser().parse_args(shlex.split(command)[1:])
         again = build_run_config(**_run_kwargs(args))
-        assert again.embed == one.embed and again.chunk == one.chunk and again.stages == ("embed",)
+        assert again.embed == one.embed and again.chunk == one.chunk and again.dataset == one.dataset
 
 
 def test_a_long_list_is_cut_saying_how_many_more():

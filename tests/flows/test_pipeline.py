@@ -89,8 +89,10 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     assert "data-00001-of-00003" in markdown and "fineweb-modal run" in markdown
     # The pipeline run's own summary resumes the whole run: the failed stage and every one after it.
     pipeline_summary = latest_artifact("pipeline-demo-summary").data
-    assert "| download | 0 | 0 | 1 | 0 |" not in pipeline_summary and "| download | 2 | 0 | 1 | 0 |" in pipeline_summary
+    assert pipeline_summary.startswith("# pipeline · demo: not finished") and "| download | 2 | 0 | 1 | 0 | 0 | $0 |" in pipeline_summary
     assert "--stages download,chunk,embed,summarize" in pipeline_summary
+    dataset_now = pipeline_summary.split("## The dataset now")[1]
+    assert "3 shard(s)." in dataset_now and "| download | 2 | 1 | 0 | 0 |" in dataset_now and "| embed | 2 | 0 | 1 | 0 |" in dataset_now
 
     from fineweb_modal.status import ledger_status
 
@@ -106,6 +108,9 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     assert state.is_completed(), state.message
     for stage in STAGES:
         assert {r.shard: r.status for r in reports[stage].results} == {"data-00001-of-00003": "done"}, "only the failed shard ran"
+    pipeline_summary = latest_artifact("pipeline-demo-summary").data
+    assert pipeline_summary.startswith("# pipeline · demo: finished"), "a later run that finishes replaces the not-finished summary"
+    assert "| embed | 1 | 0 | 0 | 0 |" in pipeline_summary and "| embed | 3 | 0 | 0 | 0 |" in pipeline_summary.split("## The dataset now")[1]
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, only="failed")
     assert state.is_completed() and state.message == "no failed shards: nothing to rerun"
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir)
@@ -228,3 +233,12 @@ def test_list_parameters_take_the_clis_comma_form_in_a_deployment_run(flow_name)
     assert validate(values, schema, ignore_required=True) == []
     for shards in (["0", "3"], 3, [0, 3]):  # `-p shards=3` and `-p shards=[0,3]` arrive as JSON numbers
         assert validate({"shards": shards}, schema, ignore_required=True) == []
+
+
+def test_a_deployment_run_is_told_the_prefect_command_that_retries_it(monkeypatch):
+    from flows.reporting import _prefect_rerun
+
+    assert _prefect_rerun() is None, "a run started from Python or the CLI is not offered it (it would need --entrypoint)"
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "0f3c0a57-0000-4000-8000-000000000001")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "5d1e2f00-0000-4000-8000-000000000002")
+    assert _prefect_rerun() == "prefect flow-run retry 5d1e2f00-0000-4000-8000-000000000002"
