@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -14,13 +14,17 @@ from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MAX_TOKENS, DEFAULT_MODEL, check_dimensions, hidden_size, load_tokenizer, model_info, prefix_token_count
 
 STAGES = ("download", "chunk", "embed", "summarize")
-BACKENDS = ("local", "modal")
-ENGINES = ("transformers", "tei")
-EMBEDDING_DTYPES = ("float32", "float16")
-COMPILE_CHOICES = ("auto", "on", "off")
 MIN_MAX_TOKENS = 16
 DEFAULT_KEEP_COLUMNS = ("url", "score", "dump")  # fineweb-edu's
 CHUNK_COLUMNS = ("id", "doc_index", "chunk_index", "chunk_text", "char_start", "char_end", "chunk_token_count")
+# The choices of the run's options, as flow parameters too (the Prefect UI offers them as a list and checks them).
+BackendName = Literal["local", "modal"]
+EngineName = Literal["transformers", "tei"]
+OnlyWhich = Literal["failed"]
+EmbeddingDtype = Literal["float32", "float16"]
+CompileMode = Literal["auto", "on", "off"]
+BACKENDS, ENGINES, EMBEDDING_DTYPES, COMPILE_CHOICES = (get_args(choices) for choices in (BackendName, EngineName, EmbeddingDtype, CompileMode))
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _NAME = re.compile(r"^[\w.-]+$")
 
@@ -68,15 +72,15 @@ class EmbedConfig(_Frozen):
 
     model: str
     prefix: str = ""
-    engine: Literal["transformers", "tei"] = "transformers"
+    engine: EngineName = "transformers"
     tei_url: str | None = None
     # The model id a TEI reports for --model when it was started under another name (e.g. `/repository` on
     # Inference Endpoints): the user vouches that it serves --model.
     tei_served_model: str | None = None
     dimensions: int | None = None
-    embedding_dtype: Literal["float32", "float16"] = "float32"
+    embedding_dtype: EmbeddingDtype = "float32"
     batch_tokens: int | None = None  # None: the engine picks per device (4 k padded tokens on CPU, 64 k packed on CUDA)
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: on CUDA only (on the CPU it costs 15-30 s per worker)
+    compile: CompileMode = "auto"  # torch.compile; auto: on CUDA only (on the CPU it costs 15-30 s per worker)
     not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"tei_url", "tei_served_model", "batch_tokens", "compile"})
 
 
@@ -88,9 +92,9 @@ class RunConfig(_Frozen):
     chunk: ChunkConfig
     embed: EmbedConfig
     stages: tuple[str, ...]
-    backend: Literal["local", "modal"]
+    backend: BackendName
     shards: tuple[str, ...] = ()
-    only: Literal["failed"] | None = None
+    only: OnlyWhich | None = None
     max_cost: float | None = None
     num_proc: int = 4
 

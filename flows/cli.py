@@ -16,7 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from fineweb_modal.config import BACKENDS, COMPILE_CHOICES, DEFAULT_KEEP_COLUMNS, EMBEDDING_DTYPES, ENGINES, STAGES, RunConfig, build_run_config
+from fineweb_modal.config import (
+    BACKENDS,
+    COMPILE_CHOICES,
+    DEFAULT_KEEP_COLUMNS,
+    EMBEDDING_DTYPES,
+    ENGINES,
+    STAGES,
+    RunConfig,
+    build_run_config,
+)
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from flows import server

@@ -5,32 +5,32 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import build_run_config
+from fineweb_modal.config import BackendName, CompileMode, EmbeddingDtype, EngineName, OnlyWhich, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
-from flows.hooks import cancel_modal_calls
+from flows.hooks import cancel_modal_calls, dataset_run_name
 from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
 
 
-@flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls])
+@flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls], flow_run_name=dataset_run_name)
 def embed(
     source: str | None = None,
     subset: str | None = None,
     split: str = "train",
     name: str | None = None,
     data_dir: str = "./data",
-    backend: str = "local",
+    backend: BackendName = "local",
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",
-    engine: str = "transformers",
+    engine: EngineName = "transformers",
     shards: list[str | int] | str | int | None = None,
-    only: str | None = None,
+    only: OnlyWhich | None = None,
     max_cost: float | None = None,
     tei_url: str | None = None,
     tei_served_model: str | None = None,
     dimensions: int | None = None,
-    embedding_dtype: str = "float32",
-    compile: str = "auto",
+    embedding_dtype: EmbeddingDtype = "float32",
+    compile: CompileMode = "auto",
 ):
     """Embed `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>-<model>/<split>/`, one task per shard."""
     run = build_run_config(

@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.config import BackendName, RunConfig, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
@@ -41,7 +41,7 @@ def fetch(
     stage: str = "embed",
     data_dir: str = "./data",
     split: str = "train",
-    backend: str = "local",
+    backend: BackendName = "local",
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",

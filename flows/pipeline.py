@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import inspect
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.states import Completed, Failed
 
-from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, STAGES, RunConfig, build_run_config
+from fineweb_modal.config import (
+    DEFAULT_KEEP_COLUMNS,
+    STAGES,
+    BackendName,
+    CompileMode,
+    EmbeddingDtype,
+    EngineName,
+    OnlyWhich,
+    RunConfig,
+    build_run_config,
+)
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import StageReport, listing
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
-from flows.hooks import cancel_modal_calls
+from flows.hooks import cancel_modal_calls, dataset_run_name
 from flows.outcome import failed, outcome, refused
 from flows.reporting import publish_pipeline_summary
-from flows.stage import check_before_work, failed_shards, without_input
+from flows.stage import check_before_work, failed_shards, run_tags, without_input
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
 
 
-@flow(name="pipeline", on_cancellation=[cancel_modal_calls])
+@flow(name="pipeline", on_cancellation=[cancel_modal_calls], flow_run_name=dataset_run_name)
 def pipeline(
     source: str | None = None,
     subset: str | None = None,
@@ -31,7 +41,7 @@ def pipeline(
     name: str | None = None,
     data_dir: str = "./data",
     stages: list[str] | str = list(STAGES),
-    backend: str = "local",
+    backend: BackendName = "local",
     max_tokens: int | str = "auto",
     overlap: float = 0.1,
     model: str = DEFAULT_MODEL,
@@ -39,14 +49,14 @@ def pipeline(
     text_column: str = "text",
     keep_columns: list[str] | str = list(DEFAULT_KEEP_COLUMNS),
     shards: list[str | int] | str | int | None = None,
-    only: str | None = None,
+    only: OnlyWhich | None = None,
     max_cost: float | None = None,
-    engine: str = "transformers",
+    engine: EngineName = "transformers",
     tei_url: str | None = None,
     tei_served_model: str | None = None,
     dimensions: int | None = None,
-    embedding_dtype: str = "float32",
-    compile: str = "auto",
+    embedding_dtype: EmbeddingDtype = "float32",
+    compile: CompileMode = "auto",
 ):
     """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
     params = {k: v for k, v in locals().items() if k != "stages"}
@@ -73,7 +83,8 @@ def pipeline(
             params["max_cost"] = max(run.max_cost - spent, 0.0)  # one budget for the whole run
         stage_flow = STAGE_FLOWS[stage]
         accepted = inspect.signature(stage_flow.fn).parameters
-        state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
+        with tags(*run_tags(run)):
+            state = stage_flow(**{k: v for k, v in params.items() if k in accepted}, return_state=True)
         report = outcome(state)
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
             if isinstance(report, ConfigError) and not reports:

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.config import BackendName, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.plan import ShardSample, forecast
@@ -32,7 +32,7 @@ def plan(
     split: str = "train",
     name: str | None = None,
     data_dir: str = "./data",
-    backend: str = "local",
+    backend: BackendName = "local",
     max_tokens: int | str = "auto",
     overlap: float = 0.1,
     model: str = DEFAULT_MODEL,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger
+from prefect import get_run_logger, tags
 from prefect.futures import as_completed
 from prefect.states import Completed, State
 
@@ -176,9 +176,15 @@ def run_stage(stage: str, run: RunConfig) -> State:
     ConfigError: its message, not a traceback.
     """
     try:
-        return _run_stage(stage, run)
+        with tags(*run_tags(run), f"stage:{stage}"):  # on every shard's task run: filter by them, or limit concurrency per tag
+            return _run_stage(stage, run)
     except ConfigError as exc:
         return refused(stage, exc)
+
+
+def run_tags(run: RunConfig) -> tuple[str, ...]:
+    """The tags of a run's flow and task runs: its dataset and backend."""
+    return f"dataset:{run.dataset.name}", f"backend:{run.backend}"
 
 
 def _run_stage(stage: str, run: RunConfig) -> State:
@@ -238,7 +244,8 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
     """Submit shard tasks (at most MAX_SHARDS_IN_FLIGHT at once) and yield (shard, final state) as they finish.
 
     With a max cost, a shard is started only while spent + the in-flight shards' estimated cost (the mean
-    of the finished ones) + its own stays within it; until a first shard has a cost, two run at a time.
+    of the finished ones) + its own stays within it; until a first shard has a cost, two run at a time. A budget
+    spent already (an earlier stage used it up) starts no shard on Modal; local shards cost nothing.
     """
     queue = list(inputs.items())
     running: dict = {}
@@ -246,6 +253,8 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
     while queue or running:
         while queue and len(running) < MAX_SHARDS_IN_FLIGHT:
             if run.max_cost is not None:
+                if run.max_cost <= 0 and run.backend != "local":
+                    break
                 if not costs and len(running) >= BUDGET_PROBE_SHARDS:
                     break
                 estimate = sum(costs) / len(costs) if costs else 0.0

@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.config import BackendName, RunConfig, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
@@ -34,7 +34,7 @@ def verify(
     split: str = "train",
     name: str | None = None,
     data_dir: str = "./data",
-    backend: str = "local",
+    backend: BackendName = "local",
     max_tokens: int | str = "auto",
     model: str = DEFAULT_MODEL,
     prefix: str = "",

@@ -57,9 +57,9 @@ class FixedPrice(LocalPricedAsModal):
         return result.model_copy(update={"cost_usd": self.PRICE}) if result.status == "done" else result
 
 
-@pytest.mark.parametrize(("budget", "done"), [(2.5, 2), (3.5, 3)])
+@pytest.mark.parametrize(("budget", "done"), [(0.0, 0), (2.5, 2), (3.5, 3)])
 def test_a_shard_starts_only_while_spent_plus_in_flight_plus_its_own_fits(prefect_api, demo_source, run_config_for, monkeypatch, budget, done):
-    """Two probe shards cost 2; a third would make 3: it starts under a budget of 3.5, not under 2.5."""
+    """Two probe shards cost 2; a third would make 3: it starts under a budget of 3.5, not under 2.5; none under a budget spent already."""
     from flows.download import download
     from flows.outcome import outcome
 

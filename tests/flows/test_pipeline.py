@@ -54,6 +54,12 @@ def test_pipeline_end_to_end_then_skip_on_rerun(pipeline_flow, demo_source, tmp_
     runs = task_runs_of(stage_runs, expected=len(STAGES) * len(shards))
     names = sorted(r.name for r in runs)
     assert names == sorted(f"{stage}-{shard}" for stage in STAGES for shard in shards)
+    assert all({f"stage:{r.name.split('-')[0]}", "dataset:demo", "backend:local"} <= set(r.tags) for r in runs), "filterable, and tag concurrency limits apply"
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_runs = [client.read_flow_run(i) for i in [state.state_details.flow_run_id, *stage_runs]]
+    assert {r.name for r in flow_runs} == {"demo-local"} and all({"dataset:demo", "backend:local"} <= set(r.tags) for r in flow_runs[1:])
     chunk_runs = [r for r in runs if r.name.startswith("chunk-")]
     assert all(r.state.is_completed() and "tokens" in r.state.message and "$" in r.state.message for r in chunk_runs)
 
