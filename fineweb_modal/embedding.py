@@ -468,8 +468,18 @@ class TEIEngine:
         self.model_path = model_info(model_id).path
         check_dimensions(model_id, dimensions, hidden_size(self.model_path))  # else TEI finds out after computing a batch
         self.prefix_tokens = prefix_token_count(self.model_path, prefix)
-        self.dims = dimensions or 0  # learnt from the first response when not asked for
+        self._dims = dimensions or 0  # else learnt from the first answer
         self.tokens_embedded = 0
+
+    @property
+    def dims(self) -> int:
+        """The vectors' width: as asked, else as served (one tiny request when no answer came yet: a shard with
+        no chunk still gets its siblings' vector type)."""
+        if not self._dims:
+            before = self.tokens_embedded
+            self.run(self.prepare(["."]))
+            self.tokens_embedded = before
+        return self._dims
 
     def metadata(self) -> dict[str, str]:
         """What the embedding parquet records about the served model."""
@@ -497,7 +507,7 @@ class TEIEngine:
         """Send prepared inputs to TEI, several requests in flight; rows come back in the given order."""
         inputs, counts, row_names = prepared
         vectors = asyncio.run(self.client.embed(inputs, counts, self.server, self.dimensions, row_names))
-        self.dims = vectors.shape[1]
+        self._dims = vectors.shape[1] if len(vectors) else self._dims
         self.tokens_embedded += sum(counts)
         return vectors
 

@@ -275,3 +275,18 @@ def test_a_resumed_shard_reuses_the_parts_whether_the_engine_was_warm_or_fresh(d
     embedding.embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=fresh)
     assert fresh_calls == [8], "the first part was reused: only the second block was embedded"
     assert pq.read_table(tmp_path / "e.parquet").column("id").to_pylist() == [str(i) for i in range(n)]
+
+
+def test_a_shard_with_no_chunk_gets_the_served_width(double, tmp_path):
+    """All its documents blank: no answer to learn the width from, yet its vector type must be its siblings' (else they do not concatenate)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fineweb_modal.config import EmbedConfig
+    from fineweb_modal.embedding import embed_shard
+
+    empty = pa.table({"id": pa.array([], pa.string()), "doc_index": pa.array([], pa.int64()), "chunk_index": pa.array([], pa.int32()), "chunk_text": pa.array([], pa.string())})
+    pq.write_table(empty, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL, engine="tei", tei_url=double.url)
+    stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=fast_engine(double.url))
+    assert stats.dims == 384 and pq.read_schema(tmp_path / "e.parquet").field("embedding").type == pa.list_(pa.float32(), 384)
