@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 from typing import ClassVar, Literal, get_args
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
 
@@ -198,12 +199,20 @@ def build_run_config(
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "tei" and backend == "local" and not tei_url:
         raise ConfigError("--engine tei with the local backend needs --tei-url (a running TEI); on Modal the app starts TEI")
+    if tei_url and (urlsplit(tei_url).username or urlsplit(tei_url).password or urlsplit(tei_url).query):
+        # The URL is a flow parameter (stored, shown in the UI) and goes into resume commands: no secret in it.
+        raise ConfigError("tei_url must carry no credentials or query (they would show in the Prefect UI): put the key in TEI_API_KEY or the Secret block 'tei-api-key'")
     if tei_url and not re.match(r"^https?://[^\s/]+", tei_url):
         raise ConfigError(f"tei_url {tei_url!r} must be an http(s) URL like http://127.0.0.1:8080")
     if tei_url and engine != "tei":
         raise ConfigError("--tei-url is only used with --engine tei")
     if tei_url and backend == "modal":
         raise ConfigError("--tei-url is for the local backend: on Modal each GPU container runs its own TEI (drop --tei-url)")
+    if backend == "modal" and Path(model).expanduser().is_dir():
+        raise ConfigError(
+            f"model {model!r} is a folder on this machine, which Modal's containers do not have: "
+            "push it to the Hub and pass its id, or run it with the local backend"
+        )
     if tei_served_model and not tei_url:
         raise ConfigError("--tei-served-model names what a TEI at --tei-url reports as its model; it needs --tei-url")
     if max_cost is not None:

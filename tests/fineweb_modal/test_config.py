@@ -62,6 +62,22 @@ def test_bad_config_is_rejected_with_the_reason(overrides, message):
         build_run_config(**params)
 
 
+def test_a_tei_url_with_a_secret_in_it_is_refused_without_showing_it():
+    for url in ("https://me:s3cr3t@tei.example:8080", "https://tei.example/?api_key=s3cr3t"):
+        with pytest.raises(ConfigError, match="no credentials") as refused:
+            build_run_config(name="demo", stages="embed", engine="tei", tei_url=url)
+        assert "s3cr3t" not in str(refused.value)
+
+
+def test_a_model_folder_on_this_machine_is_refused_for_modal():
+    from fineweb_modal.models import DEFAULT_MODEL, resolve_model_path
+
+    folder = str(resolve_model_path(DEFAULT_MODEL))
+    assert build_run_config(name="demo", stages="chunk", model=folder).chunk.model == folder, "fine locally"
+    with pytest.raises(ConfigError, match="a folder on this machine, which Modal's containers do not have"):
+        build_run_config(name="demo", stages="chunk", backend="modal", model=folder)
+
+
 def test_a_mistyped_local_folder_is_not_taken_as_a_hub_id_nor_a_file_as_the_data_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "src").mkdir()
@@ -133,8 +149,12 @@ def _invalid_fields(p: dict) -> dict[str, tuple[str, ...]]:
         bad["tei"] = ("tei",)
     if p["tei_url"] and not p["tei_url"].startswith(("http://", "https://")):
         bad["tei_url"] = ("tei_url",)
+    elif p["tei_url"] and ("@" in p["tei_url"] or "?" in p["tei_url"]):
+        bad["tei_url"] = ("tei_url", "credentials")
     elif p["tei_url"] and p["engine"] != "tei":
         bad["tei_url"] = ("tei",)
+    elif p["tei_url"] and p["backend"] == "modal":
+        bad["tei_url"] = ("local backend",)
     cost = p["max_cost"]
     if cost is not None and (not isinstance(cost, (int, float)) or cost < 0):
         bad["max_cost"] = ("max_cost",)
@@ -188,7 +208,8 @@ def _parameters():
         "stages": st.sampled_from(["", "embedd", "chunk,summary", "download", " , "]),
         "backend": st.sampled_from(["", "cloud", "Local", "ünïcode"]),
         "engine": st.sampled_from(["", "onnx", "TEI", "tei"]),  # plain tei is wrong only without a URL on the local backend
-        "tei_url": st.sampled_from(["ftp://x", "localhost:8080", "http://127.0.0.1:8080"]),  # a good URL is wrong without --engine tei
+        # A good URL is wrong without --engine tei; one with a key in it is always wrong (it would show in the UI).
+        "tei_url": st.sampled_from(["ftp://x", "localhost:8080", "http://127.0.0.1:8080", "http://me:secret@tei:8080", "https://tei/?api_key=x"]),
         "max_cost": st.one_of(st.floats(-100, -0.01), st.sampled_from(["five", ""])),
         "only": st.sampled_from(["missing", "FAILED", "all"]),
         "embedding_dtype": st.sampled_from(["int8", "bf16", ""]),
