@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fineweb_modal.chunking import chunk_texts
 from fineweb_modal.config import ChunkConfig
-from fineweb_modal.costs import Resources, cost_usd, stage_resources
+from fineweb_modal.costs import Resources, cost_usd, parse_gpu, stage_resources
 from fineweb_modal.models import model_info, prefix_token_count
 from fineweb_modal.storage import sample_arrow_rows
 
@@ -64,6 +64,15 @@ def measured_tokens_per_s(results_path: Path | None = None) -> dict[str, float]:
     return {gpu: float(entry["tokens_per_s"][entry.get("best_engine", "engine")])} if gpu else {}
 
 
+def gpu_tokens_per_s(engine: str, gpu: str, measured: dict[str, float] | None = None) -> float:
+    """The embed throughput to expect on a Modal GPU string (`H100`, `A10G:2`): the benchmark's where it ran there, else the default."""
+    name, count = parse_gpu(gpu)
+    measured = measured_tokens_per_s() if measured is None else measured
+    rates = DEFAULT_TOKENS_PER_S[engine]
+    per_gpu = measured.get(name) if engine == "transformers" and name in measured else rates.get(name, rates["H100"])
+    return per_gpu * count
+
+
 def forecast(samples: list[ShardSample], gpus: tuple[str, ...] = ("H100", "A10G", "L4")) -> list[dict]:
     """Per engine and GPU (`gpus`, and any other GPU the benchmark ran on): chunks, tokens, GPU hours and dollars
     for all sampled shards, and where the rate came from."""
@@ -74,7 +83,7 @@ def forecast(samples: list[ShardSample], gpus: tuple[str, ...] = ("H100", "A10G"
     rows = []
     for engine, rates in DEFAULT_TOKENS_PER_S.items():
         for gpu in (*gpus, *(g for g in measured if g not in gpus)):
-            rate = measured.get(gpu) if engine == "transformers" and gpu in measured else rates[gpu]
+            rate = gpu_tokens_per_s(engine, gpu, measured)
             seconds = tokens / rate
             rows.append(
                 {

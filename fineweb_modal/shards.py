@@ -27,6 +27,7 @@ from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
 from fineweb_modal.models import model_info
+from fineweb_modal.plan import gpu_tokens_per_s
 from fineweb_modal.storage import remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,9 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overh
     seconds = time.perf_counter() - started
     output = layout.output_path(job.stage, job.shard)
     estimate = (seconds + overhead_seconds) * rate
+    if job.where == "local" and job.stage == "embed" and (gpu := stage_resources("embed").gpu):
+        # These were this machine's seconds, not a Modal GPU's: price the tokens at that GPU's throughput, as `plan` does.
+        estimate = stats["tokens"] / gpu_tokens_per_s(job.run.embed.engine, gpu) * rate
     result = ShardResult(
         **common,
         **stats,

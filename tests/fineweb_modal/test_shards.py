@@ -24,6 +24,13 @@ def test_stages_chain_and_rerun_skips(demo_source, run_config_for):
     assert download.rows_out == 12 and chunk.docs == embed.docs == 12 and chunk.chunks == embed.chunks > 12
     assert embed.rows_out == chunk.rows_out and summary.extra["summary"]["chunks"] == chunk.chunks
     assert chunk.cost_usd == 0 and chunk.modal_estimate_usd > 0 and chunk.seconds > 0
+    from fineweb_modal.costs import rate_per_second, stage_resources
+    from fineweb_modal.plan import gpu_tokens_per_s
+
+    # This CPU's embed seconds say nothing of an H100's: the estimate prices the tokens at the GPU's throughput.
+    h100_seconds = embed.tokens / gpu_tokens_per_s("transformers", "H100")
+    assert embed.modal_estimate_usd == pytest.approx(h100_seconds * rate_per_second(stage_resources("embed")))
+    assert embed.modal_estimate_usd < embed.seconds * rate_per_second(stage_resources("embed")) / 10
     again = run_stages(run, shard, source_file=source_file)
     assert [r.status for r in again] == ["skipped"] * 4
     assert again[1].tokens == chunk.tokens and again[1].seconds == 0
