@@ -649,6 +649,19 @@ def _part_config(part: Path) -> str | None:
         return None
 
 
+def _check_cut_for(chunks: pq.ParquetFile, input_path: Path, model: str) -> None:
+    """Chunks cut with another tokenizer than the model's own: their token counts (and fit) are not this model's."""
+    recorded = (chunks.schema_arrow.metadata or {}).get(b"fineweb_modal.chunk_config")
+    if recorded is None:  # a chunk file from elsewhere: nothing to compare
+        return
+    cut_with = json.loads(recorded)
+    if cut_with.get("tokenizer_sha256") not in (None, model_info(model).tokenizer_sha256):
+        raise BadDataError(
+            f"{input_path}: cut with {cut_with.get('model')}'s tokenizer, not {model}'s; chunk it again with --model {model} "
+            f"(the pipeline does) or embed it with --model {cut_with.get('model')}"
+        )
+
+
 def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir: Path, engine: Engine | None = None) -> EmbedStats:
     """Embed one chunk parquet into one embedding parquet (same row order), part by part, resuming after the last whole part.
 
@@ -657,9 +670,10 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     starts after a few hundred rows are tokenized. `engine` replaces the configured one (benchmarks).
     """
     pin_mmap_threshold()
-    engine = engine or get_engine(cfg)
     with decoding(input_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(input_path)
+    _check_cut_for(chunks, input_path, cfg.model)
+    engine = engine or get_engine(cfg)
     missing = [c for c in (*KEY_COLUMNS, "chunk_text") if c not in chunks.schema_arrow.names]
     if missing:
         raise BadDataError(f"{input_path}: missing column(s) {missing}; is it a chunk file?")

@@ -497,3 +497,24 @@ def test_falling_back_to_fp32_keeps_a_compiled_engine_compiled(compiled):
         assert engine.forward is not engine.model and engine.forward._orig_mod is engine.model
     else:
         assert engine.forward is engine.model
+
+
+def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tmp_path):
+    """Their token counts and fit are another model's: embedding them with --model B alone must say so, not embed them."""
+    import json
+
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.models import resolve_model_path
+
+    cut_with = build_run_config(name="d", stages="chunk", max_tokens=64).chunk
+    chunks = pa.table({"id": ["a"], "doc_index": pa.array([0], pa.int64()), "chunk_index": pa.array([0], pa.int32()), "chunk_text": ["a chunk"]})
+    pq.write_table(chunks.replace_schema_metadata({"fineweb_modal.chunk_config": cut_with.model_dump_json()}), tmp_path / "c.parquet")
+    other = tmp_path / "other-model"  # the same weights, another tokenizer file
+    other.mkdir()
+    for file in resolve_model_path(DEFAULT_MODEL).iterdir():
+        (other / file.name).symlink_to(file)
+    (other / "tokenizer.json").unlink()
+    (other / "tokenizer.json").write_text(json.dumps(json.loads((resolve_model_path(DEFAULT_MODEL) / "tokenizer.json").read_text()), indent=1))
+    with pytest.raises(BadDataError, match=rf"cut with {DEFAULT_MODEL}'s tokenizer, not {other}'s; chunk it again with --model {other}"):
+        embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=str(other)), tmp_path / "parts")
+    assert not (tmp_path / "e.parquet").exists()
