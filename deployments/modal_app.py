@@ -218,6 +218,12 @@ def plan_sample_fn(run: dict, shard: str) -> dict:
 
 
 @app.function(image=cpu_image, **common)
+def deployed_settings() -> dict[str, str]:
+    """What this deployment was made with: its GPU and the model its TEI serves (a run checks these before embedding)."""
+    return {"gpu": GPU, "tei_model": TEI_MODEL, "tei_version": TEI_VERSION}
+
+
+@app.function(image=cpu_image, **common)
 def finalize_stage_fn(run: dict, stage: str, summaries: list[dict] | None = None) -> dict:
     """Dataset-wide step after a stage (the datasets index, the summary totals)."""
     if not modal.is_local():

@@ -96,7 +96,7 @@ def _check_columns(schema, run: RunConfig, path: Path) -> None:
 def check_before_work(run: RunConfig) -> None:
     """What can be checked before any shard runs, or ConfigError: the source's files and columns, the TEI server."""
     check_source_columns(run)
-    if "embed" in run.stages and run.embed.tei_url and _embedding_left(run):
+    if "embed" in run.stages and run.embed.engine == "tei" and _embedding_left(run):
         check_tei(run)
 
 
@@ -111,9 +111,18 @@ def _embedding_left(run: RunConfig) -> bool:
 
 
 def check_tei(run: RunConfig) -> None:
-    """A TEI at --tei-url must answer, take the API key and serve the run's model (one `GET /info`)."""
-    if run.embed.engine != "tei" or not run.embed.tei_url:
-        return  # on Modal each GPU container starts its own TEI
+    """The TEI that will embed must serve the run's model: at --tei-url it must also answer and take the API key (one
+    `GET /info`); on Modal, the deployed app's TEI model is read (else every shard would start a GPU to find out)."""
+    if run.embed.engine != "tei":
+        return
+    if run.backend == "modal":
+        served = get_backend("modal").deployed_settings()["tei_model"]
+        if served != run.embed.model:
+            raise ConfigError(
+                f"the deployed Modal app's TEI serves {served}, not --model {run.embed.model}: pass --model {served}, or "
+                f"redeploy with FINEWEB_MODAL_TEI_MODEL={run.embed.model} modal deploy deployments/modal_app.py"
+            )
+        return
     load_tei_api_key()
     check_tei_server(run.embed.tei_url, run.embed.model, run.embed.tei_served_model, os.environ.get(TEI_API_KEY_ENV))
 
@@ -205,6 +214,10 @@ def _run_stage(stage: str, run: RunConfig) -> State:
         to_run = {shard: extra for shard, extra in inputs.items() if statuses.get(shard) != "done"}
         if stage == "embed" and to_run:
             check_tei(run)  # a TEI that is down or serves another model: refused here, not once per shard
+    elif stage == "embed" and run.embed.engine == "tei":
+        statuses = get_backend(run.backend).shard_statuses(run, stage, list(inputs))
+        if any(statuses.get(shard) != "done" for shard in inputs):
+            check_tei(run)  # the deployed TEI's model: refused here, not after each shard's GPU started it
         if needed := check_disk_space(run, layout_for(run), stage, to_run):
             logger.info("%s: %d shard(s) to run will write about %s", stage, len(to_run), human_bytes(needed))
     progress = StageProgress(stage, run.dataset.name, len(inputs))

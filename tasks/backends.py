@@ -484,6 +484,15 @@ class ModalBackend:
         results, _ = self._call(key, lambda: self._function("download_hub").spawn(payload, self.rates))
         return [ShardResult.model_validate(r) for r in results]
 
+    def deployed_settings(self) -> dict[str, str]:
+        """The deployed app's GPU and TEI model, or ConfigError when the app is missing or older than this code."""
+        try:
+            return self._function("deployed_settings").remote()
+        except Exception as exc:
+            if type(exc).__name__ != "NotFoundError":
+                raise
+            raise ConfigError(f"the Modal app {MODAL_APP_NAME!r} is not deployed, or is older than this code: run `modal deploy deployments/modal_app.py`") from None
+
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Dataset-wide step after a stage, on the Volume."""
         return self._function("finalize_stage_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, summaries)

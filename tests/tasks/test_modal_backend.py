@@ -93,11 +93,12 @@ class FakeModal:
                 return call
 
             @staticmethod
-            def remote(payload, *args):
-                run = payload.get("run", payload)  # a shard job, or a run config
-                run["dataset"]["data_dir"] = fake.data_dir
+            def remote(*args):
+                if args:
+                    run = args[0].get("run", args[0])  # a shard job, or a run config
+                    run["dataset"]["data_dir"] = fake.data_dir
                 fake.remote_calls.append(name)
-                return getattr(fake.app, name).local(payload, *args)
+                return getattr(fake.app, name).local(*args)
 
         return Remote
 
@@ -381,3 +382,30 @@ def test_ctrl_c_leaves_another_runs_call_running(downloaded, monkeypatch):
         withdraw_stop()
     assert isinstance(outcome["error"], Interrupted) and "another run's Modal call" in str(outcome["error"])
     assert not theirs.cancelled and fake.dict["demo/train/embed/s0/abc"] == record
+
+
+def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_starts(downloaded, monkeypatch):
+    """Else each embed shard would start a GPU container, wait for TEI to load its model, and only then fail."""
+    from deployments import modal_app
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import check_tei
+    from tasks import backends
+
+    run, _, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    monkeypatch.setitem(backends._backends, "modal", backend)
+    assert backend.deployed_settings() == {"gpu": modal_app.GPU, "tei_model": modal_app.TEI_MODEL, "tei_version": modal_app.TEI_VERSION}
+    tei_run = run.model_copy(update={"embed": run.embed.model_copy(update={"engine": "tei"})})
+    with pytest.raises(ConfigError, match=f"the deployed Modal app's TEI serves {modal_app.TEI_MODEL}, not --model {run.embed.model}"):
+        check_tei(tei_run)
+    served = tei_run.model_copy(update={"embed": tei_run.embed.model_copy(update={"model": modal_app.TEI_MODEL})})
+    check_tei(served)  # the deployed model: no complaint
+    assert fake.spawned == [], "no shard call was made"
+
+    class Missing(Exception):
+        pass
+
+    Missing.__name__ = "NotFoundError"  # what modal raises for a function the deployed app lacks
+    monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(Missing("no such function")))}))
+    with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
+        backend.deployed_settings()
