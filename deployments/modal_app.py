@@ -15,7 +15,7 @@ import modal
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import ContainerClock, check_gpu, parse_gpu, stage_resources
-from fineweb_modal.shards import ShardJob, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.shards import ShardJob, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
 
@@ -199,6 +199,14 @@ def shard_statuses_fn(run: dict, stage: str, shards: list[str]) -> dict[str, str
     if not modal.is_local():
         volume.reload()
     return shard_statuses(RunConfig.model_validate(run), stage, shards)
+
+
+@app.function(image=cpu_image, **common)
+def chunk_input_schema_fn(run: dict, shards: list[str]) -> tuple[str, bytes] | None:
+    """The path and schema of the first readable chunk input on the Volume: its columns are checked before chunk starts."""
+    if not modal.is_local():
+        volume.reload()
+    return chunk_input_schema(RunConfig.model_validate(run), shards)
 
 
 @app.function(image=cpu_image, cpu=2, memory=8 * 1024, **common)

@@ -21,7 +21,6 @@ from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_so
 from fineweb_modal.report import StageReport, group_digits, listing, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
-from fineweb_modal.storage import open_arrow_batches
 from fineweb_modal.tei import check_tei_server
 from flows.outcome import failed, refused
 from flows.reporting import StageProgress, publish_stage
@@ -79,10 +78,8 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
     chosen = select_shards(list(candidates), run.shards)
     if run.only == "failed":
         chosen = _only_failed(run, stage, chosen)
-    if chosen and stage == "chunk" and run.backend == "local":
-        # A missing text or kept column is a config mistake: say so before any shard starts.
-        paths = (layout_for(run).input_path("chunk", shard) for shard in chosen)
-        _check_first_readable(paths, lambda path: open_arrow_batches(path)[0], run)
+    if chosen and stage == "chunk" and (found := get_backend(run.backend).chunk_input_schema(run, chosen)):
+        _check_columns(found[1], run, Path(found[0]))  # a missing text or kept column: said before any shard starts
     return {shard: candidates[shard] for shard in chosen}
 
 

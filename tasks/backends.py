@@ -19,6 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
+import pyarrow as pa
+
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
@@ -27,6 +29,7 @@ from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
     ShardResult,
+    chunk_input_schema,
     download_hub_shards,
     finalize_stage,
     layout_for,
@@ -62,6 +65,9 @@ class Backend(Protocol):
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """Each shard's status in a stage, from its ledger: done, failed, stale or missing."""
+
+    def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
+        """The path and schema of the first of `shards` whose chunk input opens (None when none does)."""
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Checks one shard's outputs against their inputs and ledger records."""
@@ -195,6 +201,10 @@ class LocalBackend:
         """done / failed / missing per shard, from the local ledger."""
         return shard_statuses(run, stage, shards)
 
+    def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
+        """The first readable chunk input's path and schema, from the local data dir."""
+        return _schema_of(chunk_input_schema(run, shards))
+
     def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path:
         """Copy one output shard to `destination`."""
         source = layout_for(run).output_path(stage, shard)
@@ -226,6 +236,10 @@ class LocalBackend:
             if self._pool is not None:
                 self._pool.shutdown(cancel_futures=True)
                 self._pool = None
+
+
+def _schema_of(found: tuple[str, bytes] | None) -> tuple[str, pa.Schema] | None:
+    return None if found is None else (found[0], pa.ipc.read_schema(pa.py_buffer(found[1])))
 
 
 def lost_modal_link(exc: BaseException) -> bool:
@@ -474,6 +488,10 @@ class ModalBackend:
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the ledger on the Volume."""
         return self._function("shard_statuses_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, shards)
+
+    def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
+        """The first readable chunk input's path and schema, as the Volume holds it (one small CPU call)."""
+        return _schema_of(self._function("chunk_input_schema_fn").remote(self._on_volume(run).model_dump(mode="json"), shards))
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset straight onto the Volume."""

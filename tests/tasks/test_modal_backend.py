@@ -409,3 +409,17 @@ def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_start
     monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(Missing("no such function")))}))
     with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
         backend.deployed_settings()
+
+
+def test_a_missing_text_column_on_the_volume_is_refused_before_any_chunk_container(downloaded, run_config_for, demo_source, monkeypatch):
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import _shards_and_inputs
+    from tasks import backends
+
+    run, shard, fake = downloaded
+    monkeypatch.setitem(backends._backends, "modal", ModalBackend(modal_module=fake))
+    assert list(_shards_and_inputs("chunk", run)) == [shard]
+    wrong = run_config_for(demo_source, backend="modal", text_column="body")
+    with pytest.raises(ConfigError, match=r"column\(s\) \['body'\] not found; the shard has \[.*'text'.*set --text-column"):
+        _shards_and_inputs("chunk", wrong)
+    assert fake.spawned == [] and fake.remote_calls.count("chunk_input_schema_fn") == 2, "one small CPU call each, no shard call"
