@@ -82,7 +82,10 @@ def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[lis
     if not kept.tell():
         raise BadDataError(f"{path}: holds no document" + (f" ({len(left_out)} line(s) left out; {first_reason})" if left_out else " (an empty file)"))
     if left_out:
-        log.warning("%s: left out %d line(s) that are no document (%s)", path, len(left_out), first_reason)
+        from fineweb_modal.report import listing  # not at the top: report imports shards, which imports this
+
+        why = first_reason.partition(": ")[2]  # without its `line N: `
+        log.warning("%s: left out %d line(s) that are no document: line %s (%s%s)", path, len(left_out), listing(left_out), "the first: " if len(left_out) > 1 else "", why)
     kept.seek(0)
     options = pa_json.ReadOptions(block_size=max(1 << 20, longest + 1024))
     try:

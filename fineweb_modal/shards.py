@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,13 +175,41 @@ def _download_undone(layout: Layout, shard: str, exc: BaseException) -> bool:
     return True
 
 
+class _ThreadWarnings(logging.Handler):
+    """The warnings this package logs in one thread: they travel back with the shard's result, so the task run
+    shows them in Prefect (a worker process or a Modal container has no Prefect logger of its own)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and len(self.messages) < 20:
+            self.messages.append(record.getMessage())
+
+
 def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overhead_seconds: float = 0.0) -> ShardResult:
     """Run one stage on one shard: skip when the ledger says done with this config, else work and record.
 
     `still_ours` (the shard's lease) is asked before the done record is written: a run that lost its lease
     while it worked records nothing, and the run that took over records the shard. `overhead_seconds`: a
-    Modal container's billed time outside any shard's work, which this shard pays for if it works.
+    Modal container's billed time outside any shard's work, which this shard pays for if it works. The
+    warnings logged meanwhile come back in `extra["warnings"]` (not in the ledger record).
     """
+    warnings = _ThreadWarnings()
+    package_logger = logging.getLogger("fineweb_modal")
+    package_logger.addHandler(warnings)
+    try:
+        result = _run_shard(job, still_ours, overhead_seconds)
+    finally:
+        package_logger.removeHandler(warnings)
+    if warnings.messages:
+        result.extra = {**result.extra, "warnings": warnings.messages}
+    return result
+
+
+def _run_shard(job: ShardJob, still_ours: Callable[[], bool] | None, overhead_seconds: float) -> ShardResult:
     raise_if_stop_requested(f"{job.stage}/{job.shard}")  # not started: no record at all
     layout = job.layout()
     ledger = Ledger(layout)

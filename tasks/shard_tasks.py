@@ -12,7 +12,7 @@ from prefect.tasks import exponential_backoff
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.errors import is_transient
-from fineweb_modal.report import listing, state_message
+from fineweb_modal.report import state_message
 from fineweb_modal.shards import ShardJob, ShardResult
 from tasks.backends import get_backend
 from tasks.secrets import load_tei_api_key
@@ -53,10 +53,8 @@ def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | No
     except Exception as exc:
         _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc)})
         raise
-    if result.status == "done" and (lines := result.extra.get("left_out_lines")):
-        left_out = result.rows_in - result.rows_out
-        shown = listing(lines, total=left_out)
-        get_run_logger().warning("%s: left out %d line(s) that are no document: line %s (%s)", source_file, left_out, shown, result.extra.get("left_out_reason", ""))
+    for warning in result.extra.get("warnings", []):  # logged where the work ran (a worker process, a Modal container)
+        get_run_logger().warning(warning)
     _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "overhead_seconds": result.overhead_seconds, "cost_usd": result.cost_usd})
     return Completed(message=state_message(result), data=result)
 

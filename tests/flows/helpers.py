@@ -11,6 +11,8 @@ from prefect.client.schemas.filters import (
     ArtifactFilterKey,
     FlowRunFilter,
     FlowRunFilterParentFlowRunId,
+    LogFilter,
+    LogFilterTaskRunId,
     TaskRunFilter,
     TaskRunFilterFlowRunId,
 )
@@ -40,3 +42,14 @@ def latest_artifact(key: str):
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     return max(found, key=lambda a: a.created) if found else None
+
+
+def task_run_logs(task_run_id: UUID, containing: str, timeout: float = 30.0) -> list[str]:
+    """A task run's log messages, polled until one contains `containing` (logs reach the API a moment late)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            messages = [log.message for log in client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])), limit=200)]
+        if any(containing in m for m in messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.3)

@@ -10,7 +10,7 @@ import pytest
 
 from fineweb_modal.ledger import Ledger
 from fineweb_modal.shards import layout_for
-from tests.flows.helpers import child_flow_run_ids, latest_artifact, task_runs_of
+from tests.flows.helpers import child_flow_run_ids, latest_artifact, task_run_logs, task_runs_of
 
 STAGES = ("download", "chunk", "embed", "summarize")
 
@@ -248,3 +248,21 @@ def test_a_deployment_run_is_told_the_prefect_command_that_retries_it(monkeypatc
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "0f3c0a57-0000-4000-8000-000000000001")
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "5d1e2f00-0000-4000-8000-000000000002")
     assert _prefect_rerun() == "prefect flow-run retry 5d1e2f00-0000-4000-8000-000000000002"
+
+
+def test_warnings_from_the_worker_process_reach_the_task_runs_log(pipeline_flow, demo_source, tmp_path):
+    """Shard work runs in a worker process (or a Modal container), where no Prefect logger is: its warnings come back with the result."""
+    (demo_source / "data-00002-of-00003.parquet").unlink()
+    (demo_source / "data-00002-of-00003.jsonl").write_text('{"text": "one fine line"}\n{"text": 5}\n{"text": "another"}\n')
+    data_dir = tmp_path / "data"
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download"])
+    assert state.is_completed(), state.message
+    (run,) = [r for r in task_runs_of(child_flow_run_ids(state.state_details.flow_run_id), expected=3) if r.name == "download-data-00002-of-00003"]
+    wanted = "left out 1 line(s) that are no document: line 2 ('text' is a number"
+    assert any(wanted in m for m in task_run_logs(run.id, wanted))
+
+    next(data_dir.rglob("data-00000-of-00003.arrow")).unlink()  # the done record now points at nothing
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download"])
+    (run,) = [r for r in task_runs_of(child_flow_run_ids(state.state_details.flow_run_id), expected=3) if r.name == "download-data-00000-of-00003"]
+    wanted = "ledger says done with 12 rows but"
+    assert any(wanted in m and "redoing it" in m for m in task_run_logs(run.id, wanted)), "why a done shard ran again is in the UI"
