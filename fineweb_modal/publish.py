@@ -31,8 +31,15 @@ def join_shard(layout: Layout, shard: str, destination: Path) -> int:
     return joined.num_rows
 
 
-def dataset_card(repo_id: str, layout: Layout, model: str, rows: dict[str, int], embed_meta: dict[str, str], left_out: Sequence[str] = ()) -> str:
+def _overlap(chunk_config: dict[str, Any]) -> str:
+    return f"{chunk_config['overlap']:.0%}" if "overlap" in chunk_config else "unrecorded"
+
+
+def dataset_card(
+    repo_id: str, layout: Layout, model: str, rows: dict[str, int], embed_meta: dict[str, str], left_out: Sequence[str] = (), chunk_config: dict[str, Any] | None = None
+) -> str:
     """The README.md of the published dataset: where it came from, how it was cut and embedded, what it cost."""
+    chunk_config = chunk_config or {}
     statuses = {s.stage: s for s in ledger_status(layout.data_dir, layout.name) if s.split == layout.split}
     cost = sum(s.cost_usd for s in statuses.values())
     tokens = statuses["embed"].tokens if "embed" in statuses else 0
@@ -54,7 +61,8 @@ configs:
         f"| shards | {len(rows)}" + (f" of {len(rows) + len(left_out)}: not embedded, left out: {', '.join(left_out)}" if left_out else "") + " |",
         f"| chunks | {sum(rows.values()):,} |",
         f"| embedded tokens | {tokens:,} |",
-        f"| chunking | max {layout.max_tokens} tokens per chunk ([CLS]/[SEP] included), exact source substrings with `char_start`/`char_end` |",
+        f"| chunking | max {layout.max_tokens} tokens per chunk ([CLS]/[SEP] included), {_overlap(chunk_config)} overlap, `{chunk_config.get('model', model)}`'s tokenizer, "
+        f"text column `{chunk_config.get('text_column', 'text')}`; exact source substrings with `char_start`/`char_end` |",
         f"| model | `{model}` (revision {embed_meta.get('revision', '?')}), {embed_meta.get('dims', '?')} dims, {embed_meta.get('pooling', '?')} pooling, "
         f"prefix {repr(embed_meta['prefix']) if embed_meta.get('prefix') else 'none'}, {embed_meta.get('dtype', 'float32')}, L2-normalized |",
         f"| compute cost | {format_usd(cost)} (Modal container seconds × published rates; $0 for local runs) |",
@@ -70,7 +78,9 @@ def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards:
     rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
     first = pq.read_schema(layout.output_path("embed", shards[0])).metadata or {}
     embed_meta = {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in first.items()}
-    (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta, list(left_out)))
+    recorded = (pq.read_schema(layout.output_path("chunk", shards[0])).metadata or {}).get(b"fineweb_modal.chunk_config")
+    chunk_config = json.loads(recorded) if recorded else {}
+    (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta, list(left_out), chunk_config))
     manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
     (folder / ".publish.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -58,7 +58,32 @@ def pipeline(
     embedding_dtype: EmbeddingDtype = "float32",
     compile: CompileMode = "auto",
 ):
-    """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard."""
+    """Run the chosen stages in order over the chosen shards; fail at the end listing every failed shard.
+
+    Args:
+        source: A Hub dataset id (`org/name`, or `hf://org/name`) or a local folder of parquet/arrow/jsonl files.
+        subset: The Hub dataset's config (e.g. `sample-10BT`).
+        split: The split to read and write.
+        name: The dataset's name in the data dir (default: from the source).
+        data_dir: Where shards, outputs and the ledger live (on Modal: the Volume, in the same layout).
+        stages: Which of download, chunk, embed, summarize to run (always in that order).
+        backend: `local` (this machine) or `modal` (the deployed Modal app).
+        max_tokens: Tokens per chunk, [CLS]/[SEP] included; `auto` is the model's limit.
+        overlap: The fraction of a chunk repeated at the start of the next one, 0 to 0.5.
+        model: The embedding model (its tokenizer cuts the chunks): a Hub id or a local folder.
+        prefix: A task prefix added before each chunk when embedding (e.g. `search_document: `).
+        text_column: The source column holding each document's text.
+        keep_columns: Source columns copied onto every chunk.
+        shards: Shard names or indices to run (default: all).
+        only: `failed` reruns only the shards whose last attempt failed, in every stage they need.
+        max_cost: A budget in dollars: no shard starts that would take the run past it.
+        engine: `transformers` (in-process) or `tei` (Text Embeddings Inference).
+        tei_url: A running TEI to embed with (local backend); its API key comes from TEI_API_KEY or the Secret block `tei-api-key`.
+        tei_served_model: The model id that TEI reports when it was started under another name.
+        dimensions: Keep the first N dimensions of each vector (Matryoshka models such as nomic's), renormalized.
+        embedding_dtype: How vectors are stored: float32 or float16.
+        compile: torch.compile for the transformers engine: auto (on CUDA only), on or off.
+    """
     params = {k: v for k, v in locals().items() if k != "stages"}
     run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
     logger = get_run_logger()

@@ -51,5 +51,8 @@ def plan(
     chosen = select_shards(available, run.shards)
     samples = [f.result() for f in [plan_task.submit(shard=s, run=run) for s in chosen]]
     rows = forecast(samples)
-    create_table_artifact(rows, key=artifact_key("plan", run.dataset.name, "forecast"), description=f"plan · {run.dataset.name}: {len(samples)} shards sampled")
-    return rows
+    # The default rates are for a BERT-base-sized model: a smaller one (the demo's MiniLM) runs faster, costs less.
+    sized = "" if model == "nomic-ai/nomic-embed-text-v1.5" else "; GPU rates for a BERT-base-sized model such as nomic-embed-text-v1.5"
+    create_table_artifact(rows, key=artifact_key("plan", run.dataset.name, "forecast"), description=f"plan · {run.dataset.name}: {len(samples)} shards sampled{sized}")
+    h100 = next(r for r in rows if r["engine"] == "transformers" and r["gpu"] == "H100")
+    return Completed(message=f"≈{group_digits(h100['embed tokens'])} embed tokens: ≈${h100['cost $']} on an H100 (transformers){sized}", data=rows)

@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
@@ -91,10 +92,10 @@ def publish(
             description=f"publish · {repo_id}" + (" (dry run)" if dry_run else ""),
         )
         if dry_run:
-            return str(folder)
+            return Completed(message=f"dry run: {len(embedded)} shard(s) written to {folder}", data=str(folder))
         url = upload_task(str(folder), repo_id, private)
     finally:
         if output_dir is None and not dry_run:
             shutil.rmtree(folder, ignore_errors=True)  # a full copy of the dataset: uploaded or not, it goes
     create_link_artifact(url, link_text=repo_id, key=artifact_key("publish", name, "link"))
-    return url
+    return Completed(message=f"{len(embedded)} shard(s) uploaded to {url}", data=url)

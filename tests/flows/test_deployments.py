@@ -85,7 +85,9 @@ def test_served_pipeline_runs_reports_and_resumes_only_the_broken_shard(served, 
         assert served_names == sorted(f"{f}/{b}" for f in ("pipeline", "download", "chunk", "embed", "summarize", "verify", "plan", "publish", "fetch") for b in ("local", "modal"))
         assert all(d.parameters["backend"] == d.name for d in deployments if flow_names[d.flow_id] != "publish")
         pipeline_local = next(d for d in deployments if flow_names[d.flow_id] == "pipeline" and d.name == "local")
-        assert pipeline_local.parameter_openapi_schema["properties"]["backend"]["enum"] == ["local", "modal"], "the UI's run form offers the choices"
+        form = pipeline_local.parameter_openapi_schema["properties"]
+        assert form["backend"]["enum"] == ["local", "modal"], "the UI's run form offers the choices"
+        assert all(field.get("description") for field in form.values()), "and says what each field is"
         with pytest.raises(Exception, match="(?i)validation"):  # and the server refuses another value before any run starts
             run_deployment("pipeline/local", parameters={**parameters, "backend": "gpu"}, timeout=0)
 

@@ -24,6 +24,7 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     card = (out / "README.md").read_text()
     assert card.startswith("---\nconfigs:") and "path: data/train/*.parquet" in card and "sentence-transformers/all-MiniLM-L6-v2" in card
     assert "| chunks | " in card and "384 dims" in card
+    assert "max 64 tokens per chunk ([CLS]/[SEP] included), 10% overlap, `sentence-transformers/all-MiniLM-L6-v2`'s tokenizer, text column `text`" in card, "enough to cut it again"
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     assert main(argv) == 2, "no token is a configuration error"
