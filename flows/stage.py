@@ -211,12 +211,12 @@ def _run_stage(stage: str, run: RunConfig) -> State:
         to_run = {shard: extra for shard, extra in inputs.items() if statuses.get(shard) != "done"}
         if stage == "embed" and to_run:
             check_tei(run)  # a TEI that is down or serves another model: refused here, not once per shard
+        if needed := check_disk_space(run, layout_for(run), stage, to_run):
+            logger.info("%s: %d shard(s) to run will write about %s", stage, len(to_run), human_bytes(needed))
     elif stage == "embed" and run.embed.engine == "tei":
         statuses = get_backend(run.backend).shard_statuses(run, stage, list(inputs))
         if any(statuses.get(shard) != "done" for shard in inputs):
             check_tei(run)  # the deployed TEI's model: refused here, not after each shard's GPU started it
-        if needed := check_disk_space(run, layout_for(run), stage, to_run):
-            logger.info("%s: %d shard(s) to run will write about %s", stage, len(to_run), human_bytes(needed))
     progress = StageProgress(stage, run.dataset.name, len(inputs))
     for shard, state in _run_shards(STAGE_TASKS[stage], inputs, run, report):
         if state.is_completed():

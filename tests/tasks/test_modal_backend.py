@@ -78,7 +78,20 @@ class FakeModal:
             def from_name(name, create_if_missing=False):
                 return None
 
-        self.Function, self.FunctionCall, self.Dict, self.Volume = Function, FunctionCall, Dict, Volume
+        class Cls:
+            @staticmethod
+            def from_name(app_name, name):
+                return lambda: type("Instance", (), {method: fake._function(f"{name}.{method}") for method in ("embed_shard",)})
+
+        self.tei_url = ""  # the TEI a fake TEIEmbedder container is given (a test double's address)
+        self.Function, self.FunctionCall, self.Dict, self.Volume, self.Cls = Function, FunctionCall, Dict, Volume, Cls
+
+    def _local(self, name):
+        """The deployed function `name` (or `Class.method`), run here."""
+        if "." in name:
+            cls, method = name.split(".")
+            return getattr(getattr(self.app, cls)(tei_url=self.tei_url), method)
+        return getattr(self.app, name)
 
     def _function(self, name):
         fake = self
@@ -88,7 +101,7 @@ class FakeModal:
             def spawn(payload, *args):
                 payload.get("run", payload)["dataset"]["data_dir"] = fake.data_dir  # the Volume is this local dir here
                 wait_error = fake.wait_errors.pop(0) if fake.wait_errors else None
-                call = FakeCall(lambda: getattr(fake.app, name).local(payload, *args), fake.calls, wait_error)
+                call = FakeCall(lambda: fake._local(name).local(payload, *args), fake.calls, wait_error)
                 fake.spawned.append(call.object_id)
                 return call
 
@@ -98,7 +111,7 @@ class FakeModal:
                     run = args[0].get("run", args[0])  # a shard job, or a run config
                     run["dataset"]["data_dir"] = fake.data_dir
                 fake.remote_calls.append(name)
-                return getattr(fake.app, name).local(*args)
+                return fake._local(name).local(*args)
 
         return Remote
 
@@ -423,3 +436,30 @@ def test_a_missing_text_column_on_the_volume_is_refused_before_any_chunk_contain
     with pytest.raises(ConfigError, match=r"column\(s\) \['body'\] not found; the shard has \[.*'text'.*set --text-column"):
         _shards_and_inputs("chunk", wrong)
     assert fake.spawned == [] and fake.remote_calls.count("chunk_input_schema_fn") == 2, "one small CPU call each, no shard call"
+
+
+def test_the_embed_flow_on_modal_with_tei_refuses_another_model_then_embeds_with_the_deployed_one(prefect_api, downloaded, monkeypatch):
+    """The whole stage, as a deployment runs it: the deployed model is read first, then each shard goes to a TEIEmbedder."""
+    from deployments import modal_app
+    from flows.embed import embed
+    from tasks import backends
+    from tests.tei_double import TEITestDouble
+
+    run, shard, fake = downloaded
+    run_shard(ShardJob(stage="chunk", shard=shard, run=run))
+    monkeypatch.setitem(backends._backends, "modal", ModalBackend(modal_module=fake))
+    params = dict(name=run.dataset.name, data_dir=fake.data_dir, backend="modal", engine="tei", max_tokens=64, return_state=True)
+    state = embed(**params)
+    assert state.is_failed() and "the deployed Modal app's TEI serves nomic-ai/nomic-embed-text-v1.5, not --model" in state.message
+    assert fake.spawned == [], "no GPU container was started to find out"
+
+    monkeypatch.setattr(modal_app, "TEI_MODEL", run.embed.model)  # deployed with the run's model
+    double = TEITestDouble().start()
+    try:
+        fake.tei_url = double.url
+        state = embed(**params)
+    finally:
+        double.stop()
+    assert state.is_completed(), state.message
+    (result,) = state.result().results
+    assert result.status == "done" and result.chunks == double.metrics.embedded_inputs > 0 and len(fake.spawned) == 1
