@@ -15,6 +15,7 @@ import modal
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import ContainerClock, check_gpu, parse_gpu, stage_resources
+from fineweb_modal.models import SCALE_MODEL
 from fineweb_modal.shards import ShardJob, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
@@ -25,7 +26,7 @@ GPU = os.environ.get("FINEWEB_MODAL_GPU", "H100")
 check_gpu(GPU)  # a GPU with no price would fail every shard after its work: refuse it at deploy time
 CHUNK_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_CHUNK_MAX_CONTAINERS", "100"))
 EMBED_MAX_CONTAINERS = int(os.environ.get("FINEWEB_MODAL_EMBED_MAX_CONTAINERS", "10"))
-TEI_MODEL = os.environ.get("FINEWEB_MODAL_TEI_MODEL", "nomic-ai/nomic-embed-text-v1.5")
+TEI_MODEL = os.environ.get("FINEWEB_MODAL_TEI_MODEL", SCALE_MODEL)
 TEI_MAX_BATCH_TOKENS = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_BATCH_TOKENS", "262144"))
 TEI_MAX_CLIENT_BATCH_SIZE = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_CLIENT_BATCH_SIZE", "1024"))
 # TEI makes a batch request wait for one permit per input; its default (512 inputs, ~200 k tokens of

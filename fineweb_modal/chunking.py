@@ -195,7 +195,8 @@ def chunk_shard(input_path, output_path, shard: str, cfg: ChunkConfig) -> ChunkS
     total = ChunkStats()
     row_offset = 0
     with atomic_path(output_path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        with decoding(input_path, "read the input shard"):
+        # Each batch was validated as it was read (an unreadable file says so there): what fails here is its data.
+        with decoding(input_path, "chunk the input shard", error=BadDataError):
             for batch in _rebatch(batches, cfg.text_column, ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS):
                 texts = batch.column(cfg.text_column).to_pylist()
                 rows, stats = chunk_texts(texts, cfg)

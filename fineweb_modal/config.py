@@ -108,6 +108,15 @@ def split_list(value: str | int | list[str | int] | tuple[str, ...] | None) -> t
     return tuple(item.strip() for item in items if item.strip())
 
 
+def _carries_secrets(url: str) -> bool:
+    """Whether a URL holds credentials or a query (where API keys go), or cannot be parsed (so cannot be shown safely)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return True
+    return bool(parts.username or parts.password or parts.query)
+
+
 def default_name(source: str, subset: str | None) -> str:
     """`<folder name>` for a local folder, `<repo>-<subset>` for a Hub id."""
     if Path(source).expanduser().exists():
@@ -199,7 +208,7 @@ def build_run_config(
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "tei" and backend == "local" and not tei_url:
         raise ConfigError("--engine tei with the local backend needs --tei-url (a running TEI); on Modal the app starts TEI")
-    if tei_url and (urlsplit(tei_url).username or urlsplit(tei_url).password or urlsplit(tei_url).query):
+    if tei_url and _carries_secrets(tei_url):
         # The URL is a flow parameter (stored, shown in the UI) and goes into resume commands: no secret in it.
         raise ConfigError("tei_url must carry no credentials or query (they would show in the Prefect UI): put the key in TEI_API_KEY or the Secret block 'tei-api-key'")
     if tei_url and not re.match(r"^https?://[^\s/]+", tei_url):

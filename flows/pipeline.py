@@ -89,17 +89,17 @@ def pipeline(
     logger = get_run_logger()
     try:
         check_before_work(run)  # so do an empty source, a missing text column, a TEI that is down
+        if run.only == "failed":
+            params.update(shards=failed_shards(run), only=None)
+            if not params["shards"]:
+                publish_pipeline_summary(run, {}, "No failed shards: nothing to rerun.", finished=True)
+                return Completed(message="no failed shards: nothing to rerun")
+            if lost := without_input(run, run.stages[0], params["shards"]):
+                earlier = ",".join(STAGES[: STAGES.index(run.stages[0])])
+                raise ConfigError(f"failed shard(s) {listing(lost)} have no {run.stages[0]} input any more: rerun with the stages before it too ({earlier})")
+            logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     except ConfigError as exc:
         return refused("pipeline", exc)
-    if run.only == "failed":
-        params.update(shards=failed_shards(run), only=None)
-        if not params["shards"]:
-            publish_pipeline_summary(run, {}, "No failed shards: nothing to rerun.", finished=True)
-            return Completed(message="no failed shards: nothing to rerun")
-        if lost := without_input(run, run.stages[0], params["shards"]):
-            earlier = ",".join(STAGES[: STAGES.index(run.stages[0])])
-            return refused("pipeline", ConfigError(f"failed shard(s) {listing(lost)} have no {run.stages[0]} input any more: rerun with the stages before it too ({earlier})"))
-        logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     failed_by_stage: dict[str, list[str]] = {}
     reports: dict[str, StageReport] = {}
     spent = 0.0

@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from fineweb_modal.config import BackendName, RunConfig, build_run_config
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.models import DEFAULT_MODEL, SCALE_MODEL
 from fineweb_modal.plan import ShardSample, forecast
 from fineweb_modal.report import artifact_key, group_digits
 from fineweb_modal.selection import select_shards
@@ -52,7 +52,7 @@ def plan(
     samples = [f.result() for f in [plan_task.submit(shard=s, run=run) for s in chosen]]
     rows = forecast(samples)
     # The default rates are for a BERT-base-sized model: a smaller one (the demo's MiniLM) runs faster, costs less.
-    sized = "" if model == "nomic-ai/nomic-embed-text-v1.5" else "; GPU rates for a BERT-base-sized model such as nomic-embed-text-v1.5"
+    sized = "" if model == SCALE_MODEL else f"; GPU rates for a BERT-base-sized model such as {SCALE_MODEL}"
     create_table_artifact(rows, key=artifact_key("plan", run.dataset.name, "forecast"), description=f"plan · {run.dataset.name}: {len(samples)} shards sampled{sized}")
     h100 = next(r for r in rows if r["engine"] == "transformers" and r["gpu"] == "H100")
     return Completed(message=f"≈{group_digits(h100['embed tokens'])} embed tokens: ≈${h100['cost $']} on an H100 (transformers){sized}", data=rows)

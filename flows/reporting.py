@@ -64,14 +64,16 @@ def publish_pipeline_summary(run: RunConfig, reports: dict[str, StageReport], me
 
 def _dataset_status(run: RunConfig) -> list[str]:
     """Per stage, how many of the dataset's shards are done, failed, missing or stale (the ledger, through the backend)."""
-    backend = get_backend(run.backend)
-    shards = backend.list_shards(run, "download")
+    try:
+        backend = get_backend(run.backend)
+        shards = backend.list_shards(run, "download")
+        counts = {stage: Counter(backend.shard_statuses(run, stage, shards).values()) for stage in run.stages} if shards else {}
+    except Exception as exc:  # the summary must not turn a finished run into a crashed one
+        return [f"(the ledger could not be read: {type(exc).__name__}: {exc})"]
     if not shards:
         return ["(no shard yet)"]
     lines = [f"{len(shards)} shard(s).", "", "| stage | done | failed | missing | stale |", "|---|---:|---:|---:|---:|"]
-    for stage in run.stages:
-        counts = Counter(backend.shard_statuses(run, stage, shards).values())
-        lines.append(f"| {stage} | {counts['done']} | {counts['failed']} | {counts['missing']} | {counts['stale']} |")
+    lines += [f"| {stage} | {c['done']} | {c['failed']} | {c['missing']} | {c['stale']} |" for stage, c in counts.items()]
     return lines
 
 

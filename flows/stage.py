@@ -258,13 +258,16 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
     spent already (an earlier stage used it up) starts no shard on Modal; local shards cost nothing.
     """
     queue = list(inputs.items())
+    held_back: list[str] = []
+    if run.max_cost is not None and run.max_cost <= 0 and run.backend != "local":
+        statuses = get_backend(run.backend).shard_statuses(run, report.stage, list(inputs))
+        held_back = [shard for shard, _ in queue if statuses.get(shard) != "done"]  # done ones are only skipped: they go
+        queue = [(shard, extra) for shard, extra in queue if shard not in held_back]
     running: dict = {}
     costs: list[float] = []
     while queue or running:
         while queue and len(running) < MAX_SHARDS_IN_FLIGHT:
             if run.max_cost is not None:
-                if run.max_cost <= 0 and run.backend != "local":
-                    break
                 if not costs and len(running) >= BUDGET_PROBE_SHARDS:
                     break
                 estimate = sum(costs) / len(costs) if costs else 0.0
@@ -273,7 +276,7 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
             shard, extra = queue.pop(0)
             running[task.submit(shard=shard, run=run, **extra)] = shard
         if not running:
-            report.not_started = [shard for shard, _ in queue]
+            report.not_started = held_back + [shard for shard, _ in queue]
             return
         future = next(as_completed(list(running)))
         shard = running.pop(future)
@@ -282,6 +285,7 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
         if state.is_completed() and state.result().status == "done":
             costs.append(state.result().cost_usd)
         yield shard, state
+    report.not_started = held_back
 
 
 def _summary_markdown(totals: dict, charts: dict[str, str]) -> str:

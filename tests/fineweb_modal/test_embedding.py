@@ -499,7 +499,7 @@ def test_falling_back_to_fp32_keeps_a_compiled_engine_compiled(compiled):
         assert engine.forward is engine.model
 
 
-def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tmp_path):
+def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tmp_path, monkeypatch):
     """Their token counts and fit are another model's: embedding them with --model B alone must say so, not embed them."""
     import json
 
@@ -515,6 +515,9 @@ def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tm
         (other / file.name).symlink_to(file)
     (other / "tokenizer.json").unlink()
     (other / "tokenizer.json").write_text(json.dumps(json.loads((resolve_model_path(DEFAULT_MODEL) / "tokenizer.json").read_text()), indent=1))
+    import fineweb_modal.embedding as embedding
+
+    monkeypatch.setattr(embedding, "get_engine", lambda cfg: pytest.fail("the model was loaded"))
     with pytest.raises(BadDataError, match=rf"cut with {DEFAULT_MODEL}'s tokenizer, not {other}'s; chunk it again with --model {other}"):
         embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", EmbedConfig(model=str(other)), tmp_path / "parts")
     assert not (tmp_path / "e.parquet").exists()

@@ -115,9 +115,14 @@ def test_a_hub_download_into_a_new_data_dir_is_skipped_when_run_again(demo_sourc
     def no_second_download(*args, **kwargs):
         raise AssertionError("downloaded again")
 
+    real_download = download.download_hub
     monkeypatch.setattr(download, "download_hub", no_second_download)
     again = download_hub_shards(hub_run)
     assert [(r.shard, r.status, r.docs) for r in again] == [(r.shard, "skipped", r.docs) for r in first]
+
+    monkeypatch.setattr(download, "download_hub", real_download)
+    layout_for(hub_run).output_path("download", first[0].shard).unlink()  # its record stays: not done any more
+    assert [(r.shard, r.status) for r in download_hub_shards(hub_run)] == [(r.shard, "done") for r in first]
 
 
 def test_a_hub_download_saved_in_fewer_files_leaves_no_earlier_shard_behind(demo_source, run_config_for, tmp_path, monkeypatch):

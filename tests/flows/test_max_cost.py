@@ -74,3 +74,15 @@ def test_a_shard_starts_only_while_spent_plus_in_flight_plus_its_own_fits(prefec
         double.close()
     assert len([r for r in report.results if r.status == "done"]) == done
     assert len(report.not_started) == 3 - done
+
+
+def test_a_spent_budget_still_lets_done_shards_through_as_skipped(prefect_api, priced_backend, demo_source, run_config_for):
+    """A resumed run whose earlier stage used the budget up: what is done already costs nothing and is not 'not started'."""
+    from flows.download import download
+    from flows.outcome import outcome
+
+    data_dir = str(run_config_for(demo_source).dataset.data_dir)
+    assert download(source=str(demo_source), data_dir=data_dir, backend="modal", shards="0,1", return_state=True).is_completed()
+    report = outcome(download(source=str(demo_source), data_dir=data_dir, backend="modal", max_cost=0.0, return_state=True))
+    assert sorted((r.shard, r.status) for r in report.results) == [("data-00000-of-00003", "skipped"), ("data-00001-of-00003", "skipped")]
+    assert report.not_started == ["data-00002-of-00003"]
