@@ -15,7 +15,7 @@ def test_plan_flow_forecasts_the_downloaded_shards(prefect_api, demo_source, tmp
     assert download(source=str(demo_source), data_dir=data_dir, return_state=True).is_completed()
     state = plan(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
     rows = state.result()
-    assert state.message.endswith("on an H100 (transformers); GPU rates for a BERT-base-sized model such as nomic-embed-text-v1.5"), state.message
+    assert state.message.endswith("on an H100 (transformers); GPU rates for a BERT-base-sized model such as nomic-ai/nomic-embed-text-v1.5"), state.message
     by_key = {(r["engine"], r["gpu"]): r for r in rows}
     from fineweb_modal.plan import measured_tokens_per_s
 
