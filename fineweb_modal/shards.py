@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -14,7 +15,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,22 @@ class _ThreadWarnings(logging.Handler):
             self.messages.append(record.getMessage())
 
 
+@contextlib.contextmanager
+def _warnings_kept() -> Iterator[list[str]]:
+    """The warnings this package logs in this thread meanwhile; on a failure they go on the error as notes."""
+    warnings = _ThreadWarnings()
+    package_logger = logging.getLogger("fineweb_modal")
+    package_logger.addHandler(warnings)
+    try:
+        yield warnings.messages
+    except BaseException as exc:
+        for message in warnings.messages:
+            exc.add_note(f"warning: {message}")
+        raise
+    finally:
+        package_logger.removeHandler(warnings)
+
+
 def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overhead_seconds: float = 0.0) -> ShardResult:
     """Run one stage on one shard: skip when the ledger says done with this config, else work and record.
 
@@ -197,15 +214,10 @@ def run_shard(job: ShardJob, still_ours: Callable[[], bool] | None = None, overh
     Modal container's billed time outside any shard's work, which this shard pays for if it works. The
     warnings logged meanwhile come back in `extra["warnings"]` (not in the ledger record).
     """
-    warnings = _ThreadWarnings()
-    package_logger = logging.getLogger("fineweb_modal")
-    package_logger.addHandler(warnings)
-    try:
+    with _warnings_kept() as warnings:
         result = _run_shard(job, still_ours, overhead_seconds)
-    finally:
-        package_logger.removeHandler(warnings)
-    if warnings.messages:
-        result.extra = {**result.extra, "warnings": warnings.messages}
+    if warnings:
+        result.extra = {**result.extra, "warnings": warnings}
     return result
 
 
@@ -340,6 +352,14 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
     (delete the download ledger to fetch it again). On Modal the Hub's files and `datasets`' Arrow cache are deleted once the shards are saved: on
     the Volume they would keep two more copies of the dataset.
     """
+    with _warnings_kept() as warnings:
+        results = _download_hub_shards(run, where, rates)
+    if warnings and results:
+        results[0].extra = {**results[0].extra, "warnings": warnings}
+    return results
+
+
+def _download_hub_shards(run: RunConfig, where: Literal["local", "modal"], rates: dict[str, float] | None) -> list[ShardResult]:
     assert run.download is not None and run.download.source_kind == "hub"
     layout = layout_for(run)
     ledger = Ledger(layout)

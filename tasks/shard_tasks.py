@@ -99,6 +99,8 @@ def summarize_task(shard: str, run: RunConfig) -> ShardResult:
 def download_hub_task(name: str, run: RunConfig) -> list[ShardResult]:
     """Download a whole Hub dataset (one `load_dataset` + `save_to_disk`, which yields the shards)."""
     results = get_backend(run.backend).download_hub(run)
+    for warning in (w for r in results for w in r.extra.get("warnings", [])):  # logged where the download ran
+        get_run_logger().warning(warning)
     return Completed(message=f"{len(results)} shards, {sum(r.docs for r in results):,} docs", data=results)
 
 

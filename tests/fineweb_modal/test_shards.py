@@ -137,7 +137,30 @@ def test_a_hub_download_saved_in_fewer_files_leaves_no_earlier_shard_behind(demo
     assert len(download_hub_shards(hub_run)) == 2
     layout = layout_for(hub_run)
     layout.ledger_path("download", "data-00001-of-00002").unlink()  # not done: the next run downloads again
+    chunked = layout.output_path("chunk", "data-00000-of-00002")
+    chunked.parent.mkdir(parents=True)
+    chunked.write_bytes(b"")  # an earlier chunk output of a shard the new save does not have
     results = download_hub_shards(hub_run.model_copy(update={"num_proc": 1}))
+    assert any("data-00000-of-00002 are no longer in the dataset but still chunked" in w for w in results[0].extra["warnings"]), "for the task's log"
     docs = sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
     assert [r.shard for r in results] == ["data-00000-of-00001"] and results[0].docs == docs
     assert layout.list_shards("download") == ["data-00000-of-00001"], "files and ledger records of the earlier save are gone"
+
+
+def test_a_failing_shard_carries_the_warnings_logged_before_it_failed(demo_source, run_config_for, monkeypatch):
+    """Its error is what the task run shows: the warnings ride on it as notes (a worker process has no Prefect logger)."""
+    from fineweb_modal import download
+
+    run = run_config_for(demo_source)
+    source_file = sorted(demo_source.glob("*.parquet"))[0]
+    job = ShardJob(stage="download", shard=source_file.stem, run=run, source_file=str(source_file))
+    assert "warnings" not in run_shard(job).extra
+    layout_for(run).output_path("download", source_file.stem).unlink()  # the done record now points at nothing
+
+    def disk_trouble(*args):
+        raise OSError("the disk went away")
+
+    monkeypatch.setattr(download, "convert_file", disk_trouble)
+    with pytest.raises(OSError, match="the disk went away") as failure:
+        run_shard(job)
+    assert any("ledger says done with 12 rows but" in note and "redoing it" in note for note in failure.value.__notes__)
