@@ -17,6 +17,7 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from fineweb_modal.errors import BadDataError
+from fineweb_modal.phrasing import listing
 from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,6 @@ def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[lis
     if not kept.tell():
         raise BadDataError(f"{path}: holds no document" + (f" ({len(left_out)} line(s) left out; {first_reason})" if left_out else " (an empty file)"))
     if left_out:
-        from fineweb_modal.report import listing  # not at the top: report imports shards, which imports this
-
         why = first_reason.partition(": ")[2]  # without its `line N: `
         log.warning("%s: left out %d line(s) that are no document: line %s (%s%s)", path, len(left_out), listing(left_out), "the first: " if len(left_out) > 1 else "", why)
     kept.seek(0)

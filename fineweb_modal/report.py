@@ -16,13 +16,6 @@ from fineweb_modal.costs import PRICE_TABLE_DATE, format_usd
 from fineweb_modal.shards import ShardResult
 
 
-def listing(items: list[Any], limit: int = 10, total: int | None = None) -> str:
-    """`a, b, c and 7 more`: the first `limit` items of a list (`total`: its full length, when `items` is cut already)."""
-    total = len(items) if total is None else total
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f" and {total - min(limit, len(items))} more" if total > min(limit, len(items)) else "")
-
-
 class StageReport(BaseModel):
     """The outcome of one stage over its shards."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.report import listing
+from fineweb_modal.phrasing import listing
 
 
 def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) -> list[str]:

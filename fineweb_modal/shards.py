@@ -24,13 +24,13 @@ from pydantic import BaseModel
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import rate_per_second, stage_resources
-from fineweb_modal.errors import BadDataError, ShardBusyError, UnreadableFileError
+from fineweb_modal.errors import ShardBusyError, UnreadableFileError
 from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
 from fineweb_modal.models import model_info
 from fineweb_modal.plan import gpu_tokens_per_s
-from fineweb_modal.storage import open_arrow_batches, remove_stale_temps, write_json_atomic
+from fineweb_modal.storage import first_readable_schema, open_arrow_batches, remove_stale_temps, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -418,15 +418,9 @@ def finalize_stage(run: RunConfig, stage: str, summaries: list[dict[str, Any]] |
 def chunk_input_schema(run: RunConfig, shards: list[str]) -> tuple[str, bytes] | None:
     """The path and (serialized) schema of the first of `shards` whose chunk input opens; None when none does
     (an unreadable one fails its own shard, naming the file)."""
-    layout = layout_for(run)
-    for shard in shards:
-        path = layout.input_path("chunk", shard)
-        try:
-            schema = open_arrow_batches(path)[0]
-        except (BadDataError, OSError):
-            continue
-        return str(path), schema.serialize().to_pybytes()
-    return None
+    paths = (layout_for(run).input_path("chunk", shard) for shard in shards)
+    found = first_readable_schema(paths, lambda path: open_arrow_batches(path)[0])
+    return None if found is None else (str(found[0]), found[1].serialize().to_pybytes())
 
 
 def verify_outputs(run: RunConfig, shard: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,17 @@ def recorded_chunk_config(schema: pa.Schema) -> dict:
     """The ChunkConfig a chunk file was cut with, as its schema records it ({} for a file from elsewhere)."""
     recorded = (schema.metadata or {}).get(b"fineweb_modal.chunk_config")
     return json.loads(recorded) if recorded else {}
+
+
+def first_readable_schema(paths: Iterable[Path], read_schema: Callable[[Path], pa.Schema]) -> tuple[Path, pa.Schema] | None:
+    """The first of `paths` whose schema reads, with that schema; None when none does (an unreadable file is left to
+    fail its own shard, naming itself)."""
+    for path in paths:
+        try:
+            return path, read_schema(path)
+        except (BadDataError, OSError):
+            continue
+    return None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from fineweb_modal.config import (
 )
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
-from fineweb_modal.report import StageReport, listing
+from fineweb_modal.phrasing import listing
+from fineweb_modal.report import StageReport
 from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed

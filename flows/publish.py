@@ -15,8 +15,9 @@ from prefect.states import Completed
 from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
+from fineweb_modal.phrasing import listing
 from fineweb_modal.publish import build_folder, upload_folder
-from fineweb_modal.report import artifact_key, listing
+from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from flows.outcome import refused

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, tags
 from prefect.futures import as_completed
@@ -18,9 +16,11 @@ from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
-from fineweb_modal.report import StageReport, group_digits, listing, resume_command, text_histogram
+from fineweb_modal.phrasing import listing
+from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
+from fineweb_modal.storage import first_readable_schema
 from fineweb_modal.tei import check_tei_server
 from flows.outcome import failed, refused
 from flows.reporting import StageProgress, publish_stage
@@ -132,18 +132,8 @@ def check_source_columns(run: RunConfig) -> None:
     if "chunk" not in run.stages:
         return
     paths = (f for f in list_source_files(run.download.source) if f.stem in chosen)
-    _check_first_readable(paths, lambda path: source_schema(path, run.chunk.text_column), run)
-
-
-def _check_first_readable(paths: Iterable[Path], read_schema: Callable[[Path], Any], run: RunConfig) -> None:
-    """Check the text and kept columns of the first file that opens (an unreadable one fails its own shard, naming the file)."""
-    for path in paths:
-        try:
-            schema = read_schema(path)
-        except BadDataError:
-            continue
-        _check_columns(schema, run, path)
-        return
+    if found := first_readable_schema(paths, lambda path: source_schema(path, run.chunk.text_column)):
+        _check_columns(found[1], run, found[0])
 
 
 def failed_shards(run: RunConfig) -> list[str]:

@@ -9,7 +9,8 @@ import pytest
 
 from fineweb_modal.costs import RATES_USD_PER_SECOND, ContainerClock, Resources, cost_usd, format_usd, parse_gpu
 from fineweb_modal.errors import ConfigError
-from fineweb_modal.report import StageReport, artifact_key, listing, shard_table, stage_markdown, state_message, text_histogram
+from fineweb_modal.phrasing import listing
+from fineweb_modal.report import StageReport, artifact_key, shard_table, stage_markdown, state_message, text_histogram
 from fineweb_modal.shards import ShardResult
 
 
