@@ -8,6 +8,7 @@ name. Data lives on the Volume `fineweb-modal-data`, mounted at /data, in the sa
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import modal
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import ContainerClock, check_gpu, parse_gpu, stage_resources
 from fineweb_modal.models import SCALE_MODEL
-from fineweb_modal.shards import ShardJob, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.shards import ShardJob, charge_failed_attempt, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
 
@@ -131,14 +132,24 @@ def _on_the_volume() -> Iterator[None]:
 def _run(job: dict) -> dict:
     """Run one shard job against the Volume.
 
-    A shard that works also pays for this container's time outside shard work since the last one did.
+    A shard that works also pays for this container's time outside shard work since the last one did; a
+    failed attempt's error carries that time and its own (`billed_usd`), which the caller counts toward --max-cost.
     """
     in_container = not modal.is_local()
-    with _failing_in_the_container(), _on_the_volume():
-        overhead = container_clock.unbilled_seconds() if in_container else 0.0
-        result = run_shard(ShardJob.model_validate(job), overhead_seconds=overhead)
-        if in_container and result.status == "done":
-            container_clock.billed(result.overhead_seconds, result.seconds)
+    shard_job = ShardJob.model_validate(job)
+    started = time.monotonic()
+    try:
+        with _failing_in_the_container(), _on_the_volume():
+            overhead = container_clock.unbilled_seconds() if in_container else 0.0
+            result = run_shard(shard_job, overhead_seconds=overhead)
+            if in_container and result.status == "done":
+                container_clock.billed(result.overhead_seconds, result.seconds)
+    except Exception as exc:
+        billed = container_clock.unbilled_seconds() if in_container else time.monotonic() - started
+        if in_container:
+            container_clock.billed(billed, 0.0)  # paid by this failure: not charged again to the next shard
+        charge_failed_attempt(exc, shard_job, billed, "as the container measured it")
+        raise
     return result.model_dump(mode="json")
 
 

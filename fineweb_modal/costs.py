@@ -146,13 +146,36 @@ def format_usd(amount: float) -> str:
     return f"${amount:.3g}" if amount >= 0.001 else f"${amount:.1e}"
 
 
+# The dollars a failed attempt was billed ride on its error under this attribute (an exception's attributes
+# survive pickling, so across a process or Modal boundary too); its notes say the same to people.
+BILLED_ATTRIBUTE = "billed_usd"
+# The sum over all the failed attempts of one shard's task run, on its last error.
+FAILED_ATTEMPTS_ATTRIBUTE = "failed_attempts_usd"
+
+
+def mark_billed(exc: BaseException, dollars: float, how: str) -> None:
+    """Record on a failed attempt's error what it was billed, for the caller's budget and its reader."""
+    try:
+        setattr(exc, BILLED_ATTRIBUTE, dollars)
+    except (AttributeError, TypeError):  # an error type that takes no attributes: the budget goes without it
+        return
+    exc.add_note(f"this attempt was billed {format_usd(dollars)} ({how})")
+
+
+def billed_on(exc: BaseException) -> float | None:
+    """What a failed attempt was billed, as mark_billed recorded it on its error; None when nothing did."""
+    dollars = getattr(exc, BILLED_ATTRIBUTE, None)
+    return float(dollars) if isinstance(dollars, (int, float)) else None
+
+
 class ContainerClock:
     """A container's billed seconds outside shard work, charged to the next shard that works.
 
     Modal bills a container from its start to its stop: its start-up and imports, a model loaded in
-    `@modal.enter`, Volume reloads and commits, failed attempts, waits between inputs. Each shard that works
-    pays for the time since the previous one's work ended (the container's start, for the first); only
-    the idle time after a container's last shard, before it scales down, is in no shard's cost.
+    `@modal.enter`, Volume reloads and commits, waits between inputs. Each shard that works pays for the
+    time since the previous one's work ended (the container's start, for the first), and so does a failed
+    attempt (on its error: see mark_billed); only the idle time after a container's last shard, before it
+    scales down, is in no shard's cost.
     """
 
     def __init__(self, started: float | None = None, clock: Callable[[], float] = time.monotonic):

@@ -25,6 +25,8 @@ class StageReport(BaseModel):
     results: list[ShardResult] = []
     failed: dict[str, str] = {}
     not_started: list[str] = []  # shards left out to stay within --max-cost
+    # What each shard's failed attempts were billed (Modal), whether it failed in the end or a retry passed.
+    failed_attempts_usd: dict[str, float] = {}
     extra: dict[str, Any] = {}
 
     @property
@@ -33,9 +35,11 @@ class StageReport(BaseModel):
         return [r.shard for r in self.results]
 
     def totals(self) -> dict[str, float]:
-        """Sums over the shards that ran or were skipped."""
+        """Sums over the shards that ran or were skipped; the cost includes what failed attempts were billed."""
         keys = ("docs", "empty_docs", "chunks", "tokens", "seconds", "overhead_seconds", "cost_usd", "modal_estimate_usd")
         totals: dict[str, float] = {k: sum(getattr(r, k) for r in self.results) for k in keys}
+        totals["failed_attempts_usd"] = sum(self.failed_attempts_usd.values())
+        totals["cost_usd"] += totals["failed_attempts_usd"]  # billed all the same
         worked = [r for r in self.results if r.status == "done"]
         work_seconds = sum(r.seconds for r in worked)
         totals["tokens_per_second"] = sum(r.tokens for r in worked) / work_seconds if work_seconds else 0.0
@@ -60,6 +64,8 @@ def state_message(result: ShardResult) -> str:
     if result.status == "skipped":
         return f"skipped: done earlier ({amount})"
     cost = format_usd(result.cost_usd) if result.where == "modal" else f"$0 local (≈{format_usd(result.modal_estimate_usd)} on Modal)"
+    if wasted := result.extra.get("failed_attempts_usd"):
+        cost += f" (+{format_usd(wasted)} billed for failed attempts)"
     return f"{amount}, {cost}"
 
 
@@ -69,7 +75,7 @@ def artifact_key(stage: str, name: str, kind: str) -> str:
 
 
 def shard_table(report: StageReport) -> list[dict[str, Any]]:
-    """One row per shard: status, docs, chunks, tokens, seconds (work, container overhead), tokens/s, $ (and the error of a failed one)."""
+    """One row per shard: status, docs, chunks, tokens, seconds (work, container overhead), tokens/s, $ (its failed attempts' apart; the error of a failed one)."""
     rows = [
         {
             "shard": r.shard,
@@ -81,13 +87,21 @@ def shard_table(report: StageReport) -> list[dict[str, Any]]:
             "overhead s": round(r.overhead_seconds, 2),
             "tokens/s": round(r.tokens_per_second),
             "cost $": round(r.cost_usd, 6),
+            "failed attempts $": round(report.failed_attempts_usd.get(r.shard, 0.0), 6),
             "modal estimate $": round(r.modal_estimate_usd, 6),
             "error": "",
         }
         for r in report.results
     ]
     rows += [
-        {"shard": s, "status": "failed", "docs": 0, "chunks": 0, "tokens": 0, "seconds": 0, "overhead s": 0, "tokens/s": 0, "cost $": 0, "modal estimate $": 0, "error": e[:300]}
+        {
+            "shard": s,
+            "status": "failed",
+            **dict.fromkeys(("docs", "chunks", "tokens", "seconds", "overhead s", "tokens/s", "cost $"), 0),
+            "failed attempts $": round(report.failed_attempts_usd.get(s, 0.0), 6),
+            "modal estimate $": 0,
+            "error": e[:300],
+        }
         for s, e in report.failed.items()
     ]
     return sorted(rows, key=lambda row: row["shard"])
@@ -112,6 +126,9 @@ def stage_markdown(report: StageReport, resume_command: str) -> str:
     ]
     if t["overhead_seconds"]:
         lines += ["", f"The cost includes {t['overhead_seconds']:.1f} s of the containers' time outside shard work (start-up, model load, Volume sync), each shard paying its container's since the previous shard; idle time before a container scales down is in no shard's."]
+    if t["failed_attempts_usd"]:
+        count = sum(1 for dollars in report.failed_attempts_usd.values() if dollars)
+        lines += ["", f"The cost includes {format_usd(t['failed_attempts_usd'])} billed for the failed attempts of {count} shard(s) (Modal bills a container that fails too)."]
     slowest = sorted((r for r in report.results if r.status == "done"), key=lambda r: -r.seconds)[:3]
     if slowest:
         lines += ["", "Slowest shards: " + ", ".join(f"`{r.shard}` {r.seconds:.1f} s" for r in slowest)]

@@ -23,8 +23,8 @@ from pydantic import BaseModel
 
 from fineweb_modal import chunking, download, embedding, summary
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import rate_per_second, stage_resources
-from fineweb_modal.errors import ShardBusyError, UnreadableFileError
+from fineweb_modal.costs import mark_billed, rate_per_second, stage_resources
+from fineweb_modal.errors import ConfigError, ShardBusyError, UnreadableFileError
 from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
@@ -301,6 +301,16 @@ def _explain_disk_full(exc: BaseException, layout: Layout, job: ShardJob) -> OSE
         f"out of disk space while writing the {job.stage} output of {job.shard} under {layout.data_dir} "
         f"({human_bytes(free_bytes(layout.data_dir))} free now); nothing partial was kept — free some space or use another --data-dir, then rerun",
     )
+
+
+def charge_failed_attempt(exc: BaseException, job: ShardJob, billed_seconds: float, how: str) -> None:
+    """Put what a failed attempt of `job` was billed (`billed_seconds` of its stage's container) on its error."""
+    resources = stage_resources(job.stage)
+    try:
+        dollars = billed_seconds * rate_per_second(resources, job.rates)
+    except ConfigError:  # an unpriced GPU: the error already says so
+        return
+    mark_billed(exc, dollars, f"{billed_seconds:.0f} s of its {resources.gpu or f'{resources.cpu:g}-CPU'} container, {how}")
 
 
 def run_shard_exclusive(job: ShardJob) -> ShardResult:

@@ -12,6 +12,7 @@ from prefect.states import Completed, State
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import RunConfig
+from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
@@ -244,7 +245,7 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
     """Submit shard tasks (at most MAX_SHARDS_IN_FLIGHT at once) and yield (shard, final state) as they finish.
 
     With a max cost, a shard is started only while spent + the in-flight shards' estimated cost (the mean
-    of the finished ones) + its own stays within it; until a first shard has a cost, two run at a time. A budget
+    of the finished ones; what failed attempts were billed counts in both) + its own stays within it; until a first shard has a cost, two run at a time. A budget
     spent already (an earlier stage used it up) starts no shard on Modal; local shards cost nothing.
     """
     queue = list(inputs.items())
@@ -272,10 +273,21 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
         shard = running.pop(future)
         future.wait()  # sets the final state locally; without it `.state` asks the API, which may lag
         state = future.state
+        if wasted := _failed_attempts_usd(state):
+            report.failed_attempts_usd[shard] = wasted
         if state.is_completed() and state.result().status == "done":
-            costs.append(state.result().cost_usd)
+            costs.append(state.result().cost_usd + wasted)
+        elif wasted:
+            costs.append(wasted)  # a failed shard's bill: spent, and a sample of what a shard costs
         yield shard, state
     report.not_started = held_back
+
+
+def _failed_attempts_usd(state: State) -> float:
+    """What a shard task's failed attempts were billed: on its final error, or in the `extra` of a retry that passed."""
+    if state.is_completed():
+        return float(state.result().extra.get("failed_attempts_usd", 0.0))
+    return float(getattr(state.result(raise_on_failure=False), FAILED_ATTEMPTS_ATTRIBUTE, 0.0) or 0.0)
 
 
 def _summary_markdown(totals: dict, charts: dict[str, str]) -> str:

@@ -22,13 +22,14 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import PRICE_TABLE_DATE, reconcile_rates
+from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
     ShardJob,
     ShardResult,
+    charge_failed_attempt,
     chunk_input_schema,
     download_hub_shards,
     finalize_stage,
@@ -363,7 +364,15 @@ class ModalBackend:
             target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
         else:
             target = self._function(MODAL_FUNCTIONS[job.stage])
-        output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
+        started = time.monotonic()
+        try:
+            output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
+        except Exception as exc:
+            if billed_on(exc) is None and not lost_modal_link(exc) and not isinstance(exc, Interrupted):
+                # Its container could not say (killed out of memory or at its timeout, preempted): bill the whole wait.
+                how = "at most: the whole wait on its call, queue and start-up included"
+                charge_failed_attempt(exc, job.model_copy(update={"rates": self.rates}), time.monotonic() - started, how)
+            raise
         result = ShardResult.model_validate(output)
         result.extra["modal_call_id"] = call_id
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"

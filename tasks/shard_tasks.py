@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -11,6 +13,7 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from fineweb_modal.config import RunConfig
+from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
 from fineweb_modal.errors import is_transient
 from fineweb_modal.report import state_message
 from fineweb_modal.shards import ShardJob, ShardResult
@@ -44,15 +47,29 @@ def _lease_owner() -> str | None:
     return f"flow-run {root}" if root else None
 
 
+# What the failed attempts of each task run (by id) were billed so far: its retries run in this process.
+_failed_attempts_usd: dict[str, float] = {}
+
+
 def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
-    """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event."""
+    """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event.
+
+    What failed attempts were billed (Modal) adds up over the task run's retries: on its final error
+    (FAILED_ATTEMPTS_ATTRIBUTE) or in a later success's `extra`, so the budget and the report count it.
+    """
     attempt = current_task_run.run_count or 1
     job = ShardJob(stage=stage, shard=shard, run=run, source_file=source_file, attempt=attempt, owner=_lease_owner())
+    key = str(current_task_run.id)
     try:
         result: ShardResult = get_backend(run.backend).run(job)
     except Exception as exc:
-        _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc)})
+        wasted = _failed_attempts_usd[key] = _failed_attempts_usd.get(key, 0.0) + (billed_on(exc) or 0.0)
+        with contextlib.suppress(AttributeError, TypeError):  # an error type that takes no attributes
+            setattr(exc, FAILED_ATTEMPTS_ATTRIBUTE, wasted)
+        _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc), "billed_usd": billed_on(exc) or 0.0})
         raise
+    if wasted := _failed_attempts_usd.pop(key, 0.0):
+        result.extra = {**result.extra, "failed_attempts_usd": wasted}
     for warning in result.extra.get("warnings", []):  # logged where the work ran (a worker process, a Modal container)
         get_run_logger().warning(warning)
     _emit(result.status, stage, shard, run, {"tokens": result.tokens, "seconds": result.seconds, "overhead_seconds": result.overhead_seconds, "cost_usd": result.cost_usd})

@@ -92,6 +92,26 @@ def test_table_and_markdown_list_failures_and_resume():
     assert "1 of 2 shards succeeded" in markdown and "`b`: BadDataError" in markdown and "fineweb-modal run --stages chunk" in markdown
 
 
+def test_what_failed_attempts_were_billed_rides_on_the_error_and_counts_in_the_stages_cost():
+    import pickle
+
+    from fineweb_modal.costs import billed_on, mark_billed
+    from fineweb_modal.errors import BadDataError
+
+    error = BadDataError("b.arrow is truncated")
+    mark_billed(error, 0.25, "900 s of an H100 container")
+    crossed = pickle.loads(pickle.dumps(error))  # as it comes back from a Modal container or a worker process
+    assert billed_on(crossed) == 0.25 and crossed.__notes__ == ["this attempt was billed $0.25 (900 s of an H100 container)"]
+    assert billed_on(ValueError("not marked")) is None
+
+    done = ShardResult(stage="embed", shard="a", status="done", where="modal", tokens=100, seconds=2.0, cost_usd=0.5, extra={"failed_attempts_usd": 0.25})
+    assert state_message(done) == "100 tokens, $0.5 (+$0.25 billed for failed attempts)"
+    report = StageReport(stage="embed", name="d", backend="modal", results=[done], failed={"b": "BadDataError: truncated"}, failed_attempts_usd={"a": 0.25, "b": 1.0})
+    assert report.totals()["cost_usd"] == pytest.approx(1.75) and report.totals()["failed_attempts_usd"] == pytest.approx(1.25)
+    assert [row["failed attempts $"] for row in shard_table(report)] == [0.25, 1.0]
+    assert "includes $1.25 billed for the failed attempts of 2 shard(s)" in stage_markdown(report, "cmd")
+
+
 def test_text_histogram_scales_bars():
     lines = text_histogram([0, 10, 50], [5, 10], width=10).splitlines()
     assert lines[1].count("█") == 10 and lines[0].count("█") == 5

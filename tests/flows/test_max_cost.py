@@ -86,3 +86,34 @@ def test_a_spent_budget_still_lets_done_shards_through_as_skipped(prefect_api, p
     report = outcome(download(source=str(demo_source), data_dir=data_dir, backend="modal", max_cost=0.0, return_state=True))
     assert sorted((r.shard, r.status) for r in report.results) == [("data-00000-of-00003", "skipped"), ("data-00001-of-00003", "skipped")]
     assert report.not_started == ["data-00002-of-00003"]
+
+
+class FailsBilled(LocalPricedAsModal):
+    """Every shard fails for its data after its container was billed PRICE (as the Modal container reports it)."""
+
+    PRICE = 1.0
+
+    def run(self, job: ShardJob) -> ShardResult:
+        from fineweb_modal.costs import mark_billed
+        from fineweb_modal.errors import BadDataError
+
+        error = BadDataError(f"{job.shard}: unreadable")
+        mark_billed(error, self.PRICE, "test")
+        raise error
+
+
+def test_failed_attempts_count_toward_the_budget(prefect_api, demo_source, run_config_for, monkeypatch):
+    """Two probe shards fail after $1 each: with $1.50 allowed, the third never starts, and the report shows the $2."""
+    from flows.download import download
+    from flows.outcome import outcome
+
+    double = FailsBilled()
+    monkeypatch.setitem(backends._backends, "modal", double)
+    monkeypatch.setattr(backends, "modal_token_configured", lambda: True)
+    try:
+        run = run_config_for(demo_source)
+        report = outcome(download(source=str(demo_source), data_dir=str(run.dataset.data_dir), backend="modal", max_cost=1.5, return_state=True))
+    finally:
+        double.close()
+    assert len(report.failed) == 2 and len(report.not_started) == 1
+    assert report.totals()["cost_usd"] == pytest.approx(2.0) and sorted(report.failed_attempts_usd.values()) == [1.0, 1.0]

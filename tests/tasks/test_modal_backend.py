@@ -463,3 +463,40 @@ def test_the_embed_flow_on_modal_with_tei_refuses_another_model_then_embeds_with
     assert state.is_completed(), state.message
     (result,) = state.result().results
     assert result.status == "done" and result.chunks == double.metrics.embedded_inputs > 0 and len(fake.spawned) == 1
+
+
+def test_a_failed_attempt_carries_what_its_container_was_billed_and_the_next_shard_does_not_pay_it_again(downloaded, run_config_for, demo_source, monkeypatch):
+    """--max-cost counts failed attempts: the container puts its billed time on the error (30 s before the call included)."""
+    import time
+
+    from deployments import modal_app
+    from fineweb_modal.costs import ContainerClock, billed_on, rate_per_second, stage_resources
+
+    run, shard, fake = downloaded
+    monkeypatch.setattr(modal_app.modal, "is_local", lambda: False)
+    monkeypatch.setattr(modal_app, "volume", type("VolumeDouble", (), {"reload": lambda self: None, "commit": lambda self: None})())
+    monkeypatch.setattr(modal_app, "container_clock", ContainerClock(started=time.monotonic() - 30.0))
+    backend = ModalBackend(modal_module=fake)
+    wrong = run_config_for(demo_source, backend="modal", text_column="body")
+    with pytest.raises(Exception) as raised:
+        backend.run(ShardJob(stage="chunk", shard=shard, run=wrong))
+    billed = billed_on(raised.value)
+    rate = rate_per_second(stage_resources("chunk"))
+    assert billed is not None and 30 * rate <= billed < 60 * rate
+    assert any("this attempt was billed" in note and "as the container measured it" in note for note in raised.value.__notes__)
+    result = backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    assert result.status == "done" and result.overhead_seconds < 30.0, "the failure paid for the container's start already"
+
+
+def test_a_container_that_died_without_a_word_is_billed_the_whole_wait(downloaded):
+    """Killed out of memory or at its timeout, a container says nothing: the caller counts its wait as billed, at most."""
+    from fineweb_modal.costs import billed_on
+
+    run, shard, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    fake.wait_errors = [RuntimeError("container exited with code 137 (out of memory)")]
+    with pytest.raises(RuntimeError) as raised:
+        backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    assert billed_on(raised.value) is not None and billed_on(raised.value) > 0
+    assert any("the whole wait on its call" in note for note in raised.value.__notes__)
+    assert fake.dict == {}, "a failed call is forgotten: the retry starts afresh"

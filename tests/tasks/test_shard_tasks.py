@@ -71,3 +71,19 @@ def test_bad_data_fails_at_once(prefect_api, downloaded_shard, monkeypatch):
     ended = chunk_once(run, shard, backend, monkeypatch)
     assert ended["type"] == "FAILED" and backend.attempts == [1]
     assert "expected a string" in ended["message"]
+
+
+def billed(exc: Exception, dollars: float) -> Exception:
+    """An attempt's error as a Modal container sends it back: with what the attempt was billed."""
+    from fineweb_modal.costs import mark_billed
+
+    mark_billed(exc, dollars, "test")
+    return exc
+
+
+def test_what_failed_attempts_were_billed_adds_up_over_retries_into_the_shards_state(prefect_api, downloaded_shard, monkeypatch):
+    run, shard = downloaded_shard
+    backend = FlakyBackend([billed(TimeoutError("read timed out"), 0.5), billed(OSError(5, "Input/output error"), 0.25)])
+    ended = chunk_once(run, shard, backend, monkeypatch)
+    assert ended["type"] == "COMPLETED" and ended["result"].extra["failed_attempts_usd"] == pytest.approx(0.75)
+    assert "(+$0.75 billed for failed attempts)" in ended["message"]
