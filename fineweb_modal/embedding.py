@@ -19,9 +19,9 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import shutil
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not
     import torch
 
     from fineweb_modal.config import EmbedConfig
+
+log = logging.getLogger(__name__)
 
 READ_BLOCK_ROWS = 2048  # rows per part; ~1 M tokens of 500-token chunks, so the 2-3 blocks in flight stay small
 CPU_BATCH_TOKENS = 4096  # padded tokens: one batch's activations stay in cache (measured 1.15x faster than 16 k)
@@ -168,7 +170,7 @@ class TransformersEngine:
                     raise
                 # Causal decoders, position ids offset by a padding index (RoBERTa), attention outside
                 # transformers' interface (MPNet): packing would change the vectors. Pad instead.
-                warnings.warn(f"{model_id}: packed attention does not fit this model ({exc}); using padded batches", RuntimeWarning, stacklevel=2)
+                log.warning("%s: packed attention does not fit this model (%s); using padded batches", model_id, exc)
                 self._set_attention("padded")
                 self.tokens_embedded = 0
         if dtype is None and self.weights_from_path and not on_gpu and (half := cpu_half_dtype()) is not None:
@@ -249,7 +251,7 @@ class TransformersEngine:
             vectors = torch.cat(pooled).cpu().numpy() if pooled else np.zeros((0, self.dims), np.float32)
         if self.dtype != torch.float32 and self.device.type == "cpu" and not np.isfinite(vectors).all():
             # fp16's range is small: a text whose activations overflow gets the fp32 model, from then on.
-            warnings.warn(f"{self.info.model_id}: {_short_name(self.dtype)} overflowed on this block; switching to fp32", RuntimeWarning, stacklevel=2)
+            log.warning("%s: %s overflowed on this block; switching to fp32", self.info.model_id, _short_name(self.dtype))
             self._use_float32()
             return self.run(prepared)
         self.tokens_embedded += prepared.tokens
@@ -275,7 +277,7 @@ class TransformersEngine:
         except Exception as exc:
             if self.forward is self.model or isinstance(exc, torch.OutOfMemoryError):
                 raise
-            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); running the model eagerly", RuntimeWarning, stacklevel=2)
+            log.warning("torch.compile failed (%s: %s); running the model eagerly", type(exc).__name__, exc)
             self.forward = self.model
             self.compiled = False
             return self.model(**inputs)
@@ -396,9 +398,7 @@ class TransformersEngine:
 
         agreement = self._agreement(to_half)
         if agreement < CPU_HALF_MIN_COSINE:
-            warnings.warn(
-                f"{self.info.model_id}: {_short_name(half)} vectors disagree with fp32 (cosine {agreement:.5f}); using fp32", RuntimeWarning, stacklevel=3
-            )
+            log.warning("%s: %s vectors disagree with fp32 (cosine %.5f); using fp32", self.info.model_id, _short_name(half), agreement)
             self._use_float32()
 
     def _agreement_texts(self) -> list[str]:

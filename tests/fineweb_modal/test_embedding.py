@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +23,15 @@ TEXTS = [
     "x",
     "Python's `for` statement iterates over the items of any sequence, in the order that they appear.",
 ]
+
+
+@contextlib.contextmanager
+def logs_warning(caplog, pattern: str):
+    """The block logs a warning matching `pattern` (logged, so a shard's task run shows it in Prefect)."""
+    with caplog.at_level(logging.WARNING, logger="fineweb_modal"):
+        yield
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name.startswith("fineweb_modal")]
+    assert any(re.search(pattern, message) for message in warned), warned
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +288,7 @@ def test_packed_nomic_bert_matches_padded():
     assert ours.shape == (9, 128) and cosine_rows(ours, reference).min() >= 0.99999
 
 
-def test_a_failing_compiled_model_falls_back_to_eager_once():
+def test_a_failing_compiled_model_falls_back_to_eager_once(caplog):
     engine = TransformersEngine(DEFAULT_MODEL, compile=False)
     expected = engine.embed(TEXTS)
     calls = []
@@ -285,13 +298,13 @@ def test_a_failing_compiled_model_falls_back_to_eager_once():
         raise RuntimeError("inductor could not compile this")
 
     engine.forward = broken_compiled
-    with pytest.warns(RuntimeWarning, match="torch.compile failed .*running the model eagerly"):
+    with logs_warning(caplog, "torch.compile failed .*running the model eagerly"):
         vectors = engine.embed(TEXTS)
     assert calls == [1] and engine.forward is engine.model
     assert cosine_rows(vectors, expected).min() >= 0.99999
 
 
-def test_a_model_that_packing_does_not_fit_is_padded_instead(monkeypatch):
+def test_a_model_that_packing_does_not_fit_is_padded_instead(monkeypatch, caplog):
     """MPNet computes attention outside transformers' interface: packing would mix sequences, so auto pads."""
     import torch
     from transformers import MPNetConfig, MPNetModel
@@ -301,7 +314,7 @@ def test_a_model_that_packing_does_not_fit_is_padded_instead(monkeypatch):
     with pytest.raises(Exception, match="packed attention disagrees with padded"):
         TransformersEngine(DEFAULT_MODEL, model=model, attention="packed")
     monkeypatch.setattr(TransformersEngine, "_packing_preferred", lambda self, on_gpu: True)  # as on a GPU
-    with pytest.warns(RuntimeWarning, match="packed attention does not fit this model"):
+    with logs_warning(caplog, "packed attention does not fit this model"):
         engine = TransformersEngine(DEFAULT_MODEL, model=model)
     assert engine.attention == "padded"
     reference = TransformersEngine(DEFAULT_MODEL, model=model, attention="padded").embed(TEXTS)
@@ -362,20 +375,20 @@ def test_cpu_half_dtype_takes_the_fastest_native_type(cpu, expected, monkeypatch
     assert cpu_half_dtype() == (getattr(torch, expected) if expected else None)
 
 
-def test_fp16_that_disagrees_with_fp32_is_not_used(monkeypatch):
+def test_fp16_that_disagrees_with_fp32_is_not_used(monkeypatch, caplog):
     import torch
 
     from fineweb_modal import embedding
 
     monkeypatch.setattr(embedding, "cpu_half_dtype", lambda: torch.float16)
     monkeypatch.setattr(embedding, "CPU_HALF_MIN_COSINE", 1.01)  # no fp16 run can agree this well
-    with pytest.warns(RuntimeWarning, match="fp16 vectors disagree with fp32"):
+    with logs_warning(caplog, "fp16 vectors disagree with fp32"):
         engine = TransformersEngine(DEFAULT_MODEL, device="cpu")
     assert engine.dtype == torch.float32 and next(engine.model.parameters()).dtype == torch.float32
     assert engine.tokens_embedded == 0
 
 
-def test_an_fp16_overflow_is_recomputed_in_fp32(monkeypatch):
+def test_an_fp16_overflow_is_recomputed_in_fp32(monkeypatch, caplog):
     import torch
 
     from fineweb_modal import embedding
@@ -384,7 +397,7 @@ def test_an_fp16_overflow_is_recomputed_in_fp32(monkeypatch):
     monkeypatch.setattr(embedding, "cpu_half_dtype", lambda: torch.float16)
     engine = TransformersEngine(DEFAULT_MODEL, device="cpu", batch_tokens=512)
     overflowing = engine.model.encoder.layer[-1].register_forward_hook(lambda module, args, output: output * torch.inf)
-    with pytest.warns(RuntimeWarning, match="fp16 overflowed on this block; switching to fp32"):
+    with logs_warning(caplog, "fp16 overflowed on this block; switching to fp32"):
         vectors = engine.embed(TEXTS)
     overflowing.remove()
     assert engine.dtype == torch.float32 and next(engine.model.parameters()).dtype == torch.float32

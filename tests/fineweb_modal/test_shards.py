@@ -164,3 +164,23 @@ def test_a_failing_shard_carries_the_warnings_logged_before_it_failed(demo_sourc
     with pytest.raises(OSError, match="the disk went away") as failure:
         run_shard(job)
     assert any("ledger says done with 12 rows but" in note and "redoing it" in note for note in failure.value.__notes__)
+
+
+def test_the_embedding_engines_warnings_come_back_with_the_shard(demo_source, run_config_for, monkeypatch):
+    """A warning the engine logs where the shard runs (here: its fp16 disagreed, it runs fp32) reaches the task's log."""
+    import torch
+
+    from fineweb_modal import embedding
+
+    run = run_config_for(demo_source)
+    source_file = str(sorted(demo_source.glob("*.parquet"))[0])
+    shard = "data-00000-of-00003"
+    run_stages(run, shard, stages=("download", "chunk"), source_file=source_file)
+    monkeypatch.setattr(embedding, "cpu_half_dtype", lambda: torch.float16)
+    monkeypatch.setattr(embedding, "CPU_HALF_MIN_COSINE", 1.01)  # no fp16 run can agree this well
+    embedding._cached_engine.cache_clear()  # a fresh engine, built in this shard's run
+    try:
+        [result] = run_stages(run, shard, stages=("embed",))
+    finally:
+        embedding._cached_engine.cache_clear()
+    assert result.status == "done" and any("fp16 vectors disagree with fp32" in w for w in result.extra["warnings"])
