@@ -24,7 +24,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the engine and its benchmark also run where pydantic is not
     import torch
 
     from fineweb_modal.config import EmbedConfig
+    from fineweb_modal.tei import TEIStats
 
 log = logging.getLogger(__name__)
 
@@ -481,6 +482,13 @@ class TEIEngine:
             self.tokens_embedded = before
         return self._dims
 
+    def take_request_stats(self) -> TEIStats:
+        """The client's request counts since the last take (so, taken around a shard: that shard's), counting afresh."""
+        from fineweb_modal.tei import TEIStats
+
+        taken, self.client.stats = self.client.stats, TEIStats()
+        return taken
+
     def metadata(self) -> dict[str, str]:
         """What the embedding parquet records about the served model."""
         return {
@@ -577,6 +585,7 @@ class EmbedStats:
     tokens: int = 0
     dims: int = 0
     docs: int = 0  # as the chunk file counted them (0 when it does not say)
+    tei_requests: dict | None = None  # the TEI engine's requests, retries and statuses for this shard
 
 
 def _revision(path: str) -> str:
@@ -682,6 +691,8 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
     for stale in parts_dir.glob(".*.tmp"):  # a part a killed run was writing
         stale.unlink(missing_ok=True)
     stats = EmbedStats(docs=int(parquet_key_values(chunks).get("fineweb_modal.docs", 0)))
+    if isinstance(engine, TEIEngine):
+        engine.take_request_stats()  # what came before this shard is not its
 
     def prepare(piece: pa.RecordBatch) -> object:
         if piece.column("chunk_text").null_count:
@@ -749,4 +760,10 @@ def embed_shard(input_path: Path, output_path: Path, cfg: EmbedConfig, parts_dir
             raise
         stats.dims = output.close(engine.dims)
     shutil.rmtree(parts_dir, ignore_errors=True)
+    if isinstance(engine, TEIEngine):
+        requests = engine.take_request_stats()
+        stats.tei_requests = asdict(requests)
+        if retried := requests.retried():
+            # Every row still came back once; many retries say the server is overloaded or restarting.
+            log.warning("%s: TEI at %s: %s", input_path.name, engine.client.url, retried)
     return stats

@@ -153,7 +153,8 @@ def _do_stage(job: ShardJob, fingerprint: str) -> dict[str, Any]:
         }
     if job.stage == "embed":
         stats = embedding.embed_shard(source, output, job.run.embed, layout.parts_dir("embed", job.shard, fingerprint))
-        return {"rows_in": stats.chunks, "rows_out": stats.chunks, "docs": stats.docs, "chunks": stats.chunks, "tokens": stats.tokens, "extra": {"dims": stats.dims}}
+        extra = {"dims": stats.dims, **({"tei_requests": stats.tei_requests} if stats.tei_requests else {})}
+        return {"rows_in": stats.chunks, "rows_out": stats.chunks, "docs": stats.docs, "chunks": stats.chunks, "tokens": stats.tokens, "extra": extra}
     shard_summary = summary.summarize_shard(source, output, job.run.chunk.max_tokens)
     return {
         "rows_in": shard_summary["chunks"],

@@ -75,13 +75,22 @@ class TEIInfo:
 
 @dataclass
 class TEIStats:
-    """What one `embed` call cost in requests and retries (for logs and tests)."""
+    """What a client's `embed` calls cost in requests and retries (per shard in its result, for tests)."""
 
     requests: int = 0
     retries: int = 0
     splits: int = 0
     max_inputs_in_flight: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    transport_errors: int = 0  # timeouts, resets, refused connections
+
+    def retried(self) -> str | None:
+        """`7 retries over 52 requests (HTTP 429 ×4, HTTP 503 ×2, timeout or reset ×1)` when any request was retried, else None."""
+        if not self.retries:
+            return None
+        causes = [f"HTTP {status} ×{count}" for status, count in sorted(self.statuses.items()) if status in RETRY_STATUSES]
+        causes += [f"timeout or reset ×{self.transport_errors}"] if self.transport_errors else []
+        return f"{self.retries} retries over {self.requests} requests ({', '.join(causes)})"
 
 
 def pack_requests(token_counts: list[int], text_bytes: list[int], token_budget: int, max_items: int, max_payload: int) -> list[list[int]]:
@@ -197,6 +206,7 @@ class TEIClient:
             try:
                 response = await client.request(method, path, content=body, headers={"Content-Type": "application/json"} if body else None)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
+                self.stats.transport_errors += 1
                 last_error = self._redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
                 continue
             self.stats.statuses[response.status_code] = self.stats.statuses.get(response.status_code, 0) + 1

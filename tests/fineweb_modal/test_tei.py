@@ -290,3 +290,32 @@ def test_a_shard_with_no_chunk_gets_the_served_width(double, tmp_path):
     cfg = EmbedConfig(model=DEFAULT_MODEL, engine="tei", tei_url=double.url)
     stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=fast_engine(double.url))
     assert stats.dims == 384 and pq.read_schema(tmp_path / "e.parquet").field("embedding").type == pa.list_(pa.float32(), 384)
+
+
+def test_a_shards_retries_are_counted_and_logged_for_its_task(double, tmp_path, caplog):
+    """An operator sees that TEI was overloaded (429s) in the shard's task log and result, not only in its speed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fineweb_modal.config import EmbedConfig
+    from fineweb_modal.embedding import embed_shard
+
+    n = len(TEXTS)
+    chunks = pa.table({"id": [str(i) for i in range(n)], "doc_index": pa.array(range(n), pa.int64()), "chunk_index": pa.array([0] * n, pa.int32()), "chunk_text": TEXTS})
+    pq.write_table(chunks, tmp_path / "c.parquet")
+    cfg = EmbedConfig(model=DEFAULT_MODEL, engine="tei", tei_url=double.url)
+    engine = fast_engine(double.url)
+    engine.embed(["an earlier shard's requests are not this one's"])
+    double.faults = ["429"] * 3
+    with caplog.at_level(logging.WARNING, logger="fineweb_modal"):
+        stats = embed_shard(tmp_path / "c.parquet", tmp_path / "e.parquet", cfg, tmp_path / "parts", engine=engine)
+    assert stats.tei_requests["retries"] >= 3 and stats.tei_requests["statuses"][429] >= 3
+    assert stats.tei_requests["requests"] == stats.tei_requests["statuses"][200], "each answered once, and the earlier shard's not counted"
+    warned = [r.getMessage() for r in caplog.records if "TEI at" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("c.parquet: TEI at http://127.0.0.1:") and "HTTP 429 ×" in warned[0]
+
+    double.faults = []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fineweb_modal"):
+        calm = embed_shard(tmp_path / "c.parquet", tmp_path / "e2.parquet", cfg, tmp_path / "parts2", engine=engine)
+    assert calm.tei_requests["retries"] == 0 and not [r for r in caplog.records if "TEI at" in r.getMessage()]
