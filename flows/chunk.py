@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, BackendName, OnlyWhich, build_run_config
+from fineweb_modal.config import DEFAULT_KEEP_COLUMNS, BackendName, OnlyWhich
 from fineweb_modal.models import DEFAULT_MODEL
 from flows.hooks import cancel_modal_calls, dataset_run_name
-from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage_flow
 
 
 @flow(name="chunk", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls], flow_run_name=dataset_run_name)
@@ -30,9 +30,4 @@ def chunk(
     max_cost: float | None = None,
 ):
     """Chunk `<name>/<split>/*.arrow` into `<name>-chunked-<max_tokens>/<split>/*.parquet`, one task per shard."""
-    run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
-        max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column,
-        keep_columns=keep_columns, shards=shards, only=only, max_cost=max_cost,
-    )  # fmt: skip
-    return run_stage("chunk", run)
+    return run_stage_flow("chunk", **locals())

@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import BackendName, OnlyWhich, build_run_config
+from fineweb_modal.config import BackendName, OnlyWhich
 from flows.hooks import cancel_modal_calls, dataset_run_name
-from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage_flow
 
 
 @flow(name="download", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls], flow_run_name=dataset_run_name)
@@ -24,7 +24,4 @@ def download(
     num_proc: int = 4,
 ):
     """Copy a source into `data_dir/<name>/<split>/<shard>.arrow`, one task per shard."""
-    run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["download"], backend=backend, shards=shards, only=only, max_cost=max_cost, num_proc=num_proc
-    )
-    return run_stage("download", run)
+    return run_stage_flow("download", **locals())

@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from fineweb_modal.config import BackendName, CompileMode, EmbeddingDtype, EngineName, OnlyWhich, build_run_config
+from fineweb_modal.config import BackendName, CompileMode, EmbeddingDtype, EngineName, OnlyWhich
 from fineweb_modal.models import DEFAULT_MODEL
 from flows.hooks import cancel_modal_calls, dataset_run_name
-from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage
+from flows.stage import MAX_SHARDS_IN_FLIGHT, run_stage_flow
 
 
 @flow(name="embed", task_runner=ThreadPoolTaskRunner(max_workers=MAX_SHARDS_IN_FLIGHT), on_cancellation=[cancel_modal_calls], flow_run_name=dataset_run_name)
@@ -33,9 +33,4 @@ def embed(
     compile: CompileMode = "auto",
 ):
     """Embed `<name>-chunked-<T>/<split>/*.parquet` into `<name>-chunked-<T>-<model>/<split>/`, one task per shard."""
-    run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
-        max_tokens=max_tokens, model=model, prefix=prefix, engine=engine, shards=shards, only=only, max_cost=max_cost, tei_url=tei_url,
-        tei_served_model=tei_served_model, dimensions=dimensions, embedding_dtype=embedding_dtype, compile=compile,
-    )  # fmt: skip
-    return run_stage("embed", run)
+    return run_stage_flow("embed", **locals())

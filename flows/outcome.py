@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from prefect.states import Failed, State
@@ -24,11 +25,33 @@ def failed(message: str, data: Any) -> State:
 
 
 def refused(what: str, error: Exception) -> State:
-    """A flow that could not start (a ConfigError): its message in the log and the state, not a traceback."""
+    """A flow that could not start (a ConfigError): its message in the log and the state, not a traceback.
+
+    Config errors name CLI flags (`--tei-url`); in a run a deployment started, whose user filled in a form,
+    they name the parameters (`tei_url`) instead.
+    """
     from prefect import get_run_logger
 
-    get_run_logger().error("%s could not start: %s", what, error)
-    return Failed(message=f"{what}: {error}", data=error)
+    message = for_this_run(str(error))
+    get_run_logger().error("%s could not start: %s", what, message)
+    return Failed(message=f"{what}: {message}", data=error)
+
+
+def for_this_run(message: str) -> str:
+    """A message naming CLI flags, with the flow's parameter names instead when a deployment started this run."""
+    from prefect.runtime import deployment, flow_run
+
+    return in_parameter_terms(message, set(flow_run.parameters)) if deployment.id else message
+
+
+def in_parameter_terms(message: str, parameters: set[str]) -> str:
+    """`--tei-url` → `` `tei_url` `` for each flag that is one of `parameters`; other text is left as it is."""
+
+    def parameter(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        return f"`{name}`" if name in parameters else match.group(0)
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", parameter, message)
 
 
 def outcome(state: State) -> Any:

@@ -26,7 +26,7 @@ from flows.chunk import chunk
 from flows.download import download
 from flows.embed import embed
 from flows.hooks import cancel_modal_calls, dataset_run_name
-from flows.outcome import failed, outcome, refused
+from flows.outcome import failed, for_this_run, outcome, refused
 from flows.reporting import publish_pipeline_summary
 from flows.stage import check_before_work, failed_shards, run_tags, without_input
 from flows.summarize import summarize
@@ -86,9 +86,9 @@ def pipeline(
         compile: torch.compile for the transformers engine: auto (on CUDA only), on or off.
     """
     params = {k: v for k, v in locals().items() if k != "stages"}
-    run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
     logger = get_run_logger()
     try:
+        run = build_run_config(stages=stages, **params)  # bad config stops here, before any stage
         check_before_work(run)  # so do an empty source, a missing text column, a TEI that is down
         if run.only == "failed":
             params.update(shards=failed_shards(run), only=None)
@@ -114,8 +114,8 @@ def pipeline(
         report = outcome(state)
         if not isinstance(report, StageReport):  # the stage could not start (no input, bad column, no room): stop here
             if isinstance(report, ConfigError) and not reports:
-                return Failed(message=f"{stage}: {report}", data=report)  # nothing ran: the setup was wrong (the CLI's exit code 2)
-            return _stopped(run, f"{stage} could not run: {report}", reports)
+                return Failed(message=f"{stage}: {for_this_run(str(report))}", data=report)  # nothing ran: the setup was wrong (the CLI's exit code 2)
+            return _stopped(run, f"{stage} could not run: {for_this_run(str(report))}", reports)
         reports[stage] = report
         spent += report.totals()["cost_usd"]
         if report.not_started:

@@ -11,7 +11,7 @@ from prefect.states import Completed, State
 
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
-from fineweb_modal.config import RunConfig
+from fineweb_modal.config import RunConfig, build_run_config
 from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
@@ -29,8 +29,10 @@ from tasks.backends import get_backend
 from tasks.secrets import TEI_API_KEY_ENV, load_tei_api_key
 from tasks.shard_tasks import STAGE_TASKS, download_hub_task
 
-# Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: max_containers).
-MAX_SHARDS_IN_FLIGHT = 64
+# Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: each
+# function's max_containers). Not fewer than chunk's 100 containers, or sample-10BT's 99 shards chunk in two
+# waves; a tag concurrency limit (`stage:embed`) bounds a stage lower, this setting (at import) higher.
+MAX_SHARDS_IN_FLIGHT = int(os.environ.get("FINEWEB_MODAL_MAX_SHARDS_IN_FLIGHT", "128"))
 BUDGET_PROBE_SHARDS = 2
 
 
@@ -164,6 +166,15 @@ def without_input(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
     except ConfigError:
         available = set()
     return [shard for shard in shards if shard not in available]
+
+
+def run_stage_flow(stage: str, **params) -> State:
+    """The body of a stage's flow: its parameters as a run config (bad config refused: a message, no traceback), then the stage."""
+    try:
+        run = build_run_config(stages=[stage], **params)
+    except ConfigError as exc:
+        return refused(stage, exc)
+    return run_stage(stage, run)
 
 
 def run_stage(stage: str, run: RunConfig) -> State:

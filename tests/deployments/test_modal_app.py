@@ -24,6 +24,13 @@ def test_every_stage_has_a_function_with_its_resources(modal_app):
     assert modal_app.app.name == "fineweb-modal"
 
 
+def test_a_stage_keeps_as_many_shards_in_flight_as_its_function_has_containers(modal_app):
+    """Else sample-10BT's 99 chunk shards would run in two waves on 100 containers, taking twice as long."""
+    from flows.stage import MAX_SHARDS_IN_FLIGHT
+
+    assert MAX_SHARDS_IN_FLIGHT >= max(modal_app.CHUNK_MAX_CONTAINERS, modal_app.EMBED_MAX_CONTAINERS, 99)
+
+
 def test_model_weights_live_off_the_data_volume_that_is_reloaded_per_shard(modal_app):
     """A loaded model keeps its files open, and Modal refuses to reload a Volume with open files."""
     from pathlib import PurePosixPath

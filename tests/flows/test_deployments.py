@@ -90,6 +90,8 @@ def test_served_pipeline_runs_reports_and_resumes_only_the_broken_shard(served, 
         assert all(field.get("description") for field in form.values()), "and says what each field is"
         with pytest.raises(Exception, match="(?i)validation"):  # and the server refuses another value before any run starts
             run_deployment("pipeline/local", parameters={**parameters, "backend": "gpu"}, timeout=0)
+        refused = run_deployment("pipeline/local", parameters={**parameters, "engine": "tei"}, timeout=300)
+        assert refused.state.is_failed() and "needs `tei_url`" in refused.state.message, "the form's field, not the CLI's flag"
 
         run = run_deployment("pipeline/local", parameters=parameters, timeout=600)
         assert run.state.is_completed(), f"{run.state}\n{log.read_text()[-3000:]}"

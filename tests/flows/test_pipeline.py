@@ -250,6 +250,27 @@ def test_a_deployment_run_is_told_the_prefect_command_that_retries_it(monkeypatc
     assert _prefect_rerun() == "prefect flow-run retry 5d1e2f00-0000-4000-8000-000000000002"
 
 
+def test_a_refusal_names_flags_on_the_cli_and_parameters_in_a_deployment_run(pipeline_flow, demo_source, tmp_path, monkeypatch):
+    """Whoever filled in the run form sees `tei_url`, the field they know; the CLI's user sees --tei-url."""
+    from flows.outcome import in_parameter_terms
+
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", engine="tei")
+    assert state.is_failed() and "--engine tei with the local backend needs --tei-url" in state.message
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", "0f3c0a57-0000-4000-8000-000000000001")
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", engine="tei")
+    assert state.is_failed() and "`engine` tei with the local backend needs `tei_url`" in state.message and "--" not in state.message
+    assert not (tmp_path / "data").exists()
+    assert in_parameter_terms("see fineweb-modal --help; --source and --nope", {"source"}) == "see fineweb-modal --help; `source` and --nope"
+
+    from fineweb_modal.errors import ConfigError
+    from flows.embed import embed
+    from flows.outcome import outcome
+
+    state = embed(name="demo", data_dir=str(tmp_path / "data"), engine="tei", return_state=True)  # a stage's own deployment
+    assert state.is_failed() and state.message.startswith("embed: `engine` tei with the local backend needs `tei_url`")
+    assert isinstance(outcome(state), ConfigError), "refused (a message), not an exception raised through Prefect (a traceback)"
+
+
 def test_warnings_from_the_worker_process_reach_the_task_runs_log(pipeline_flow, demo_source, tmp_path):
     """Shard work runs in a worker process (or a Modal container), where no Prefect logger is: its warnings come back with the result."""
     (demo_source / "data-00002-of-00003.parquet").unlink()
