@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, reconcile_rates
-from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, WorkerLostError
+from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ShardBusyError, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
@@ -250,13 +250,19 @@ def lost_modal_link(exc: BaseException) -> bool:
 
 
 def call_key(job: ShardJob) -> str:
-    """The key of a shard job's Modal call (and its lease): dataset, split, stage, shard and the stage's config.
+    """The key of a shard job's Modal call record, which is also its lease on Modal: the local lease file's path.
 
-    Only what shapes the output goes in: two runs that pick shards differently (`--shards`, `--only failed`)
-    or have other budgets still meet on the same key for the same shard.
+    One per output file (dataset, split, the stage's folder, shard), whatever the config: two runs never write
+    one file at once. Which config the call runs is in its record (call_config).
     """
-    digest = hashlib.sha256(stage_config_fingerprint(job).encode()).hexdigest()[:12]
-    return f"{job.run.dataset.name}/{job.run.dataset.split}/{job.stage}/{job.shard}/{digest}"
+    layout = job.layout()
+    return layout.lease_path(job.stage, job.shard).relative_to(layout.data_dir).as_posix()
+
+
+def call_config(job: ShardJob) -> str:
+    """What shapes a shard job's output, digested: a run re-attaches only to a call with its own, and two runs that
+    pick shards differently (`--shards`, `--only failed`) or have other budgets still share it."""
+    return hashlib.sha256(stage_config_fingerprint(job).encode()).hexdigest()[:12]
 
 
 def _same_run(record: dict, reservation: dict) -> bool:
@@ -366,7 +372,7 @@ class ModalBackend:
             target = self._function(MODAL_FUNCTIONS[job.stage])
         started = time.monotonic()
         try:
-            output, call_id = self._call(call_key(job), lambda: target.spawn(payload))
+            output, call_id = self._call(call_key(job), lambda: target.spawn(payload), call_config(job))
         except Exception as exc:
             if billed_on(exc) is None and not lost_modal_link(exc) and not isinstance(exc, Interrupted):
                 # Its container could not say (killed out of memory or at its timeout, preempted): bill the whole wait.
@@ -378,21 +384,31 @@ class ModalBackend:
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
         return result
 
-    def _call(self, key: str, spawn: Callable[[], Any]) -> tuple[Any, str]:
+    def _call(self, key: str, spawn: Callable[[], Any], config: str = "") -> tuple[Any, str]:
         """Re-attach to the running call for `key`, or spawn one; wait for its (result, call id); forget it once it returned.
 
         The record in the Dict is also the shard's lease on Modal (a Volume has no atomic create): a run
         reserves the key with `put(..., skip_if_exists=True)` before spawning, so two runs at once never
-        spawn two calls for one shard — the second waits on the first's call. A reservation left by a run
-        that died before spawning expires after the lease TTL. Only a returned call (a result or a remote
-        error) is forgotten: when this process is stopped or loses its link to Modal while waiting, the record
-        stays, and the next attempt or run re-attaches to the call instead of starting another.
+        spawn two calls for one shard — the second waits on the first's call, or, when that call runs another
+        `config` (it writes the same file differently), fails with ShardBusyError as a local run would. A
+        reservation left by a run that died before spawning expires after the lease TTL. Only a returned call
+        (a result or a remote error) is forgotten: when this process is stopped or loses its link to Modal
+        while waiting, the record stays, and the next attempt or run re-attaches to the call instead of
+        starting another.
         """
-        reservation = {"call_id": None, "reserved": _now(), "reserved_at": time.time(), **_flow_run_ids()}
+        reservation = {"call_id": None, "config": config, "reserved": _now(), "reserved_at": time.time(), **_flow_run_ids()}
         while not self._calls.put(key, reservation, skip_if_exists=True):
             record = self._calls.get(key)
             if not record:
                 continue  # forgotten meanwhile: reserve again
+            if record.get("config", "") != config:
+                if self._still_running(record):
+                    raise ShardBusyError(
+                        f"{key}: another run's Modal call {record.get('call_id') or '(starting)'} (since {record.get('reserved')}) writes this "
+                        f"shard with another config; rerun it once that run is done"
+                    )
+                self._forget(key, record)  # it ended: its result was for another config, nothing to re-attach to
+                continue
             if record.get("call_id"):
                 _log(f"re-attaching to Modal call {record['call_id']} (started {record.get('started')}) instead of starting another")
                 ours = _same_run(record, reservation)  # this run's own call (a retry re-attaching), or another run's
@@ -431,6 +447,18 @@ class ModalBackend:
             raise  # a lost link keeps the record: the retry re-attaches to the call, which may still run
         self._forget(key, started)
         return output, call.object_id
+
+    def _still_running(self, record: dict) -> bool:
+        """Whether a recorded call (or a reservation about to spawn one) may still run, asked without waiting."""
+        if not record.get("call_id"):
+            return time.time() - record.get("reserved_at", 0) <= LEASE_TTL_S
+        try:
+            self._modal.FunctionCall.from_id(record["call_id"]).get(timeout=0)
+        except TimeoutError:
+            return True  # no result yet
+        except Exception as exc:
+            return lost_modal_link(exc)  # unknown: count it as running; any other error is the call's own end
+        return False
 
     def _wait(self, call: Any, cancel_on_stop: bool) -> Any:
         """The call's result, waited for in slices: after a stop request (Ctrl-C) the call is cancelled and its

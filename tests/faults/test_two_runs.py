@@ -198,14 +198,43 @@ def test_a_run_that_lost_its_lease_records_nothing(demo_source, run_config_for):
     assert Ledger(layout_for(run)).read("chunk", path.stem) is None, "the run that took over records the shard"
 
 
-def test_the_modal_lease_key_ignores_which_shards_a_run_picked(demo_source, run_config_for):
-    from tasks.backends import call_key
+def test_the_modal_lease_is_the_output_files_and_its_config_ignores_which_shards_a_run_picked(demo_source, run_config_for):
+    from tasks.backends import call_config, call_key
 
     job = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source))
     other_selection = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, shards="s0,s1", only="failed", max_cost=3))
     other_model_config = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, embedding_dtype="float16"))
-    assert call_key(job) == call_key(other_selection)
-    assert call_key(job) != call_key(other_model_config)
+    other_file = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, max_tokens=128))
+    assert call_key(job) == call_key(other_selection) == call_key(other_model_config) != call_key(other_file)
+    assert call_key(job) == layout_for(job.run).lease_path("embed", "s0").relative_to(job.run.dataset.data_dir).as_posix()
+    assert call_config(job) == call_config(other_selection) != call_config(other_model_config)
+
+
+def test_two_modal_runs_with_other_configs_never_write_one_file_at_once(demo_source, run_config_for, monkeypatch):
+    """Both would write the same embedding file (vectors of one, ledger record of the other): the second is refused as
+    a local run would be (ShardBusyError), while the first's call runs; once it has ended, the second goes ahead."""
+    from tasks.backends import ModalBackend, call_config, call_key
+    from tests.tasks.test_modal_backend import FakeCall, FakeDict
+
+    store, calls = FakeDict(), {}
+    backend = ModalBackend(modal_module=modal_with(store, calls))
+    first = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source))
+    second = ShardJob(stage="embed", shard="s0", run=run_config_for(demo_source, embedding_dtype="float16"))
+
+    class Running(FakeCall):
+        def get(self, timeout=None):
+            raise TimeoutError  # no result yet
+
+    theirs = Running(lambda: None, calls)
+    store.put(call_key(first), {"call_id": theirs.object_id, "config": call_config(first), "reserved": "t", "reserved_at": time.time(), "flow_run_id": "run-1"})
+    with pytest.raises(ShardBusyError, match="writes this shard with another config"):
+        backend._call(call_key(second), lambda: pytest.fail("a second call was spawned for the same file"), call_config(second))
+    assert store[call_key(first)]["call_id"] == theirs.object_id, "the first run's record stays"
+
+    finished = FakeCall(lambda: "their result", calls)
+    store[call_key(first)] = {**store[call_key(first)], "call_id": finished.object_id}
+    output, _ = backend._call(call_key(second), lambda: FakeCall(lambda: "ours", calls), call_config(second))
+    assert output == "ours" and store == {}
 
 
 def test_a_failed_spawn_frees_its_reservation_and_cancel_skips_reservations():

@@ -13,7 +13,7 @@ import pytest
 from fineweb_modal.errors import is_transient
 from fineweb_modal.ledger import Ledger
 from fineweb_modal.shards import ShardJob, layout_for, run_shard
-from tasks.backends import ModalBackend, call_key, lost_modal_link
+from tasks.backends import ModalBackend, call_config, call_key, lost_modal_link
 
 _ids = itertools.count()
 
@@ -147,7 +147,7 @@ def test_a_rerun_asks_the_ledger_before_starting_a_gpu_container(downloaded):
     # its record would otherwise outlive the shard's output and answer a later run with a stale result.
     job = ShardJob(stage="embed", shard=shard, run=run)
     orphan = FakeCall(lambda: {**again.model_dump(mode="json"), "status": "done"}, fake.calls)
-    fake.dict.put(call_key(job), {"call_id": orphan.object_id, "reserved_at": 0.0, "started": "t"})
+    fake.dict.put(call_key(job), {"call_id": orphan.object_id, "config": call_config(job), "reserved_at": 0.0, "started": "t"})
     assert backend.run(job).extra["modal_call_id"] == orphan.object_id and fake.dict == {}
 
 
@@ -156,7 +156,7 @@ def test_a_restarted_run_reattaches_instead_of_starting_again(downloaded):
     job = ShardJob(stage="chunk", shard=shard, run=run)
     backend = ModalBackend(modal_module=fake)
     with pytest.raises(KeyboardInterrupt):  # the worker dies while waiting
-        backend._call(call_key(job), lambda: FakeCall(lambda: {}, fake.calls, wait_error=KeyboardInterrupt()))
+        backend._call(call_key(job), lambda: FakeCall(lambda: {}, fake.calls, wait_error=KeyboardInterrupt()), call_config(job))
     record = fake.dict[call_key(job)]
     orphan = fake.calls[record["call_id"]]
     orphan.wait_error, orphan._run = None, lambda: fake.app.chunk_shard.local(
