@@ -25,6 +25,8 @@ class StageStatus:
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # done, but made from an input that has since been replaced
+    docs: int = 0
+    chunks: int = 0
     tokens: int = 0
     seconds: float = 0.0
     cost_usd: float = 0.0
@@ -94,6 +96,8 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
                 status.stale.append(record.shard)
                 continue
             status.done.append(record.shard)
+            status.docs += int(record.stats.get("docs", 0))
+            status.chunks += int(record.stats.get("chunks", 0))
             status.tokens += int(record.stats.get("tokens", 0))
             status.seconds += float(record.stats.get("seconds", 0.0))
             status.cost_usd += float(record.stats.get("cost_usd", 0.0))

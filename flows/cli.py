@@ -245,11 +245,14 @@ def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
     elif not statuses:
         print(f"no ledger records under {data_dir}" + (f" for {name}" if name else ""))
     else:
-        print(f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'stale':>5} {'tokens':>14} {'seconds':>9} {'cost':>9}")
+        print(
+            f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'stale':>5} "
+            f"{'docs':>11} {'chunks':>12} {'tokens':>14} {'seconds':>9} {'cost':>9}"
+        )
         for s in statuses:
             print(
                 f"{s.dataset:<48} {s.stage:<10} {s.split:<6} {len(s.done):>5} {len(s.failed):>6} {len(s.missing):>7} {len(s.stale):>5} "
-                f"{group_digits(s.tokens):>14} {s.seconds:>9.1f} {format_usd(s.cost_usd):>9}"
+                f"{group_digits(s.docs):>11} {group_digits(s.chunks):>12} {group_digits(s.tokens):>14} {s.seconds:>9.1f} {format_usd(s.cost_usd):>9}"
             )
             for shard, error in s.failed.items():
                 print(f"    failed  {shard}: {error[:150]}")

@@ -57,6 +57,8 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     assert main(["status", "--data-dir", str(tmp_path / "data")]) == 1
     out = capsys.readouterr().out
     assert "failed  data-00003-of-00003: BadDataError" in out
+    header, download_row = out.splitlines()[0].split(), next(line for line in out.splitlines() if " download " in line).split()
+    assert header[-5:] == ["docs", "chunks", "tokens", "seconds", "cost"] and download_row[7:9] == ["36", "0"], "download counts docs (36), not tokens"
     assert main(["status", "--data-dir", str(tmp_path / "data"), "--json"]) == 1
     import json
 
