@@ -9,7 +9,7 @@ import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import modal
@@ -129,8 +129,8 @@ def _on_the_volume() -> Iterator[None]:
     volume.commit()
 
 
-def _run(job: dict) -> dict:
-    """Run one shard job against the Volume.
+def _run(job: dict, before: Callable[[], None] | None = None) -> dict:
+    """Run one shard job against the Volume, after `before` (e.g. restarting a router that died).
 
     A shard that works also pays for this container's time outside shard work since the last one did; a
     failed attempt's error carries that time and its own (`billed_usd`), which the caller counts toward --max-cost.
@@ -139,11 +139,14 @@ def _run(job: dict) -> dict:
     shard_job = ShardJob.model_validate(job)
     started = time.monotonic()
     try:
+        if before is not None:
+            before()
         with _failing_in_the_container(), _on_the_volume():
             overhead = container_clock.unbilled_seconds() if in_container else 0.0
             result = run_shard(shard_job, overhead_seconds=overhead)
-            if in_container and result.status == "done":
-                container_clock.billed(result.overhead_seconds, result.seconds)
+        # Only once the Volume has it: a failed commit fails the attempt, which then pays for the work too.
+        if in_container and result.status == "done":
+            container_clock.billed(result.overhead_seconds, result.seconds)
     except Exception as exc:
         billed = container_clock.unbilled_seconds() if in_container else time.monotonic() - started
         if in_container:
@@ -289,11 +292,13 @@ class TEIEmbedder:
     @modal.method()
     def embed_shard(self, job: dict) -> dict:
         """embed, one shard, through the TEI in this container (started again first if it has died)."""
+        job["run"]["embed"] = {**job["run"]["embed"], "engine": "tei", "tei_url": self.url}
+        return _run(job, before=self._router_alive)
+
+    def _router_alive(self) -> None:
         if self.process is not None and self.process.poll() is not None:
             print(f"text-embeddings-router exited with code {self.process.returncode}; starting it again")
             self._start_router()
-        job["run"]["embed"] = {**job["run"]["embed"], "engine": "tei", "tei_url": self.url}
-        return _run(job)
 
     @modal.exit()
     def stop_tei(self) -> None:

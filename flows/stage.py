@@ -27,12 +27,19 @@ from flows.outcome import failed, refused
 from flows.reporting import StageProgress, publish_stage
 from tasks.backends import get_backend
 from tasks.secrets import TEI_API_KEY_ENV, load_tei_api_key
-from tasks.shard_tasks import STAGE_TASKS, download_hub_task
+from tasks.shard_tasks import STAGE_TASKS, download_hub_task, settle_failed_attempts
 
 # Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: each
 # function's max_containers). Not fewer than chunk's 100 containers, or sample-10BT's 99 shards chunk in two
 # waves; a tag concurrency limit (`stage:embed`) bounds a stage lower, this setting (at import) higher.
-MAX_SHARDS_IN_FLIGHT = int(os.environ.get("FINEWEB_MODAL_MAX_SHARDS_IN_FLIGHT", "128"))
+def _shards_in_flight() -> int:
+    value = os.environ.get("FINEWEB_MODAL_MAX_SHARDS_IN_FLIGHT", "128").strip()
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"FINEWEB_MODAL_MAX_SHARDS_IN_FLIGHT={value!r} must be a whole number of shards, at least 1")
+    return int(value)
+
+
+MAX_SHARDS_IN_FLIGHT = _shards_in_flight()
 BUDGET_PROBE_SHARDS = 2
 
 
@@ -255,8 +262,9 @@ def _run_stage(stage: str, run: RunConfig) -> State:
 def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageReport):
     """Submit shard tasks (at most MAX_SHARDS_IN_FLIGHT at once) and yield (shard, final state) as they finish.
 
-    With a max cost, a shard is started only while spent + the in-flight shards' estimated cost (the mean
-    of the finished ones; what failed attempts were billed counts in both) + its own stays within it; until a first shard has a cost, two run at a time. A budget
+    With a max cost, a shard is started only while spent (failed attempts' bills included) + the in-flight
+    shards' estimated cost (the mean of the done ones; before any, of what failed ones were billed) + its
+    own stays within it; until a first shard is done, two run at a time. A budget
     spent already (an earlier stage used it up) starts no shard on Modal; local shards cost nothing.
     """
     queue = list(inputs.items())
@@ -266,14 +274,17 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
         held_back = [shard for shard, _ in queue if statuses.get(shard) != "done"]  # done ones are only skipped: they go
         queue = [(shard, extra) for shard, extra in queue if shard not in held_back]
     running: dict = {}
-    costs: list[float] = []
+    costs: list[float] = []  # of the shards done
+    failed_bills: list[float] = []  # of the shards that failed in the end
+    wasted = 0.0  # what all failed attempts were billed (of shards done after a retry too)
     while queue or running:
         while queue and len(running) < MAX_SHARDS_IN_FLIGHT:
             if run.max_cost is not None:
                 if not costs and len(running) >= BUDGET_PROBE_SHARDS:
                     break
-                estimate = sum(costs) / len(costs) if costs else 0.0
-                if sum(costs) + (len(running) + 1) * estimate > run.max_cost:
+                samples = costs or failed_bills  # until a shard is done, what failed ones were billed is the best guess
+                estimate = sum(samples) / len(samples) if samples else 0.0
+                if sum(costs) + wasted + (len(running) + 1) * estimate > run.max_cost:
                     break
             shard, extra = queue.pop(0)
             running[task.submit(shard=shard, run=run, **extra)] = shard
@@ -284,12 +295,14 @@ def _run_shards(task, inputs: dict[str, dict], run: RunConfig, report: StageRepo
         shard = running.pop(future)
         future.wait()  # sets the final state locally; without it `.state` asks the API, which may lag
         state = future.state
-        if wasted := _failed_attempts_usd(state):
-            report.failed_attempts_usd[shard] = wasted
+        settle_failed_attempts(future.task_run_id)
+        if failed_attempts := _failed_attempts_usd(state):
+            report.failed_attempts_usd[shard] = failed_attempts
+            wasted += failed_attempts
         if state.is_completed() and state.result().status == "done":
-            costs.append(state.result().cost_usd + wasted)
-        elif wasted:
-            costs.append(wasted)  # a failed shard's bill: spent, and a sample of what a shard costs
+            costs.append(state.result().cost_usd)
+        elif not state.is_completed() and failed_attempts:
+            failed_bills.append(failed_attempts)
         yield shard, state
     report.not_started = held_back
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import hashlib
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, reconcile_rates
+from fineweb_modal.costs import BILLED_ATTRIBUTE, PRICE_TABLE_DATE, billed_on, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ShardBusyError, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
@@ -329,9 +330,9 @@ def modal_token_configured() -> bool:
 class ModalBackend:
     """In the deployed Modal app: each shard job is one call of that stage's function; data lives on the Volume.
 
-    Every call is spawned, and its id kept in the `modal.Dict` `fineweb-modal-calls` (keyed by dataset,
-    stage, shard and config) until it returns: a run restarted after its worker died re-attaches to the call
-    still running instead of paying for it twice, and cancelling a flow run cancels its calls.
+    Every call is spawned, and its id kept in the `modal.Dict` `fineweb-modal-calls` (keyed by the shard's
+    output file, with the config it runs) until it returns: a run restarted after its worker died re-attaches
+    to the call still running instead of paying for it twice, and cancelling a flow run cancels its calls.
     """
 
     name = "modal"
@@ -370,21 +371,29 @@ class ModalBackend:
             target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
         else:
             target = self._function(MODAL_FUNCTIONS[job.stage])
-        started = time.monotonic()
+        failed_calls: list[float] = []  # what this attempt's calls that failed were billed
+
+        def bill(error: BaseException, seconds: float) -> None:
+            if billed_on(error) is None:  # its container could not say (killed out of memory or at its timeout, preempted)
+                how = "at most: its call's whole life, queue and start-up included"
+                charge_failed_attempt(error, job.model_copy(update={"rates": self.rates}), seconds, how)
+            failed_calls.append(billed_on(error) or 0.0)
+
         try:
-            output, call_id = self._call(call_key(job), lambda: target.spawn(payload), call_config(job))
+            output, call_id = self._call(call_key(job), lambda: target.spawn(payload), call_config(job), bill)
         except Exception as exc:
-            if billed_on(exc) is None and not lost_modal_link(exc) and not isinstance(exc, Interrupted):
-                # Its container could not say (killed out of memory or at its timeout, preempted): bill the whole wait.
-                how = "at most: the whole wait on its call, queue and start-up included"
-                charge_failed_attempt(exc, job.model_copy(update={"rates": self.rates}), time.monotonic() - started, how)
+            if failed_calls:  # a re-attached call that failed, then the one started after it: all on this error
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(exc, BILLED_ATTRIBUTE, sum(failed_calls))
             raise
         result = ShardResult.model_validate(output)
         result.extra["modal_call_id"] = call_id
         result.extra["rates"] = "modal billing API" if self.rates else f"price table {PRICE_TABLE_DATE}"
+        if failed_calls:
+            result.extra["failed_attempts_usd"] = sum(failed_calls)
         return result
 
-    def _call(self, key: str, spawn: Callable[[], Any], config: str = "") -> tuple[Any, str]:
+    def _call(self, key: str, spawn: Callable[[], Any], config: str = "", bill: Callable[[BaseException, float], None] | None = None) -> tuple[Any, str]:
         """Re-attach to the running call for `key`, or spawn one; wait for its (result, call id); forget it once it returned.
 
         The record in the Dict is also the shard's lease on Modal (a Volume has no atomic create): a run
@@ -394,7 +403,8 @@ class ModalBackend:
         reservation left by a run that died before spawning expires after the lease TTL. Only a returned call
         (a result or a remote error) is forgotten: when this process is stopped or loses its link to Modal
         while waiting, the record stays, and the next attempt or run re-attaches to the call instead of
-        starting another.
+        starting another. `bill(error, seconds)` hears of each failure of a call this run started (a lost link is
+        none), with the seconds since it was spawned.
         """
         reservation = {"call_id": None, "config": config, "reserved": _now(), "reserved_at": time.time(), **_flow_run_ids()}
         while not self._calls.put(key, reservation, skip_if_exists=True):
@@ -422,6 +432,8 @@ class ModalBackend:
                     if lost_modal_link(exc):
                         raise  # whether that call still runs is unknown: keep its record for the next attempt
                     _log(f"Modal call {record['call_id']} returned no result ({type(exc).__name__}); starting a new one")
+                    if ours and bill is not None:  # another run's call is that run's to count
+                        bill(exc, time.time() - record.get("spawned_at", record.get("reserved_at", time.time())))
                     self._forget(key, record)
                     continue
                 self._forget(key, record)
@@ -436,7 +448,7 @@ class ModalBackend:
         except BaseException:
             self._forget(key, reservation)  # nothing started: a retry must not wait on this reservation
             raise
-        started = {**reservation, "call_id": call.object_id, "started": _now()}
+        started = {**reservation, "call_id": call.object_id, "started": _now(), "spawned_at": time.time()}
         self._calls.put(key, started)
         _log(f"Modal call {call.object_id}: {_dashboard_url(call)}")
         try:
@@ -444,6 +456,8 @@ class ModalBackend:
         except Exception as exc:
             if not lost_modal_link(exc):
                 self._forget(key, started)  # a failed call is not re-attached to: the retry spawns a new one
+                if bill is not None and not isinstance(exc, Interrupted):
+                    bill(exc, time.time() - started["spawned_at"])
             raise  # a lost link keeps the record: the retry re-attaches to the call, which may still run
         self._forget(key, started)
         return output, call.object_id
@@ -454,8 +468,8 @@ class ModalBackend:
             return time.time() - record.get("reserved_at", 0) <= LEASE_TTL_S
         try:
             self._modal.FunctionCall.from_id(record["call_id"]).get(timeout=0)
-        except TimeoutError:
-            return True  # no result yet
+        except TimeoutError as exc:
+            return not exc.args  # a bare one: no result yet (a call's own comes with a message, and ended it)
         except Exception as exc:
             return lost_modal_link(exc)  # unknown: count it as running; any other error is the call's own end
         return False

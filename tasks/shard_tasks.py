@@ -51,6 +51,11 @@ def _lease_owner() -> str | None:
 _failed_attempts_usd: dict[str, float] = {}
 
 
+def settle_failed_attempts(task_run_id: object) -> None:
+    """Forget a finished task run's sum of failed attempts (its final state carries it)."""
+    _failed_attempts_usd.pop(str(task_run_id), None)
+
+
 def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | None = None):
     """The shared body of the stage tasks: build the job, dispatch it, turn the result into a state and an event.
 
@@ -68,7 +73,7 @@ def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | No
             setattr(exc, FAILED_ATTEMPTS_ATTRIBUTE, wasted)
         _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc), "billed_usd": billed_on(exc) or 0.0})
         raise
-    if wasted := _failed_attempts_usd.pop(key, 0.0):
+    if wasted := _failed_attempts_usd.pop(key, 0.0) + result.extra.get("failed_attempts_usd", 0.0):  # earlier attempts', and this one's replaced calls
         result.extra = {**result.extra, "failed_attempts_usd": wasted}
     for warning in result.extra.get("warnings", []):  # logged where the work ran (a worker process, a Modal container)
         get_run_logger().warning(warning)

@@ -113,6 +113,30 @@ def test_in_a_container_a_failed_shard_publishes_its_record_at_once(modal_app, d
     assert synced.commits == 2
 
 
+def test_a_shard_whose_commit_fails_is_billed_as_a_failed_attempt_work_included(modal_app, demo_source, run_config_for, monkeypatch):
+    """The work is done but not on the Volume: the attempt failed, and its error carries the whole container time."""
+    import time
+
+    from fineweb_modal.costs import ContainerClock, billed_on, rate_per_second, stage_resources
+
+    class CommitFails:
+        def reload(self) -> None:
+            pass
+
+        def commit(self) -> None:
+            raise ConnectionResetError("volume commit reset")
+
+    monkeypatch.setattr(modal_app.modal, "is_local", lambda: False)
+    monkeypatch.setattr(modal_app, "volume", CommitFails())
+    monkeypatch.setattr(modal_app, "container_clock", ContainerClock(started=time.monotonic() - 30.0))
+    source_file = sorted(demo_source.glob("*.parquet"))[0]
+    job = ShardJob(stage="download", shard=source_file.stem, run=run_config_for(demo_source), source_file=str(source_file), where="modal")
+    with pytest.raises(ConnectionResetError) as raised:
+        modal_app._run(job.model_dump(mode="json"))
+    assert billed_on(raised.value) >= 30 * rate_per_second(stage_resources("download")), "the 30 s before and the work"
+    assert modal_app.container_clock.unbilled_seconds() < 5, "and the next shard does not pay them again"
+
+
 def test_functions_run_the_shard_work_locally(modal_app, demo_source, run_config_for):
     run = run_config_for(demo_source)
     source_file = sorted(demo_source.glob("*.parquet"))[0]
@@ -208,7 +232,7 @@ def test_a_router_that_died_is_started_again_before_the_next_shard(modal_app, mo
 
     monkeypatch.setattr(modal_app.subprocess, "Popen", popen)
     monkeypatch.setattr(modal_app, "wait_until_healthy", lambda url, timeout_s, process: None)
-    monkeypatch.setattr(modal_app, "_run", lambda job: job["run"]["embed"])
+    monkeypatch.setattr(modal_app, "_run", lambda job, before: before() or job["run"]["embed"])  # inside _run: a failed restart is billed as the attempt
     embedder = modal_app.TEIEmbedder()
     try:
         url = f"http://127.0.0.1:{modal_app.TEI_PORT}"

@@ -231,7 +231,11 @@ def test_two_modal_runs_with_other_configs_never_write_one_file_at_once(demo_sou
         backend._call(call_key(second), lambda: pytest.fail("a second call was spawned for the same file"), call_config(second))
     assert store[call_key(first)]["call_id"] == theirs.object_id, "the first run's record stays"
 
-    finished = FakeCall(lambda: "their result", calls)
+    class EndedWithItsOwnTimeout(FakeCall):
+        def get(self, timeout=None):
+            raise TimeoutError("read timed out")  # the call's own error: it has ended
+
+    finished = EndedWithItsOwnTimeout(lambda: None, calls)
     store[call_key(first)] = {**store[call_key(first)], "call_id": finished.object_id}
     output, _ = backend._call(call_key(second), lambda: FakeCall(lambda: "ours", calls), call_config(second))
     assert output == "ours" and store == {}

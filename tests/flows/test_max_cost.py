@@ -117,3 +117,38 @@ def test_failed_attempts_count_toward_the_budget(prefect_api, demo_source, run_c
         double.close()
     assert len(report.failed) == 2 and len(report.not_started) == 1
     assert report.totals()["cost_usd"] == pytest.approx(2.0) and sorted(report.failed_attempts_usd.values()) == [1.0, 1.0]
+
+
+class OneCheapFailure(LocalPricedAsModal):
+    """The first shard fails at once, billed a hundred-thousandth of a dollar; every other one costs $1, a little later."""
+
+    def run(self, job: ShardJob) -> ShardResult:
+        import time
+
+        from fineweb_modal.costs import mark_billed
+        from fineweb_modal.errors import BadDataError
+
+        if job.shard.startswith("data-00000-"):
+            error = BadDataError(f"{job.shard}: unreadable")
+            mark_billed(error, 1e-5, "test")
+            raise error
+        time.sleep(0.3)
+        return super().run(job).model_copy(update={"cost_usd": 1.0})
+
+
+def test_a_cheap_failure_is_no_sample_of_what_a_shard_costs(prefect_api, tmp_path, monkeypatch):
+    """Counted as spent, it must not make the estimate ~$0 and let every shard start at once."""
+    from fineweb_modal.demo import write_demo_source
+    from flows.download import download
+    from flows.outcome import outcome
+
+    source = write_demo_source(tmp_path / "source" / "many", n_docs=40, n_shards=8)
+    double = OneCheapFailure()
+    monkeypatch.setitem(backends._backends, "modal", double)
+    monkeypatch.setattr(backends, "modal_token_configured", lambda: True)
+    try:
+        report = outcome(download(source=str(source), data_dir=str(tmp_path / "data"), backend="modal", max_cost=2.5, return_state=True))
+    finally:
+        double.close()
+    assert len(report.failed) == 1 and len([r for r in report.results if r.status == "done"]) == 2 and len(report.not_started) == 5
+    assert report.totals()["cost_usd"] == pytest.approx(2.00001)

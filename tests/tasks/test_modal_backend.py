@@ -498,5 +498,55 @@ def test_a_container_that_died_without_a_word_is_billed_the_whole_wait(downloade
     with pytest.raises(RuntimeError) as raised:
         backend.run(ShardJob(stage="chunk", shard=shard, run=run))
     assert billed_on(raised.value) is not None and billed_on(raised.value) > 0
-    assert any("the whole wait on its call" in note for note in raised.value.__notes__)
+    assert any("its call's whole life" in note for note in raised.value.__notes__)
     assert fake.dict == {}, "a failed call is forgotten: the retry starts afresh"
+
+
+def test_a_reattached_call_that_failed_is_counted_with_the_call_that_replaced_it(downloaded):
+    """A retry after a lost link re-attaches to its own call; when that call failed (billed $2), the new one's result says so."""
+    from fineweb_modal.costs import mark_billed
+
+    run, shard, fake = downloaded
+    job = ShardJob(stage="chunk", shard=shard, run=run)
+    backend = ModalBackend(modal_module=fake)
+    failure = RuntimeError("container exited with code 1")
+    mark_billed(failure, 2.0, "as the container measured it")
+    earlier = FakeCall(lambda: None, fake.calls, wait_error=failure)
+    fake.dict.put(call_key(job), {"call_id": earlier.object_id, "config": call_config(job), "reserved_at": 0.0, "flow_run_id": "", "root_flow_run_id": ""})
+    result = backend.run(job)
+    assert result.status == "done" and result.extra["modal_call_id"] != earlier.object_id
+    assert result.extra["failed_attempts_usd"] == 2.0
+
+
+def test_what_never_ran_in_a_container_is_not_billed(downloaded):
+    """A refusal (another run writes the file) or a call that could not be spawned cost nothing: no bill on the error."""
+    import time
+
+    from fineweb_modal.costs import billed_on
+    from fineweb_modal.errors import ShardBusyError
+
+    run, shard, fake = downloaded
+    job = ShardJob(stage="chunk", shard=shard, run=run)
+    backend = ModalBackend(modal_module=fake)
+
+    class Running(FakeCall):
+        def get(self, timeout=None):
+            raise TimeoutError  # no result yet
+
+    theirs = Running(lambda: None, fake.calls)
+    fake.dict.put(call_key(job), {"call_id": theirs.object_id, "config": "another-config", "reserved": "t", "reserved_at": time.time()})
+    with pytest.raises(ShardBusyError) as busy:
+        backend.run(job)
+    assert billed_on(busy.value) is None
+
+    fake.dict.clear()
+    unspawnable = ConnectionRefusedError("app not deployed")
+
+    def failing_spawn(payload, *args):
+        raise unspawnable
+
+    original = fake._function
+    fake._function = lambda name: type("Remote", (), {"spawn": staticmethod(failing_spawn), "remote": original(name).remote})
+    with pytest.raises(ConnectionRefusedError):
+        backend.run(job)
+    assert billed_on(unspawnable) is None and fake.dict == {}
