@@ -18,6 +18,7 @@ from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import ContainerClock, check_gpu, parse_gpu, stage_resources
 from fineweb_modal.models import SCALE_MODEL
 from fineweb_modal.shards import ShardJob, charge_failed_attempt, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
+from fineweb_modal.status import ledger_status
 from fineweb_modal.tei import wait_until_healthy
 from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
 
@@ -214,6 +215,14 @@ def shard_statuses_fn(run: dict, stage: str, shards: list[str]) -> dict[str, str
     if not modal.is_local():
         volume.reload()
     return shard_statuses(RunConfig.model_validate(run), stage, shards)
+
+
+@app.function(image=cpu_image, **common)
+def ledger_status_fn(data_dir: str, name: str | None = None) -> list[dict]:
+    """What the ledger on the Volume (mounted at `data_dir`) says, per dataset, stage and split (`status --backend modal`)."""
+    if not modal.is_local():
+        volume.reload()
+    return [status.as_dict() for status in ledger_status(data_dir, name)]
 
 
 @app.function(image=cpu_image, **common)

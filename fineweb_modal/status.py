@@ -36,6 +36,11 @@ class StageStatus:
         """A JSON-ready view (for `fineweb-modal status --json`)."""
         return {**self.__dict__, "counts": {"done": len(self.done), "failed": len(self.failed), "missing": len(self.missing), "stale": len(self.stale)}}
 
+    @classmethod
+    def from_dict(cls, view: dict) -> StageStatus:
+        """Back from as_dict (as a Modal function returns it)."""
+        return cls(**{k: v for k, v in view.items() if k != "counts"})
+
 
 def _input_dir(data_dir: Path, dataset: str, stage: str, split: str) -> Path | None:
     match = _DERIVED.match(dataset)

@@ -101,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--backend", choices=["local", "modal"], default="local", help="modal: the ledger on the Volume (--data-dir is not used)")
     srv = commands.add_parser("server", help="a local Prefect server on 127.0.0.1")
     srv.add_argument("action", choices=["start", "stop", "status"])
     srv.add_argument("--port", type=int, default=server.DEFAULT_PORT)
@@ -231,19 +232,20 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
             print(f"           {shard}: {error[:200]}")
 
 
-def print_status(data_dir: str, name: str | None, as_json: bool) -> int:
+def print_status(data_dir: str, name: str | None, as_json: bool, backend: str = "local") -> int:
     """Print the ledger's view of a data dir; exit 1 when any shard is failed, missing or stale, or nothing is found (a typo must not pass)."""
     import json
 
     from fineweb_modal.costs import format_usd
     from fineweb_modal.report import group_digits
-    from fineweb_modal.status import ledger_status
+    from tasks.backends import MODAL_DATA_DIR, get_backend
 
-    statuses = ledger_status(data_dir, name)
+    statuses = get_backend(backend).ledger_status(data_dir, name)
+    where = f"the Modal Volume ({MODAL_DATA_DIR})" if backend == "modal" else data_dir
     if as_json:
         print(json.dumps([s.as_dict() for s in statuses], indent=2))
     elif not statuses:
-        print(f"no ledger records under {data_dir}" + (f" for {name}" if name else ""))
+        print(f"no ledger records under {where}" + (f" for {name}" if name else ""))
     else:
         print(
             f"{'dataset':<48} {'stage':<10} {'split':<6} {'done':>5} {'failed':>6} {'missing':>7} {'stale':>5} "
@@ -386,7 +388,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "demo":
         return demo(args.data_dir)
     if args.command == "status":
-        return print_status(args.data_dir, args.name, args.json)
+        return print_status(args.data_dir, args.name, args.json, args.backend)
     if args.command == "serve":
         _connect()
         from flows.serve import serve_all

@@ -42,6 +42,7 @@ from fineweb_modal.shards import (
     stage_config_fingerprint,
     verify_outputs,
 )
+from fineweb_modal.status import StageStatus, ledger_status
 
 MODAL_APP_NAME = "fineweb-modal"
 MODAL_VOLUME_NAME = "fineweb-modal-data"
@@ -67,6 +68,9 @@ class Backend(Protocol):
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """Each shard's status in a stage, from its ledger: done, failed, stale or missing."""
+
+    def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
+        """Every dataset, stage and split the ledger knows where the data lives (only `name`'s, when given)."""
 
     def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
         """The path and schema of the first of `shards` whose chunk input opens (None when none does)."""
@@ -202,6 +206,10 @@ class LocalBackend:
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the local ledger."""
         return shard_statuses(run, stage, shards)
+
+    def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
+        """What the ledger under the local `data_dir` says."""
+        return ledger_status(data_dir, name)
 
     def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
         """The first readable chunk input's path and schema, from the local data dir."""
@@ -535,6 +543,10 @@ class ModalBackend:
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs on the Volume."""
         return self._function("verify_shard_fn").remote(self._on_volume(run).model_dump(mode="json"), shard)
+
+    def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
+        """What the ledger on the Volume says (`data_dir` is the Volume's: the argument is not used)."""
+        return [StageStatus.from_dict(view) for view in self._function("ledger_status_fn").remote(MODAL_DATA_DIR, name)]
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the ledger on the Volume."""

@@ -13,7 +13,7 @@ import pytest
 from fineweb_modal.errors import is_transient
 from fineweb_modal.ledger import Ledger
 from fineweb_modal.shards import ShardJob, layout_for, run_shard
-from tasks.backends import ModalBackend, call_config, call_key, lost_modal_link
+from tasks.backends import MODAL_DATA_DIR, ModalBackend, call_config, call_key, lost_modal_link
 
 _ids = itertools.count()
 
@@ -107,7 +107,9 @@ class FakeModal:
 
             @staticmethod
             def remote(*args):
-                if args:
+                if args and args[0] == MODAL_DATA_DIR:  # the Volume's mount point
+                    args = (fake.data_dir, *args[1:])
+                elif args:
                     run = args[0].get("run", args[0])  # a shard job, or a run config
                     run["dataset"]["data_dir"] = fake.data_dir
                 fake.remote_calls.append(name)
@@ -550,3 +552,24 @@ def test_what_never_ran_in_a_container_is_not_billed(downloaded):
     with pytest.raises(ConnectionRefusedError):
         backend.run(job)
     assert billed_on(unspawnable) is None and fake.dict == {}
+
+
+def test_status_reads_the_ledger_on_the_volume(downloaded, monkeypatch, capsys):
+    """`fineweb-modal status --backend modal`: what a Modal user's shards are, without a copy of the Volume here."""
+    from fineweb_modal.status import ledger_status
+    from flows.cli import main
+    from tasks import backends
+
+    run, shard, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    backend.run(ShardJob(stage="chunk", shard=shard, run=run))
+    on_the_volume = backend.ledger_status("./data", None)
+    assert [s.as_dict() for s in on_the_volume] == [s.as_dict() for s in ledger_status(fake.data_dir)]
+    assert {(s.stage, tuple(s.done)) for s in on_the_volume} == {("download", (shard,)), ("chunk", (shard,))} and fake.remote_calls[-1] == "ledger_status_fn"
+
+    monkeypatch.setitem(backends._backends, "modal", backend)
+    assert main(["status", "--backend", "modal", "--data-dir", "/no/such/dir"]) == 0, "every shard the Volume has is done"
+    out = capsys.readouterr().out
+    assert "demo-chunked-64" in out and " chunk " in out and " download " in out
+    assert main(["status", "--backend", "modal", "--name", "nope"]) == 1
+    assert "no ledger records under the Modal Volume (/data) for nope" in capsys.readouterr().out
