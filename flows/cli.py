@@ -217,6 +217,7 @@ def _stopping_on_ctrl_c() -> Iterator[None]:
 
 
 def _print_outcome(run: RunConfig, reports: dict) -> None:
+    from fineweb_modal.costs import format_usd
     from fineweb_modal.shards import layout_for
 
     layout = layout_for(run)
@@ -224,9 +225,10 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
     for stage, report in reports.items():
         totals = report.totals()
         skipped = sum(r.status == "skipped" for r in report.results)
+        money = format_usd(totals["cost_usd"]) if run.backend == "modal" else f"≈{format_usd(totals['modal_estimate_usd'])} on Modal"
         print(
             f"{stage:<10} {len(report.results)} ok ({skipped} skipped), {len(report.failed)} failed · "
-            f"{report.amount()} · {totals['seconds']:.1f} s · {layout.shard_dir(stage)}"
+            f"{report.amount()} · {totals['seconds']:.1f} s · {money} · {layout.shard_dir(stage)}"
         )
         for shard, error in report.failed.items():
             print(f"           {shard}: {error[:200]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,7 @@ def test_run_exits_0_then_1_when_a_shard_fails(prefect_api, demo_source, tmp_pat
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "chunk      3 ok (0 skipped), 0 failed" in out
+    assert re.search(r"chunk      3 ok .* s · ≈\$\S+ on Modal · ", out), "what the stage would cost on Modal"
     (demo_source / "data-00003-of-00003.jsonl").write_text('{"text": "fine"}\n{"text": broken')
     assert main(argv) == 1
     captured = capsys.readouterr()

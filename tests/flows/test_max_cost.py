@@ -6,6 +6,8 @@ as a Modal container would be billed (`where="modal"`).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from fineweb_modal.shards import ShardJob, ShardResult, run_shard
@@ -41,6 +43,7 @@ def test_the_budget_stops_new_shards_and_exits_3(prefect_api, priced_backend, de
     assert "max cost $0.00 reached" in captured.err and "fineweb-modal run" in captured.err
     assert f"Resume with a higher --max-cost (done shards are skipped):\n  {cli_program()} run --source {demo_source}" in captured.err
     assert "download   2 ok (0 skipped), 0 failed" in captured.out, "two shards probe the cost, the third never starts"
+    assert re.search(r"download   2 ok .* s · \$\S+ · ", captured.out), "and what they cost"
 
     assert main([*argv, "--stages", "download"]) == 0, "without the limit the rest resumes"
     out = capsys.readouterr().out
