@@ -133,7 +133,7 @@ def stage_markdown(report: StageReport, resume_command: str) -> str:
     if slowest:
         lines += ["", "Slowest shards: " + ", ".join(f"`{r.shard}` {r.seconds:.1f} s" for r in slowest)]
     if report.not_started:
-        lines += ["", f"**Stopped at the cost limit**: {len(report.not_started)} shard(s) not started. Resume (with a higher `--max-cost`):", "", f"```\n{resume_command}\n```"]
+        lines += ["", f"**Stopped at the cost limit**: {len(report.not_started)} shard(s) not started. Resume, raising its `--max-cost`:", "", f"```\n{resume_command}\n```"]
     if report.failed:
         lines += ["", "## Failed shards", ""]
         lines += [f"- `{shard}`: {error[:500]}" for shard, error in report.failed.items()]
@@ -158,7 +158,7 @@ def pipeline_resume(run: RunConfig, reports: dict[str, StageReport]) -> tuple[st
     run's stages without a report (it could not start); that stage and every later one, done shards skipped.
     """
     if stopped := next((stage for stage, report in reports.items() if report.not_started), None):
-        return "Resume with a higher --max-cost (done shards are skipped):", resume_command(run, stopped)
+        return "Resume with a higher --max-cost (raise the one below; done shards are skipped):", resume_command(run, stopped)
     if first_failed := next((stage for stage, report in reports.items() if report.failed), None):
         return "Once the cause is fixed, rerun (done shards are skipped):", resume_command(run, first_failed)
     if stopped_at := next((stage for stage in run.stages if stage not in reports), None):
@@ -176,7 +176,7 @@ def cli_program() -> str:
 
 
 def resume_command(run: RunConfig, stage: str) -> str:
-    """The CLI command that reruns a stage and the run's stages after it; shards done with the same config are skipped."""
+    """The CLI command that reruns a stage and the run's stages after it (its shard selection and budget too); shards done with the same config are skipped."""
     stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)
     q = shlex.quote  # a data dir with a space, a prefix with a quote: the command still pastes into a shell
     parts = [f"{cli_program()} run"]
@@ -185,6 +185,10 @@ def resume_command(run: RunConfig, stage: str) -> str:
     data_dir = Path(run.dataset.data_dir).resolve()  # so it runs from any folder
     parts += [f"--name {q(run.dataset.name)}", f"--data-dir {q(str(data_dir))}", f"--split {q(run.dataset.split)}", f"--stages {','.join(stages)}"]
     parts += [f"--backend {run.backend}", f"--model {q(run.chunk.model)}", f"--max-tokens {run.chunk.max_tokens}"]
+    if run.shards:  # the run's own selection, not every shard
+        parts.append(f"--shards {q(','.join(run.shards))}")
+    if run.max_cost is not None:  # pasted without it, a rerun would have no budget at all
+        parts.append(f"--max-cost {run.max_cost:g}")
     if "chunk" in stages:
         parts += [f"--overlap {run.chunk.overlap}", f"--text-column {q(run.chunk.text_column)}", f"--keep-columns {q(','.join(run.chunk.keep_columns))}"]
     if run.embed.prefix:

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger
-from fineweb_modal.storage import decoding, open_arrow_batches
+from fineweb_modal.storage import decoding, open_arrow_batches, recorded_chunk_config
 
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 
@@ -29,7 +29,9 @@ def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected
     if len(np.unique(keys, axis=0)) != len(keys):
         problems.append("(doc_index, chunk_index) is not unique")
     problems += [f"the {stage} output was made from a {layout.input_stage(stage)} output since replaced: rerun {stage}" for stage in outdated_stages(layout, shard)]
-    problems += _check_spans(layout.output_path("download", shard), chunks, text_column)
+    # The column the chunks were cut from, as the chunk file records it: `text_column` is for files from elsewhere.
+    cut_from = recorded_chunk_config(pq.read_schema(chunk_path)).get("text_column") or text_column
+    problems += _check_spans(layout.output_path("download", shard), chunks, cut_from)
     if embed_path.is_file():
         problems += _check_embeddings(embed_path, chunks, expected_dims, outcome)
     else:

@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="serve every flow as <flow>/local and <flow>/modal deployments (prefect.serve)")
     verify = commands.add_parser("verify", help="check every shard's chunk and embedding files; exit 1 on any problem")
     _add_dataset_flags(verify)
+    verify.add_argument("--shards", help="shard indices or names among the chunked ones (default: every shard the dataset has)")
     fetch = commands.add_parser("fetch", help="copy one output shard (from the data dir or the Modal Volume) and preview it")
     _add_dataset_flags(fetch)
     fetch.add_argument("--stage", choices=["download", "chunk", "embed"], default="embed")
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--to", help="where to write that folder (default: a temp dir)")
     publish.add_argument("--public", action="store_true", help="create the repo public (default private)")
     publish.add_argument("--allow-partial", action="store_true", help="publish the embedded shards even if others are not (failed or not yet run); the card names them")
+    publish.add_argument("--shards", help="shard indices or names among the chunked ones (default: every shard the dataset has)")
     status = commands.add_parser("status", help="per dataset and stage: shards done, failed, missing and stale, from the ledger")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
@@ -305,19 +307,20 @@ def plan(dataset: dict, shards: str | None) -> int:
     return EXIT_OK
 
 
-def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool, allow_partial: bool = False) -> int:
+def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private: bool, allow_partial: bool = False, shards: str | None = None) -> int:
     """Run the publish flow; print the folder (dry run) or the dataset's URL."""
     if dataset.pop("backend") != "local":
         from fineweb_modal.report import cli_program
 
         print(f"error: publish reads a local data dir; copy Modal shards here first with `{cli_program()} fetch`", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    _validated(stages=["embed"], **dataset)
+    _validated(stages=["embed"], shards=shards, **dataset)
     _connect()
     from flows.outcome import outcome
     from flows.publish import publish as publish_flow
 
-    state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, allow_partial=allow_partial, return_state=True)
+    chosen = shards.split(",") if shards else None
+    state = publish_flow(repo_id=repo_id, **dataset, dry_run=dry_run, output_dir=to, private=private, allow_partial=allow_partial, shards=chosen, return_state=True)
     published = outcome(state)
     if not state.is_completed():
         print(f"error: {published}", file=sys.stderr)
@@ -326,14 +329,14 @@ def publish(dataset: dict, repo_id: str, dry_run: bool, to: str | None, private:
     return EXIT_OK
 
 
-def verify(dataset: dict) -> int:
+def verify(dataset: dict, shards: str | None = None) -> int:
     """Run the verify flow; exit 1 when any shard has a problem."""
-    _validated(stages=["embed"], **dataset)
+    _validated(stages=["embed"], shards=shards, **dataset)
     _connect()
     from flows.outcome import outcome
     from flows.verify import verify as verify_flow
 
-    state = verify_flow(**dataset, return_state=True)
+    state = verify_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
     for row in rows if isinstance(rows, list) else []:
         print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} chunks={row['chunks']} embeddings={row['embeddings']} dims={row['dims']} {row['problems']}")
@@ -401,11 +404,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "fetch":
         return fetch(dataset, args.stage, args.shard, Path(args.to))
     if args.command == "verify":
-        return verify(dataset)
+        return verify(dataset, args.shards)
     if args.command == "plan":
         return plan(dataset, args.shards)
     if args.command == "publish":
-        return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public, args.allow_partial)
+        return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public, args.allow_partial, args.shards)
     return run_pipeline(_run_kwargs(args))
 
 

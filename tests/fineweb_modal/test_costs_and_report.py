@@ -169,8 +169,9 @@ def test_the_resume_command_rebuilds_the_same_run(tmp_path):
     from flows.cli import _parser, _run_kwargs
 
     run = build_run_config(
-        name="demo", data_dir=str(tmp_path), stages="chunk,embed", prefix="search_document: ", dimensions=128, embedding_dtype="float16", compile="on"
-    )
+        name="demo", data_dir=str(tmp_path), stages="chunk,embed", prefix="search_document: ", dimensions=128, embedding_dtype="float16", compile="on",
+        shards="data-00001-of-00099,7", max_cost=2.5,
+    )  # fmt: skip
     tei_run = build_run_config(name="demo", data_dir=str(tmp_path), stages="embed", engine="tei", tei_url="http://127.0.0.1:8080", tei_served_model="/my repo")
     odd_run = build_run_config(name="demo", data_dir=str(tmp_path / "my data"), stages="chunk,embed", prefix="it's: ", keep_columns="url,my col")
     for one in (run, tei_run, odd_run):
@@ -178,6 +179,7 @@ def test_the_resume_command_rebuilds_the_same_run(tmp_path):
         args = _parser().parse_args(shlex.split(command)[1:])
         again = build_run_config(**_run_kwargs(args))
         assert again.embed == one.embed and again.chunk == one.chunk and again.dataset == one.dataset
+        assert again.shards == one.shards and again.max_cost == one.max_cost, "a budget and a selection are kept, not widened"
 
 
 def test_a_long_list_is_cut_saying_how_many_more():

@@ -96,3 +96,18 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
     assert run_shard(ShardJob(stage="embed", shard="s0", run=run)).status == "done", "a rerun of embed redoes it"
     assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
     assert join_shard(layout, "s0", tmp_path / "published" / "s0.parquet") == 2
+
+
+def test_spans_are_checked_against_the_column_the_chunks_were_cut_from(tmp_path, run_config_for):
+    """A dataset chunked with text_column=content verifies with no flag saying so: the chunk file records it."""
+    from tests.conftest import write_parquet
+
+    source = tmp_path / "source" / "wiki"
+    write_parquet(source / "s0.parquet", [{"content": f"Document {i}: " + "words and more words. " * (5 + i)} for i in range(6)])
+    run = run_config_for(source, text_column="content", keep_columns=[])
+    shard = "s0"
+    for stage in ("download", "chunk", "embed"):
+        run_shard(ShardJob(stage=stage, shard=shard, run=run, source_file=str(source / "s0.parquet") if stage == "download" else None))
+    as_verify_is_called = run_config_for(source, keep_columns=[])  # text_column left at its default, `text`
+    assert as_verify_is_called.chunk.text_column == "text"
+    assert verify_outputs(as_verify_is_called, shard)["problems"] == []

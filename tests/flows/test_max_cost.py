@@ -41,7 +41,8 @@ def test_the_budget_stops_new_shards_and_exits_3(prefect_api, priced_backend, de
     assert main([*argv, "--stages", "download", "--max-cost", "0.000000001"]) == 3
     captured = capsys.readouterr()
     assert "max cost $0.00 reached" in captured.err and "fineweb-modal run" in captured.err
-    assert f"Resume with a higher --max-cost (done shards are skipped):\n  {cli_program()} run --source {demo_source}" in captured.err
+    assert f"Resume with a higher --max-cost (raise the one below; done shards are skipped):\n  {cli_program()} run --source {demo_source}" in captured.err
+    assert "--max-cost 1e-09" in captured.err.split("Resume with")[1], "the printed command keeps the budget: pasted, it is not unlimited"
     assert "download   2 ok (0 skipped), 0 failed" in captured.out, "two shards probe the cost, the third never starts"
     assert re.search(r"download   2 ok .* s · \$\S+ · ", captured.out), "and what they cost"
 

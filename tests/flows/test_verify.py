@@ -13,7 +13,7 @@ from fineweb_modal.shards import layout_for
 from tests.flows.helpers import latest_artifact
 
 
-def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, tmp_path, run_config_for):
+def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, tmp_path, run_config_for, monkeypatch, capsys):
     from flows.pipeline import pipeline
     from flows.verify import verify
 
@@ -33,6 +33,15 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     rows = {r["shard"]: r for r in json.loads(latest_artifact("verify-demo-shards").data)}
     assert not rows["data-00002-of-00003"]["ok"] and "not unit-norm" in rows["data-00002-of-00003"]["problems"]
     assert rows["data-00000-of-00003"]["ok"]
+
+    from flows.cli import main
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    dataset = ["--name", "demo", "--data-dir", data_dir, "--max-tokens", "64"]
+    capsys.readouterr()
+    assert main(["verify", *dataset, "--shards", "0,data-00001-of-00003"]) == 0, "the broken shard was not asked for"
+    assert main(["verify", *dataset]) == 1
+    assert "verify: 2 shard(s) ok" in capsys.readouterr().out
 
     state = verify(name="demo", data_dir=data_dir, return_state=True)  # the default max_tokens: none made with it
     assert state.is_failed() and "found demo-chunked-64-all-MiniLM-L6-v2: pass the --max-tokens and --model" in state.message
