@@ -343,7 +343,8 @@ def shard_statuses(run: RunConfig, stage: str, shards: list[str]) -> dict[str, s
 
 
 def shard_status(run: RunConfig, stage: str, shard: str) -> str:
-    """`done`, `failed`, `stale` (made from an input since replaced) or `missing`, as the ledger and the output files say."""
+    """`done` (with this run's config), `failed`, `stale` (made from an input since replaced, or with another config:
+    this run would redo it) or `missing`, as the ledger and the output files say."""
     layout = layout_for(run)
     ledger = Ledger(layout)
     record = ledger.read(stage, shard)
@@ -353,6 +354,11 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
         return "missing"
     if record.status == "done" and ledger.outdated(record):
         return "stale"
+    # The config alone (the input is `outdated`'s): with the input the record was made from. A download's needs
+    # its source file, which only the stage's run knows: it is not compared here.
+    if record.status == "done" and stage != "download":
+        if record.fingerprint != job_fingerprint(ShardJob(stage=stage, shard=shard, run=run), ledger, upstream=record.upstream):
+            return "stale"
     return record.status
 
 

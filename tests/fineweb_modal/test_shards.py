@@ -184,3 +184,15 @@ def test_the_embedding_engines_warnings_come_back_with_the_shard(demo_source, ru
     finally:
         embedding._cached_engine.cache_clear()
     assert result.status == "done" and any("fp16 vectors disagree with fp32" in w for w in result.extra["warnings"])
+
+
+def test_a_shard_done_with_another_config_is_not_done_for_this_one(demo_source, run_config_for):
+    """What a run will redo is not `done`: else the checks made before work (is TEI up? is there room?) skip it."""
+    run = run_config_for(demo_source)
+    source_file = str(sorted(demo_source.glob("*.parquet"))[0])
+    shard = "data-00000-of-00003"
+    run_stages(run, shard, stages=("download", "chunk", "embed"), source_file=source_file)
+    assert shard_status(run, "embed", shard) == "done" and shard_status(run, "chunk", shard) == "done"
+    assert shard_status(run_config_for(demo_source, embedding_dtype="float16"), "embed", shard) == "stale"
+    assert shard_status(run_config_for(demo_source, overlap=0.2), "chunk", shard) == "stale"
+    assert shard_status(run_config_for(demo_source, keep_columns=[]), "download", shard) == "done", "a download's config is not the chunk's"

@@ -183,6 +183,18 @@ def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path)
     assert not (tmp_path / "data").exists()
 
 
+def test_a_dead_tei_is_refused_up_front_over_shards_embedded_with_another_engine(pipeline_flow, demo_source, tmp_path, run_config_for):
+    """Shards done with the in-process engine are not done for TEI: the run asks TEI first, and fails in seconds, not per shard."""
+    from fineweb_modal.shards import shard_status
+
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", stages=["download", "chunk", "embed"])
+    assert state.is_completed(), state.message
+    state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", stages=["download", "chunk", "embed"], engine="tei", tei_url="http://127.0.0.1:9")
+    assert state.is_failed() and "is TEI running at --tei-url?" in state.message and "failed shards" not in state.message
+    run = run_config_for(demo_source)
+    assert all(shard_status(run, "embed", f"data-0000{i}-of-00003") == "done" for i in range(3)), "no shard was touched"
+
+
 def test_the_modal_backend_without_a_token_is_refused_once_not_per_shard(pipeline_flow, demo_source, tmp_path, monkeypatch):
     """As a deployment runs it (no CLI in front): one clear refusal, no shard task started."""
     from tasks import backends
