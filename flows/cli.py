@@ -31,6 +31,7 @@ from fineweb_modal.models import DEFAULT_MODEL
 from flows import server
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_BAD_CONFIG, EXIT_MAX_COST = 0, 1, 2, 3
+EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -177,8 +178,14 @@ def run_pipeline(kwargs: dict) -> int:
     from flows.outcome import outcome
     from flows.pipeline import pipeline
 
-    with _stopping_on_ctrl_c():
-        state = pipeline(**kwargs, return_state=True)
+    try:
+        with _stopping_on_ctrl_c():
+            state = pipeline(**kwargs, return_state=True)
+    except KeyboardInterrupt:
+        from fineweb_modal.report import resume_command
+
+        print(f"\nInterrupted: what finished is recorded. Resume (done shards are skipped):\n  {resume_command(run, run.stages[0])}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     reports = outcome(state)
     if isinstance(reports, ConfigError):  # the first stage refused to start (e.g. no room on the disk): nothing ran
         print(f"error: {reports}", file=sys.stderr)
