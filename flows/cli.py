@@ -157,7 +157,14 @@ def _connect() -> str:
     from fineweb_modal.report import cli_program
 
     api_url, started = server.ensure_api()
+    if not started and not server.reachable(api_url):
+        raise ConfigError(
+            f"no Prefect API answers at PREFECT_API_URL={api_url}: start it (`{cli_program()} server start` for a local one), "
+            "or unset PREFECT_API_URL to let this tool start its own"
+        )
     info = server.status()
+    if info and info["api_url"].rstrip("/") != api_url.rstrip("/"):
+        info = None  # PREFECT_API_URL points elsewhere than this tool's server
     if started and info:
         taken = f" (port {server.DEFAULT_PORT} is taken)" if info["port"] != server.DEFAULT_PORT else ""
         print(f"Started a local Prefect server: UI {info['ui_url']}{taken} (log {info['log']}); stop it with `{cli_program()} server stop`.")

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -35,6 +36,17 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
             return response.status == 200
     except OSError:
+        return False
+
+
+def reachable(api_url: str, timeout: float = 5.0) -> bool:
+    """Whether anything answers at a Prefect API's address (an HTTP error, e.g. Prefect Cloud's 401 without a key, is an answer)."""
+    try:
+        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, no such host, timed out; not a URL at all
         return False
 
 

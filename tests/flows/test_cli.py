@@ -161,3 +161,12 @@ print(seen)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     done = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).parents[2], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout.strip() == "{'prefect imported': False}", done.stdout + done.stderr
+
+
+def test_a_prefect_api_url_where_nothing_answers_is_refused_with_what_to_do(tmp_path, monkeypatch, capsys):
+    port = server._free_port(4990)
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    assert main(["verify", "--name", "demo", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no Prefect API answers at PREFECT_API_URL=http://127.0.0.1:{port}/api" in err and "server start" in err
+    assert "Traceback" not in err
