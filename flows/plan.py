@@ -14,6 +14,7 @@ from fineweb_modal.models import DEFAULT_MODEL, SCALE_MODEL
 from fineweb_modal.plan import ShardSample, forecast
 from fineweb_modal.report import artifact_key, group_digits
 from fineweb_modal.selection import select_shards
+from flows.outcome import refused
 from tasks.backends import get_backend
 from tasks.shard_tasks import retry_if_transient
 
@@ -41,14 +42,17 @@ def plan(
     shards: list[str | int] | str | int | None = None,
 ) -> list[dict]:
     """Forecast the embed stage's cost for the downloaded shards, as a table artifact."""
-    run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
-        max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column, keep_columns=[], shards=shards,
-    )  # fmt: skip
-    available = get_backend(backend).list_shards(run, "chunk")
-    if not available:
-        raise ConfigError(f"plan: no downloaded shards for {run.dataset.name}; run the download stage first")
-    chosen = select_shards(available, run.shards)
+    try:
+        run = build_run_config(
+            source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["chunk"], backend=backend,
+            max_tokens=max_tokens, overlap=overlap, model=model, prefix=prefix, text_column=text_column, keep_columns=[], shards=shards,
+        )  # fmt: skip
+        available = get_backend(backend).list_shards(run, "chunk")
+        if not available:
+            raise ConfigError(f"no downloaded shards for {run.dataset.name}; run the download stage first")
+        chosen = select_shards(available, run.shards)
+    except ConfigError as exc:
+        return refused("plan", exc)  # a message, not a traceback
     samples = [f.result() for f in [plan_task.submit(shard=s, run=run) for s in chosen]]
     rows = forecast(samples)
     # The default rates are for a BERT-base-sized model: a smaller one (the demo's MiniLM) runs faster, costs less.
