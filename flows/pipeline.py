@@ -20,7 +20,6 @@ from fineweb_modal.config import (
 )
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
-from fineweb_modal.phrasing import listing
 from fineweb_modal.report import StageReport
 from flows.chunk import chunk
 from flows.download import download
@@ -28,7 +27,7 @@ from flows.embed import embed
 from flows.hooks import cancel_modal_calls, dataset_run_name
 from flows.outcome import failed, for_this_run, outcome, refused
 from flows.reporting import publish_pipeline_summary
-from flows.stage import check_before_work, failed_shards, run_tags, without_input
+from flows.stage import check_before_work, check_rerunnable, failed_shards, run_tags
 from flows.summarize import summarize
 
 STAGE_FLOWS = {"download": download, "chunk": chunk, "embed": embed, "summarize": summarize}
@@ -95,9 +94,7 @@ def pipeline(
             if not params["shards"]:
                 publish_pipeline_summary(run, {}, "No failed shards: nothing to rerun.", finished=True)
                 return Completed(message="no failed shards: nothing to rerun")
-            if lost := without_input(run, run.stages[0], params["shards"]):
-                earlier = ",".join(STAGES[: STAGES.index(run.stages[0])])
-                raise ConfigError(f"failed shard(s) {listing(lost)} have no {run.stages[0]} input any more: rerun with the stages before it too ({earlier})")
+            check_rerunnable(run, params["shards"])
             logger.info("rerunning the failed shards: %s", ", ".join(params["shards"]))
     except ConfigError as exc:
         return refused("pipeline", exc)

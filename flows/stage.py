@@ -11,7 +11,7 @@ from prefect.states import Completed, State
 
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
-from fineweb_modal.config import RunConfig, build_run_config
+from fineweb_modal.config import STAGES, RunConfig, build_run_config
 from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
@@ -164,9 +164,24 @@ def failed_shards(run: RunConfig) -> list[str]:
     return sorted(failed)
 
 
+def check_rerunnable(run: RunConfig, failed: list[str]) -> None:
+    """Refuse an `--only failed` run when some failed shard cannot be redone from its first stage, saying what to do."""
+    first = run.stages[0]
+    if not (lost := without_input(run, first, failed)):
+        return
+    if first == "download":
+        raise ConfigError(
+            f"failed shard(s) {listing(lost)} are no longer in the source {run.download.source}: put the file(s) back, "
+            f"or drop the shard(s) for good by deleting their record(s) in {layout_for(run).ledger_dir('download')}"
+        )
+    earlier = ",".join(STAGES[: STAGES.index(first)])
+    raise ConfigError(f"failed shard(s) {listing(lost)} have no {first} input any more: rerun with the stages before it too ({earlier})")
+
+
 def without_input(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
-    """The shards among `shards` whose input to `stage` is not there (nothing made it, or it was deleted since)."""
-    if stage == "download":
+    """The shards among `shards` whose input to `stage` is not there (nothing made it, or it was deleted since; for
+    download from a folder: no source file of that name any more)."""
+    if stage == "download" and (run.download is None or run.download.source_kind != "folder"):
         return []
     try:
         available = set(_candidates(stage, run))

@@ -176,6 +176,15 @@ def test_only_failed_finds_a_failed_shard_whose_input_was_deleted_since(pipeline
     assert state.is_completed(), state.message
     assert [r.shard for r in reports["download"].results] == [shard] == [r.shard for r in reports["chunk"].results]
 
+    gone = demo_source / "data-00003-of-00003.jsonl"
+    gone.write_text('{"text": "fine"}\n{"text": broken')
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"])
+    assert state.is_failed()
+    gone.unlink()  # "fixed" by taking the file out of the source
+    state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"], only="failed")
+    assert state.is_failed() and "failed shard(s) data-00003-of-00003 are no longer in the source" in state.message
+    assert str(layout_for(run).ledger_dir("download")) in state.message, "and where the record to delete is"
+
 
 def test_bad_config_fails_before_any_stage(pipeline_flow, demo_source, tmp_path):
     state, _ = run_pipeline(pipeline_flow, demo_source, tmp_path / "data", overlap=0.9)
