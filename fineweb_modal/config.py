@@ -199,8 +199,10 @@ def build_run_config(
     """Validate the flat run parameters (CLI flags, flow parameters) into a RunConfig, or raise ConfigError."""
     stage_list = split_list(stages)
     unknown = [s for s in stage_list if s not in STAGES]
-    if unknown or not stage_list:
-        raise ConfigError(f"unknown stage(s) {unknown or stage_list}: choose from {', '.join(STAGES)}")
+    if not stage_list:
+        raise ConfigError(f"no stage given: choose from {', '.join(STAGES)}")
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
     stage_list = tuple(s for s in STAGES if s in stage_list)  # run order is fixed, whatever the given order
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from fineweb_modal.costs import format_usd
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.layout import Layout
+from fineweb_modal.phrasing import listing
 from fineweb_modal.status import ledger_status
 from fineweb_modal.storage import atomic_path, recorded_chunk_config
 from fineweb_modal.verify import outdated_stages
@@ -73,6 +76,34 @@ configs:
     return front + "\n".join(lines) + "\n"
 
 
+MANIFEST = ".publish.json"
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse what cannot be a Hub dataset id (`org/name`), before any work (a dry run too)."""
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or len(repo_id) > 96:
+        raise ConfigError(f"repo_id {repo_id!r} is not a Hub dataset id: write it as org/name (letters, digits, '-', '_', '.')")
+
+
+def clear_folder(folder: Path) -> None:
+    """Make `folder` ready to be filled and uploaded whole: new, empty, or an earlier publish's (whose files go).
+
+    A file, or a folder holding anything else, is refused: every file in it would be uploaded.
+    """
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file: give a folder to write the dataset into")
+    if not folder.is_dir():
+        return
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+    manifest = folder / MANIFEST
+    earlier = {*json.loads(manifest.read_text()).get("files", []), MANIFEST} if manifest.is_file() else set()
+    if strangers := sorted(present - earlier):
+        raise ConfigError(f"{folder} holds files that an upload would take along ({listing(strangers)}): give an empty or new folder")
+    for name in sorted(present):
+        (folder / name).unlink()  # an earlier publish's shards and card: a shard left out now must not go up with the new ones
+
+
 def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards: list[str], left_out: Sequence[str] = ()) -> dict[str, Any]:
     """Write exactly what would be uploaded: `data/<split>/<shard>.parquet` and `README.md` (naming the shards `left_out`)."""
     rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
@@ -81,7 +112,7 @@ def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards:
     chunk_config = recorded_chunk_config(pq.read_schema(layout.output_path("chunk", shards[0])))
     (folder / "README.md").write_text(dataset_card(repo_id, layout, model, rows, embed_meta, list(left_out), chunk_config))
     manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
-    (folder / ".publish.json").write_text(json.dumps(manifest, indent=2))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -91,5 +122,5 @@ def upload_folder(folder: Path, repo_id: str, token: str, private: bool = True) 
 
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder), ignore_patterns=[".publish.json"])
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=str(folder), ignore_patterns=[MANIFEST])
     return f"https://huggingface.co/datasets/{repo_id}"

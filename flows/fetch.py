@@ -12,6 +12,7 @@ from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.verify import preview
+from flows.hooks import dataset_run_name
 from tasks.backends import get_backend
 
 _LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}  # the stage whose inputs are these outputs
@@ -33,7 +34,7 @@ def fetch_shard(run: RunConfig, stage: str, shard: str | int, to: Path) -> Path:
     return where.fetch(run, stage, shard_name, destination)
 
 
-@flow(name="fetch")
+@flow(name="fetch", flow_run_name=dataset_run_name)
 def fetch(
     name: str,
     shard: str | int,

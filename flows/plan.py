@@ -14,6 +14,7 @@ from fineweb_modal.models import DEFAULT_MODEL, SCALE_MODEL
 from fineweb_modal.plan import ShardSample, forecast
 from fineweb_modal.report import artifact_key, group_digits
 from fineweb_modal.selection import select_shards
+from flows.hooks import dataset_run_name
 from flows.outcome import refused
 from tasks.backends import get_backend
 from tasks.shard_tasks import retry_if_transient
@@ -26,7 +27,7 @@ def plan_task(shard: str, run: RunConfig) -> ShardSample:
     return Completed(message=f"≈{group_digits(sample.est_embed_tokens)} tokens from {sample.sampled} of {sample.rows} docs", data=sample)
 
 
-@flow(name="plan", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(name="plan", task_runner=ThreadPoolTaskRunner(max_workers=16), flow_run_name=dataset_run_name)
 def plan(
     source: str | None = None,
     subset: str | None = None,

@@ -16,10 +16,11 @@ from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.phrasing import listing
-from fineweb_modal.publish import build_folder, upload_folder
+from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, upload_folder
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
+from flows.hooks import dataset_run_name
 from flows.outcome import refused
 
 HF_TOKEN_ENV = "HF_TOKEN"
@@ -44,7 +45,7 @@ def upload_task(folder: str, repo_id: str, private: bool) -> str:
     return upload_folder(Path(folder), repo_id, _hf_token(), private)
 
 
-@flow(name="publish")
+@flow(name="publish", flow_run_name=dataset_run_name)
 def publish(
     repo_id: str,
     name: str,
@@ -70,6 +71,7 @@ def publish(
     embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
     not_embedded = [s for s in chosen if s not in embedded]
     try:
+        check_repo_id(repo_id)
         if not dry_run:
             _hf_token()  # fail before any work when there is no token
         if not embedded:
@@ -79,6 +81,8 @@ def publish(
                 f"{len(not_embedded)} of {len(chosen)} shard(s) of {name} are not embedded ({listing(not_embedded)}): "
                 f"finish them (`status` says why), or publish the {len(embedded)} that are with allow_partial (--allow-partial)"
             )
+        if output_dir is not None:
+            clear_folder(Path(output_dir))  # last: nothing of an earlier publish goes when the run is refused
     except ConfigError as exc:
         return refused("publish", exc)  # a message, not a traceback
     if not_embedded:

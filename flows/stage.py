@@ -58,7 +58,7 @@ def _candidates(stage: str, run: RunConfig) -> dict[str, dict]:
     available = get_backend(run.backend).list_shards(run, stage)
     if not available:
         where = layout_for(run).shard_dir(layout_for(run).input_stage(stage))
-        raise ConfigError(f"{stage}: no input shards in {where}; run the earlier stages first")
+        raise ConfigError(f"no input shards in {where}; run the earlier stages first")  # refused as `<stage>: …`
     return {shard: {} for shard in available}
 
 
@@ -226,7 +226,7 @@ def _run_stage(stage: str, run: RunConfig) -> State:
         report.results = list(results)
         get_backend(run.backend).finalize(run, stage)
         publish_stage(report, run)
-        return Completed(message=f"download: {len(results)} shards", data=report)
+        return Completed(message=f"download: {len(results)} shard(s)", data=report)
 
     inputs = _shards_and_inputs(stage, run)
     logger.info("%s: %d shard(s) on the %s backend", stage, len(inputs), run.backend)
@@ -262,7 +262,7 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     publish_stage(report, run, extra_markdown)
 
     totals = report.totals()
-    message = f"{stage}: {len(report.results)} shards, {report.amount()}"
+    message = f"{stage}: {len(report.results)} shard(s), {report.amount()}"
     if report.not_started:
         return failed(
             f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "

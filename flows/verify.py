@@ -14,6 +14,7 @@ from fineweb_modal.config import BackendName, RunConfig, build_run_config
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
+from flows.hooks import dataset_run_name
 from flows.outcome import failed, outcome
 from tasks.backends import get_backend
 from tasks.shard_tasks import retry_if_transient
@@ -27,7 +28,7 @@ def verify_task(shard: str, run: RunConfig) -> dict:
     return Completed(message=message, data=outcome) if not outcome["problems"] else failed(message, outcome)
 
 
-@flow(name="verify", task_runner=ThreadPoolTaskRunner(max_workers=16))
+@flow(name="verify", task_runner=ThreadPoolTaskRunner(max_workers=16), flow_run_name=dataset_run_name)
 def verify(
     source: str | None = None,
     subset: str | None = None,

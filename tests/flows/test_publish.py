@@ -31,6 +31,17 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     captured = capsys.readouterr()
     assert "needs a Hub token" in captured.err and "Traceback" not in captured.out + captured.err
 
+    # Written again into the same folder with fewer shards: the earlier publish's files go, so none is uploaded stale.
+    assert main([*argv, "--dry-run", "--to", str(out), "--shards", "0"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet")) == ["data/train/data-00000-of-00003.parquet"]
+    # Every file in the folder would be uploaded: one that is no publish's is refused, as is a file or a bad repo id.
+    (out / "notes.txt").write_text("not for the Hub")
+    assert main([*argv, "--dry-run", "--to", str(out)]) == 2
+    assert "holds files that an upload would take along (notes.txt)" in capsys.readouterr().err
+    assert (out / "notes.txt").is_file() and (out / "README.md").is_file(), "nothing deleted on a refusal"
+    assert main([*argv, "--dry-run", "--to", str(out / "notes.txt")]) == 2 and "is a file" in capsys.readouterr().err
+    assert main([*argv[:-1], "not-a-repo-id", "--dry-run"]) == 2 and "is not a Hub dataset id" in capsys.readouterr().err
+
 
 def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
     from flows import publish as publish_module
