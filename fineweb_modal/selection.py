@@ -10,6 +10,8 @@ def select_shards(available: list[str], selectors: tuple[str, ...] | list[str]) 
     """The shards named or indexed by `selectors` (all when empty), in `available`'s order."""
     if not selectors:
         return list(available)
+    if not available:
+        raise ConfigError(f"no shards to choose {listing(list(selectors))} from: nothing was found there (check the name, data dir, --max-tokens and --model)")
     chosen: set[str] = set()
     for selector in selectors:
         if selector in available:

@@ -35,18 +35,18 @@ EXIT_INTERRUPTED = 130  # as a shell reports a process ended by SIGINT
 
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", help="Hub dataset id (e.g. HuggingFaceFW/fineweb-edu) or a local folder of parquet/arrow/jsonl files")
+    parser.add_argument("--source", help="Hub dataset id (e.g. HuggingFaceFW/fineweb-edu) or a local folder of parquet/arrow/jsonl files; needed for the download stage")
     parser.add_argument("--subset", help="Hub config name, e.g. sample-10BT")
-    parser.add_argument("--split", default="train")
+    parser.add_argument("--split", default="train", help="the split to read and write (default: train)")
     parser.add_argument("--name", help="dataset name under the data dir (default: folder name, or <repo>-<subset>)")
-    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--data-dir", default="./data", help="where shards, outputs and the ledger live (default: ./data)")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {','.join(STAGES)}")
     parser.add_argument("--backend", default="local", choices=BACKENDS)
     parser.add_argument("--max-tokens", default="auto", help="tokens per chunk incl. [CLS]/[SEP]; auto = min(500, model limit - prefix)")
     parser.add_argument("--overlap", default=0.1, type=float, help="fraction of the window shared by neighbouring chunks, 0-0.5")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model folder or Hub id (default: the bundled all-MiniLM-L6-v2)")
     parser.add_argument("--prefix", default="", help="text put before every chunk when embedding (nomic: 'search_document: ')")
-    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--text-column", default="text", help="the source column holding the documents (default: text)")
     parser.add_argument("--keep-columns", default=",".join(DEFAULT_KEEP_COLUMNS), help="source columns copied into the chunk files ('' for none)")
     parser.add_argument("--shards", help="shard indices or names, comma-separated (default: all)")
     parser.add_argument("--only", choices=["failed"], help="run only the shards whose last attempt failed")
@@ -64,20 +64,25 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--data-dir", default="./data")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--backend", default="local", choices=BACKENDS)
-    parser.add_argument("--max-tokens", default="auto")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--prefix", default="")
+    same = "as the run that made the outputs used"
+    parser.add_argument("--name", required=True, help="the dataset's name under the data dir")
+    parser.add_argument("--data-dir", default="./data", help="where the run wrote (default: ./data; on Modal: the Volume)")
+    parser.add_argument("--split", default="train", help="(default: train)")
+    parser.add_argument("--backend", default="local", choices=BACKENDS, help="local: the data dir; modal: the Volume")
+    parser.add_argument("--max-tokens", default="auto", help=f"the chunk size, {same} (it names the output folders)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"the embedding model, {same}")
+    parser.add_argument("--prefix", default="", help=f"the embedding prefix, {same}")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fineweb-modal", description="Chunk and embed a Hugging Face text dataset, shard by shard, with Prefect.")
+    parser = argparse.ArgumentParser(
+        prog="fineweb-modal",
+        description="Chunk and embed a Hugging Face text dataset, shard by shard, with Prefect.",
+        epilog="exit codes: 0 ok; 1 failed shards or problems found; 2 bad usage or config (nothing ran); 3 stopped at --max-cost; 130 interrupted",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="build a small offline dataset and run the whole pipeline on it")
-    demo.add_argument("--data-dir", default="./data")
+    demo.add_argument("--data-dir", default="./data", help="where the demo's source and outputs go (default: ./data)")
     run = commands.add_parser("run", help="run the pipeline's stages")
     _add_run_flags(run)
     commands.add_parser("serve", help="serve every flow as <flow>/local and <flow>/modal deployments (prefect.serve)")
@@ -107,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--backend", choices=["local", "modal"], default="local", help="modal: the ledger on the Volume (--data-dir is not used)")
     srv = commands.add_parser("server", help="a local Prefect server on 127.0.0.1")
     srv.add_argument("action", choices=["start", "stop", "status"])
-    srv.add_argument("--port", type=int, default=server.DEFAULT_PORT)
+    srv.add_argument("--port", type=int, default=server.DEFAULT_PORT, help=f"for start: the port to try first (default: {server.DEFAULT_PORT}; a free one if taken)")
     return parser
 
 
