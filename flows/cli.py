@@ -358,7 +358,8 @@ def verify(dataset: dict, shards: str | None = None) -> int:
     state = verify_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
     for row in rows if isinstance(rows, list) else []:
-        print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} chunks={row['chunks']} embeddings={row['embeddings']} dims={row['dims']} {row['problems']}")
+        counts = " ".join(f"{key}={row[key]}" for key in ("chunks", "embeddings", "dims") if row[key] is not None)
+        print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} {counts} {row['problems']}".rstrip())
     print(state.message)
     return EXIT_OK if state.is_completed() else EXIT_FAILED_SHARDS
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,9 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     capsys.readouterr()
     assert main(["verify", *dataset, "--shards", "0,data-00001-of-00003"]) == 0, "the broken shard was not asked for"
     assert main(["verify", *dataset]) == 1
-    assert "verify: 2 shard(s) ok" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "verify: 2 shard(s) ok" in out and "None" not in out
+    assert re.search(r"data-00002-of-00003 +PROBLEM chunks=\d+ embeddings=\d+ dims=384 .*not unit-norm", out), out
 
     state = verify(name="demo", data_dir=data_dir, return_state=True)  # the default max_tokens: none made with it
     assert state.is_failed() and "found demo-chunked-64-all-MiniLM-L6-v2: pass the --max-tokens and --model" in state.message
