@@ -77,7 +77,7 @@ configs:
 
 
 MANIFEST = ".publish.json"
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -97,7 +97,10 @@ def clear_folder(folder: Path) -> None:
         return
     present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
     manifest = folder / MANIFEST
-    earlier = {*json.loads(manifest.read_text()).get("files", []), MANIFEST} if manifest.is_file() else set()
+    try:
+        earlier = {*json.loads(manifest.read_text())["files"], MANIFEST} if manifest.is_file() else set()
+    except (ValueError, KeyError, TypeError):  # not a manifest this tool wrote: its folder's files are no publish's
+        earlier = set()
     if strangers := sorted(present - earlier):
         raise ConfigError(f"{folder} holds files that an upload would take along ({listing(strangers)}): give an empty or new folder")
     for name in sorted(present):
@@ -106,6 +109,10 @@ def clear_folder(folder: Path) -> None:
 
 def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards: list[str], left_out: Sequence[str] = ()) -> dict[str, Any]:
     """Write exactly what would be uploaded: `data/<split>/<shard>.parquet` and `README.md` (naming the shards `left_out`)."""
+    planned = [f"data/{layout.split}/{shard}.parquet" for shard in shards] + ["README.md"]
+    folder.mkdir(parents=True, exist_ok=True)
+    # First: a build that fails halfway leaves a folder the next publish knows as its own, and clears.
+    (folder / MANIFEST).write_text(json.dumps({"repo_id": repo_id, "files": planned}, indent=2))
     rows = {shard: join_shard(layout, shard, folder / "data" / layout.split / f"{shard}.parquet") for shard in shards}
     first = pq.read_schema(layout.output_path("embed", shards[0])).metadata or {}
     embed_meta = {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in first.items()}

@@ -158,9 +158,9 @@ def pipeline_resume(run: RunConfig, reports: dict[str, StageReport]) -> tuple[st
     run's stages without a report (it could not start); that stage and every later one, done shards skipped.
     """
     if stopped := next((stage for stage, report in reports.items() if report.not_started), None):
-        return "Resume with a higher --max-cost (raise the one below; done shards are skipped):", resume_command(run, stopped)
+        return "Resume with a higher --max-cost (raise the one below; done shards are skipped):", resume_command(run, stopped, shards_of(run, reports[stopped]))
     if first_failed := next((stage for stage, report in reports.items() if report.failed), None):
-        return "Once the cause is fixed, rerun (done shards are skipped):", resume_command(run, first_failed)
+        return "Once the cause is fixed, rerun (done shards are skipped):", resume_command(run, first_failed, shards_of(run, reports[first_failed]))
     if stopped_at := next((stage for stage in run.stages if stage not in reports), None):
         return f"Once {stopped_at} can start, rerun (done shards are skipped):", resume_command(run, stopped_at)
     return None
@@ -175,8 +175,17 @@ def cli_program() -> str:
     return shlex.quote(str(installed))  # e.g. .venv/bin/fineweb-modal, as the README calls it, with no venv activated
 
 
-def resume_command(run: RunConfig, stage: str) -> str:
-    """The CLI command that reruns a stage and the run's stages after it (its shard selection and budget too); shards done with the same config are skipped."""
+def shards_of(run: RunConfig, report: StageReport) -> list[str] | None:
+    """The names of the shards a stage of a run that chose shards (`--shards`, `--only failed`) went over; None for all."""
+    if not run.shards and not run.only:
+        return None
+    return sorted({r.shard for r in report.results} | set(report.failed) | set(report.not_started))
+
+
+def resume_command(run: RunConfig, stage: str, shards: list[str] | None = None) -> str:
+    """The CLI command that reruns a stage and the run's stages after it, over `shards` (names: an index given at the
+    first stage may name another shard in a later one's listing), else the run's own selection, with its budget too;
+    shards done with the same config are skipped."""
     stages = run.stages[run.stages.index(stage) :] if stage in run.stages else (stage,)
     q = shlex.quote  # a data dir with a space, a prefix with a quote: the command still pastes into a shell
     parts = [f"{cli_program()} run"]
@@ -185,8 +194,8 @@ def resume_command(run: RunConfig, stage: str) -> str:
     data_dir = Path(run.dataset.data_dir).resolve()  # so it runs from any folder
     parts += [f"--name {q(run.dataset.name)}", f"--data-dir {q(str(data_dir))}", f"--split {q(run.dataset.split)}", f"--stages {','.join(stages)}"]
     parts += [f"--backend {run.backend}", f"--model {q(run.chunk.model)}", f"--max-tokens {run.chunk.max_tokens}"]
-    if run.shards:  # the run's own selection, not every shard
-        parts.append(f"--shards {q(','.join(run.shards))}")
+    if chosen := shards if shards is not None else list(run.shards):  # the run's own selection, not every shard
+        parts.append(f"--shards {q(','.join(chosen))}")
     if run.max_cost is not None:  # pasted without it, a rerun would have no budget at all
         parts.append(f"--max-cost {run.max_cost:g}")
     if "chunk" in stages:

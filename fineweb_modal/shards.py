@@ -277,8 +277,18 @@ def _result_fields(job: ShardJob) -> dict[str, Any]:
     return {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
 
 
+def _done_fingerprint(job: ShardJob, ledger: Ledger, current: str) -> str:
+    """The fingerprint a done record must hold for `job` to skip: `current` (this config, this input), or, while the
+    record is not `outdated` (its input file is the one it was made from, though that stage's last attempt may
+    have failed since, leaving the file in place), this config over the input the record names."""
+    record = ledger.read(job.stage, job.shard)
+    if job.stage == "download" or record is None or record.status != "done" or record.upstream is None or ledger.outdated(record):
+        return current
+    return job_fingerprint(job, ledger, upstream=record.upstream)
+
+
 def _skipped_result(job: ShardJob, ledger: Ledger, fingerprint: str) -> ShardResult | None:
-    record = ledger.done_record(job.stage, job.shard, fingerprint)
+    record = ledger.done_record(job.stage, job.shard, _done_fingerprint(job, ledger, fingerprint))
     if record is None:
         return None
     earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
@@ -354,10 +364,11 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
         return "missing"
     if record.status == "done" and ledger.outdated(record):
         return "stale"
-    # The config alone (the input is `outdated`'s): with the input the record was made from. A download's needs
-    # its source file, which only the stage's run knows: it is not compared here.
+    # The config, as run_shard's skip test compares it (the input was `outdated`'s). A download's needs its source
+    # file, which only the stage's run knows: it is not compared here.
     if record.status == "done" and stage != "download":
-        if record.fingerprint != job_fingerprint(ShardJob(stage=stage, shard=shard, run=run), ledger, upstream=record.upstream):
+        job = ShardJob(stage=stage, shard=shard, run=run)
+        if record.fingerprint != _done_fingerprint(job, ledger, job_fingerprint(job, ledger)):
             return "stale"
     return record.status
 

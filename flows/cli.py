@@ -194,8 +194,10 @@ def run_pipeline(kwargs: dict) -> int:
         with _stopping_on_ctrl_c():
             state = pipeline(**kwargs, return_state=True)
     except KeyboardInterrupt:
+        from fineweb_modal.interrupt import withdraw_stop
         from fineweb_modal.report import resume_command
 
+        withdraw_stop()  # the run is over: a later command in this process must not see the stop request
         print(f"\nInterrupted: what finished is recorded. Resume (done shards are skipped):\n  {resume_command(run, run.stages[0])}", file=sys.stderr)
         return EXIT_INTERRUPTED
     reports = outcome(state)
@@ -357,6 +359,9 @@ def verify(dataset: dict, shards: str | None = None) -> int:
 
     state = verify_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
+    if isinstance(rows, ConfigError):
+        print(f"error: {rows}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     for row in rows if isinstance(rows, list) else []:
         counts = " ".join(f"{key}={row[key]}" for key in ("chunks", "embeddings", "dims") if row[key] is not None)
         print(f"{row['shard']:<32} {'ok' if row['ok'] else 'PROBLEM'} {counts} {row['problems']}".rstrip())

@@ -67,10 +67,10 @@ def publish(
     run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
     layout = layout_for(run)
     # All: every shard the dataset has (one whose download failed too); chosen: among the chunked, as `fetch` counts them.
-    chosen = select_shards(layout.list_shards("embed"), run.shards) if run.shards else layout.dataset_shards()
-    embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
-    not_embedded = [s for s in chosen if s not in embedded]
     try:
+        chosen = select_shards(layout.list_shards("embed"), run.shards) if run.shards else layout.dataset_shards()
+        embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
+        not_embedded = [s for s in chosen if s not in embedded]
         check_repo_id(repo_id)
         if not dry_run:
             _hf_token()  # fail before any work when there is no token

@@ -9,7 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import format_usd
-from fineweb_modal.report import StageReport, artifact_key, group_digits, pipeline_resume, resume_command, shard_table, stage_markdown
+from fineweb_modal.report import StageReport, artifact_key, group_digits, pipeline_resume, resume_command, shards_of, shard_table, stage_markdown
 from tasks.backends import get_backend
 
 
@@ -35,7 +35,7 @@ def publish_stage(report: StageReport, run: RunConfig, extra_markdown: str = "")
         key=artifact_key(report.stage, report.name, "shards"),
         description=f"{report.stage} · {report.name}: one row per shard (tokens, seconds, $)",
     )
-    markdown = stage_markdown(report, resume_command(run, report.stage))
+    markdown = stage_markdown(report, resume_command(run, report.stage, shards_of(run, report)))
     create_markdown_artifact(
         markdown + ("\n\n" + extra_markdown if extra_markdown else ""),
         key=artifact_key(report.stage, report.name, "summary"),

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ def reachable(api_url: str, timeout: float = 5.0) -> bool:
             return True
     except urllib.error.HTTPError:
         return True
+    except urllib.error.URLError as exc:  # a TLS handshake that failed here (Prefect may trust another CA): an answer
+        return isinstance(exc.reason, ssl.SSLError)
     except (OSError, ValueError):  # refused, no such host, timed out; not a URL at all
         return False
 

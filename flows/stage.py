@@ -18,7 +18,7 @@ from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.phrasing import listing
-from fineweb_modal.report import StageReport, group_digits, resume_command, text_histogram
+from fineweb_modal.report import StageReport, group_digits, resume_command, shards_of, text_histogram
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
 from fineweb_modal.storage import first_readable_schema
@@ -170,9 +170,15 @@ def check_rerunnable(run: RunConfig, failed: list[str]) -> None:
     if not (lost := without_input(run, first, failed)):
         return
     if first == "download":
+        statuses = get_backend(run.backend).shard_statuses(run, "download", lost)
+        if gone := [shard for shard in lost if statuses.get(shard) != "done"]:  # their download is what failed
+            raise ConfigError(
+                f"failed shard(s) {listing(gone)} are no longer in the source {run.download.source}: put the file(s) back, "
+                f"or drop the shard(s) for good by deleting their record(s) in {layout_for(run).ledger_dir('download')}"
+            )
         raise ConfigError(
-            f"failed shard(s) {listing(lost)} are no longer in the source {run.download.source}: put the file(s) back, "
-            f"or drop the shard(s) for good by deleting their record(s) in {layout_for(run).ledger_dir('download')}"
+            f"failed shard(s) {listing(lost)} are no longer in the source {run.download.source}, but their downloaded copies are: "
+            f"rerun them without the download stage (--stages {','.join(run.stages[1:]) or 'chunk'})"
         )
     earlier = ",".join(STAGES[: STAGES.index(first)])
     raise ConfigError(f"failed shard(s) {listing(lost)} have no {first} input any more: rerun with the stages before it too ({earlier})")
@@ -266,7 +272,7 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     if report.not_started:
         return failed(
             f"{stage}: max cost ${run.max_cost:.2f} reached (${totals['cost_usd']:.2f} spent); {len(report.not_started)} shard(s) "
-            f"not started — resume with: {resume_command(run, stage)}",
+            f"not started — resume with: {resume_command(run, stage, shards_of(run, report))}",
             report,
         )
     if report.failed:

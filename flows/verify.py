@@ -11,11 +11,12 @@ from prefect.states import Completed, Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from fineweb_modal.config import BackendName, RunConfig, build_run_config
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from flows.hooks import dataset_run_name
-from flows.outcome import failed, outcome
+from flows.outcome import failed, outcome, refused
 from tasks.backends import get_backend
 from tasks.shard_tasks import retry_if_transient
 
@@ -53,7 +54,10 @@ def verify(
         return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")
     # All: every shard the dataset has, not only the chunked ones (one whose download or chunk failed is a problem
     # too). Chosen: by name or by index among the chunked ones, as `fetch` and `plan` count them.
-    chosen = select_shards(chunked, run.shards) if run.shards else sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download")))
+    try:
+        chosen = select_shards(chunked, run.shards) if run.shards else sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download")))
+    except ConfigError as exc:
+        return refused("verify", exc)  # a shard that is not there: a message, not a traceback
     futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
     for future in futures:
         future.wait()  # sets each final state locally

@@ -546,7 +546,7 @@ class ModalBackend:
 
     def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
         """What the ledger on the Volume says (`data_dir` is the Volume's: the argument is not used)."""
-        return [StageStatus.from_dict(view) for view in self._function("ledger_status_fn").remote(MODAL_DATA_DIR, name)]
+        return [StageStatus.from_dict(view) for view in self._remote_of_this_code("ledger_status_fn", MODAL_DATA_DIR, name)]
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the ledger on the Volume."""
@@ -567,8 +567,12 @@ class ModalBackend:
 
     def deployed_settings(self) -> dict[str, str]:
         """The deployed app's GPU and TEI model, or ConfigError when the app is missing or older than this code."""
+        return self._remote_of_this_code("deployed_settings")
+
+    def _remote_of_this_code(self, name: str, *args: Any) -> Any:
+        """`.remote(*args)` of a function that older deployments lack: ConfigError saying to redeploy, not NotFoundError."""
         try:
-            return self._function("deployed_settings").remote()
+            return self._function(name).remote(*args)
         except Exception as exc:
             if type(exc).__name__ != "NotFoundError":
                 raise

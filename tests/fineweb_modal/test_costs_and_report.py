@@ -186,3 +186,17 @@ def test_a_long_list_is_cut_saying_how_many_more():
     assert listing(["a", "b"]) == "a, b"
     assert listing([f"s{i}" for i in range(12)]) == "s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 and 2 more"
     assert listing([3, 9], limit=8, total=40) == "3, 9 and 38 more", "a list cut already counts what it lost"
+
+
+def test_a_resume_names_the_shards_an_index_chose_at_the_first_stage(tmp_path):
+    """`--shards 2,3` meant the source's third and fourth files; embed's listing is shorter: the command names them."""
+    from fineweb_modal.config import build_run_config
+    from fineweb_modal.report import pipeline_resume
+
+    run = build_run_config(name="demo", data_dir=str(tmp_path), stages="chunk,embed,summarize", shards="2,3", max_cost=1.0)
+    done = ShardResult(stage="embed", shard="c", status="done")
+    reports = {"embed": StageReport(stage="embed", name="demo", backend="modal", results=[done], not_started=["d"])}
+    _, command = pipeline_resume(run, reports)
+    assert "--stages embed,summarize" in command and "--shards c,d" in command and "--max-cost 1" in command
+    everything = build_run_config(name="demo", data_dir=str(tmp_path), stages="chunk,embed,summarize")
+    assert "--shards" not in pipeline_resume(everything, reports)[1], "a run over every shard resumes over every shard"

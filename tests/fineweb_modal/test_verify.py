@@ -81,6 +81,7 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
     # A chunk attempt that failed left the chunk file as it was: the embeddings are still its own.
     Ledger(layout).write_failed("chunk", "s0", "another-config", TimeoutError("slow disk"), 1)
     assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
+    assert run_shard(ShardJob(stage="embed", shard="s0", run=run)).status == "skipped", "and an embed run agrees: nothing to redo"
     # Other texts, other lengths: the source file's size changes, so download and chunk redo the shard.
     run = run_stages(["Quantum physics of black holes.", "The football final ended in a draw."], ("download", "chunk"))
 

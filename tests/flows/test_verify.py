@@ -41,9 +41,12 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     dataset = ["--name", "demo", "--data-dir", data_dir, "--max-tokens", "64"]
     capsys.readouterr()
     assert main(["verify", *dataset, "--shards", "0,data-00001-of-00003"]) == 0, "the broken shard was not asked for"
+    assert "verify: 2 shard(s) ok" in capsys.readouterr().out
+    assert main(["verify", *dataset, "--shards", "9"]) == 2, "a shard that is not there is bad usage"
+    assert "'9' is neither a shard name nor an index from 0 to 2" in capsys.readouterr().err
     assert main(["verify", *dataset]) == 1
     out = capsys.readouterr().out
-    assert "verify: 2 shard(s) ok" in out and "None" not in out
+    assert "None" not in out
     assert re.search(r"data-00002-of-00003 +PROBLEM chunks=\d+ embeddings=\d+ dims=384 .*not unit-norm", out), out
 
     state = verify(name="demo", data_dir=data_dir, return_state=True)  # the default max_tokens: none made with it

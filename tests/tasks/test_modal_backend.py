@@ -424,6 +424,8 @@ def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_start
     monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(Missing("no such function")))}))
     with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
         backend.deployed_settings()
+    with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
+        backend.ledger_status("./data", None)  # `status --backend modal` against an app deployed before it existed
 
 
 def test_a_missing_text_column_on_the_volume_is_refused_before_any_chunk_container(downloaded, run_config_for, demo_source, monkeypatch):
