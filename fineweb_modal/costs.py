@@ -153,18 +153,24 @@ BILLED_ATTRIBUTE = "billed_usd"
 FAILED_ATTEMPTS_ATTRIBUTE = "failed_attempts_usd"
 
 
+def put_dollars(exc: BaseException, dollars: float, attribute: str = BILLED_ATTRIBUTE) -> bool:
+    """Set dollars on an error under `attribute`; False for an error type that takes no attributes (the budget goes without)."""
+    try:
+        setattr(exc, attribute, dollars)
+    except (AttributeError, TypeError):
+        return False
+    return True
+
+
 def mark_billed(exc: BaseException, dollars: float, how: str) -> None:
     """Record on a failed attempt's error what it was billed, for the caller's budget and its reader."""
-    try:
-        setattr(exc, BILLED_ATTRIBUTE, dollars)
-    except (AttributeError, TypeError):  # an error type that takes no attributes: the budget goes without it
-        return
-    exc.add_note(f"this attempt was billed {format_usd(dollars)} ({how})")
+    if put_dollars(exc, dollars):
+        exc.add_note(f"this attempt was billed {format_usd(dollars)} ({how})")
 
 
-def billed_on(exc: BaseException) -> float | None:
-    """What a failed attempt was billed, as mark_billed recorded it on its error; None when nothing did."""
-    dollars = getattr(exc, BILLED_ATTRIBUTE, None)
+def billed_on(exc: BaseException, attribute: str = BILLED_ATTRIBUTE) -> float | None:
+    """The dollars on an error under `attribute` (what mark_billed or put_dollars recorded); None when nothing did."""
+    dollars = getattr(exc, attribute, None)
     return float(dollars) if isinstance(dollars, (int, float)) else None
 
 

@@ -27,7 +27,7 @@ from fineweb_modal.costs import mark_billed, rate_per_second, stage_resources
 from fineweb_modal.errors import ConfigError, ShardBusyError, UnreadableFileError
 from fineweb_modal.interrupt import raise_if_stop_requested
 from fineweb_modal.layout import Layout
-from fineweb_modal.ledger import Ledger, ShardLease, count_rows, file_identity
+from fineweb_modal.ledger import Ledger, ShardLease, ShardRecord, count_rows, file_identity
 from fineweb_modal.models import model_info
 from fineweb_modal.plan import gpu_tokens_per_s
 from fineweb_modal.storage import first_readable_schema, open_arrow_batches, remove_stale_temps, write_json_atomic
@@ -277,18 +277,19 @@ def _result_fields(job: ShardJob) -> dict[str, Any]:
     return {"stage": job.stage, "shard": job.shard, "where": job.where, "host": socket.gethostname(), "cpu": resources.cpu, "memory_gib": resources.memory_gib, "gpu": resources.gpu}
 
 
-def _done_fingerprint(job: ShardJob, ledger: Ledger, current: str) -> str:
-    """The fingerprint a done record must hold for `job` to skip: `current` (this config, this input), or, while the
-    record is not `outdated` (its input file is the one it was made from, though that stage's last attempt may
+def _done_fingerprint(job: ShardJob, ledger: Ledger, record: ShardRecord, current: str) -> str:
+    """The fingerprint `record` must hold for `job` to count as done: `current` (this config, this input), or, while
+    the record is not `outdated` (its input file is the one it was made from, though that stage's last attempt may
     have failed since, leaving the file in place), this config over the input the record names."""
-    record = ledger.read(job.stage, job.shard)
-    if job.stage == "download" or record is None or record.status != "done" or record.upstream is None or ledger.outdated(record):
+    if job.stage == "download" or record.status != "done" or record.upstream is None or ledger.outdated(record):
         return current
     return job_fingerprint(job, ledger, upstream=record.upstream)
 
 
 def _skipped_result(job: ShardJob, ledger: Ledger, fingerprint: str) -> ShardResult | None:
-    record = ledger.done_record(job.stage, job.shard, _done_fingerprint(job, ledger, fingerprint))
+    if (found := ledger.read(job.stage, job.shard)) is None:
+        return None
+    record = ledger.done_record(job.stage, job.shard, _done_fingerprint(job, ledger, found, fingerprint))
     if record is None:
         return None
     earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}
@@ -364,11 +365,10 @@ def shard_status(run: RunConfig, stage: str, shard: str) -> str:
         return "missing"
     if record.status == "done" and ledger.outdated(record):
         return "stale"
-    # The config, as run_shard's skip test compares it (the input was `outdated`'s). A download's needs its source
-    # file, which only the stage's run knows: it is not compared here.
+    # The config, as run_shard's skip test compares it (not outdated: the input the record names is the one there).
+    # A download's needs its source file, which only the stage's run knows: it is not compared here.
     if record.status == "done" and stage != "download":
-        job = ShardJob(stage=stage, shard=shard, run=run)
-        if record.fingerprint != _done_fingerprint(job, ledger, job_fingerprint(job, ledger)):
+        if record.fingerprint != job_fingerprint(ShardJob(stage=stage, shard=shard, run=run), ledger, upstream=record.upstream):
             return "stale"
     return record.status
 

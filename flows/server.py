@@ -31,26 +31,28 @@ def _server_file() -> Path:
     return state_dir() / "server.json"
 
 
-def healthy(api_url: str, timeout: float = 2.0) -> bool:
-    """Whether a Prefect API answers its health check."""
+def _health_status(api_url: str, timeout: float) -> int | None:
+    """The HTTP status of a Prefect API's health check; None when nothing answers (0: a TLS handshake that failed
+    here, where Prefect itself may trust another CA — still an answer)."""
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
+            return response.status
+    except urllib.error.HTTPError as exc:  # e.g. Prefect Cloud's 401 without a key
+        return exc.code
+    except urllib.error.URLError as exc:
+        return 0 if isinstance(exc.reason, ssl.SSLError) else None
+    except (OSError, ValueError):  # refused, no such host, timed out; not a URL at all
+        return None
+
+
+def healthy(api_url: str, timeout: float = 2.0) -> bool:
+    """Whether a Prefect API answers its health check."""
+    return _health_status(api_url, timeout) == 200
 
 
 def reachable(api_url: str, timeout: float = 5.0) -> bool:
-    """Whether anything answers at a Prefect API's address (an HTTP error, e.g. Prefect Cloud's 401 without a key, is an answer)."""
-    try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except urllib.error.URLError as exc:  # a TLS handshake that failed here (Prefect may trust another CA): an answer
-        return isinstance(exc.reason, ssl.SSLError)
-    except (OSError, ValueError):  # refused, no such host, timed out; not a URL at all
-        return False
+    """Whether anything answers at a Prefect API's address (an HTTP error or a TLS failure here is an answer)."""
+    return _health_status(api_url, timeout) is not None
 
 
 def _free_port(preferred: int) -> int:

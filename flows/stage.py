@@ -12,7 +12,7 @@ from prefect.states import Completed, State
 from fineweb_modal.charts import data_uri
 from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import STAGES, RunConfig, build_run_config
-from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE
+from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
@@ -332,7 +332,7 @@ def _failed_attempts_usd(state: State) -> float:
     """What a shard task's failed attempts were billed: on its final error, or in the `extra` of a retry that passed."""
     if state.is_completed():
         return float(state.result().extra.get("failed_attempts_usd", 0.0))
-    return float(getattr(state.result(raise_on_failure=False), FAILED_ATTEMPTS_ATTRIBUTE, 0.0) or 0.0)
+    return billed_on(state.result(raise_on_failure=False), FAILED_ATTEMPTS_ATTRIBUTE) or 0.0
 
 
 def _summary_markdown(totals: dict, charts: dict[str, str]) -> str:

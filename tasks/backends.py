@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime
 import hashlib
@@ -23,7 +22,7 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import BILLED_ATTRIBUTE, PRICE_TABLE_DATE, billed_on, reconcile_rates
+from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, put_dollars, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ShardBusyError, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
@@ -391,8 +390,7 @@ class ModalBackend:
             output, call_id = self._call(call_key(job), lambda: target.spawn(payload), call_config(job), bill)
         except Exception as exc:
             if failed_calls:  # a re-attached call that failed, then the one started after it: all on this error
-                with contextlib.suppress(AttributeError, TypeError):
-                    setattr(exc, BILLED_ATTRIBUTE, sum(failed_calls))
+                put_dollars(exc, sum(failed_calls))
             raise
         result = ShardResult.model_validate(output)
         result.extra["modal_call_id"] = call_id

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -13,7 +11,7 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from fineweb_modal.config import RunConfig
-from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
+from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on, put_dollars
 from fineweb_modal.errors import is_transient
 from fineweb_modal.report import state_message
 from fineweb_modal.shards import ShardJob, ShardResult
@@ -69,8 +67,7 @@ def run_shard_task(stage: str, shard: str, run: RunConfig, source_file: str | No
         result: ShardResult = get_backend(run.backend).run(job)
     except Exception as exc:
         wasted = _failed_attempts_usd[key] = _failed_attempts_usd.get(key, 0.0) + (billed_on(exc) or 0.0)
-        with contextlib.suppress(AttributeError, TypeError):  # an error type that takes no attributes
-            setattr(exc, FAILED_ATTEMPTS_ATTRIBUTE, wasted)
+        put_dollars(exc, wasted, FAILED_ATTEMPTS_ATTRIBUTE)
         _emit("failed", stage, shard, run, {"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": attempt, "transient": is_transient(exc), "billed_usd": billed_on(exc) or 0.0})
         raise
     if wasted := _failed_attempts_usd.pop(key, 0.0) + result.extra.get("failed_attempts_usd", 0.0):  # earlier attempts', and this one's replaced calls
