@@ -190,16 +190,15 @@ def run_pipeline(kwargs: dict) -> int:
     from flows.outcome import outcome
     from flows.pipeline import pipeline
 
+    from fineweb_modal.interrupt import stop_requested
+
     try:
         with _stopping_on_ctrl_c():
             state = pipeline(**kwargs, return_state=True)
     except KeyboardInterrupt:
-        from fineweb_modal.interrupt import withdraw_stop
-        from fineweb_modal.report import resume_command
-
-        withdraw_stop()  # the run is over: a later command in this process must not see the stop request
-        print(f"\nInterrupted: what finished is recorded. Resume (done shards are skipped):\n  {resume_command(run, run.stages[0])}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted(run)
+    if stop_requested():  # Prefect's engine may take the KeyboardInterrupt itself and end the run with its shards Interrupted
+        return _interrupted(run)
     reports = outcome(state)
     if isinstance(reports, ConfigError):  # the first stage refused to start (e.g. no room on the disk): nothing ran
         print(f"error: {reports}", file=sys.stderr)
@@ -215,6 +214,16 @@ def run_pipeline(kwargs: dict) -> int:
     if resume := pipeline_resume(run, reports):
         print(f"{resume[0]}\n  {resume[1]}", file=sys.stderr)
     return EXIT_MAX_COST if any(report.not_started for report in reports.values()) else EXIT_FAILED_SHARDS
+
+
+def _interrupted(run: RunConfig) -> int:
+    """After Ctrl-C: say how to resume, forget the stop request (a later command in this process must run), exit 130."""
+    from fineweb_modal.interrupt import withdraw_stop
+    from fineweb_modal.report import resume_command
+
+    withdraw_stop()
+    print(f"\nInterrupted: what finished is recorded. Resume (done shards are skipped):\n  {resume_command(run, run.stages[0])}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 @contextlib.contextmanager
