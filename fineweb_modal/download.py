@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -16,11 +17,13 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from fineweb_modal.errors import BadDataError
+from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.phrasing import listing
 from fineweb_modal.storage import atomic_path, decoding, open_arrow_batches, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 20  # for the up-front look at a Hub dataset; the download itself has the Hub client's own timeouts
 
 
 @dataclass
@@ -162,6 +165,42 @@ def write_dataset_index(split_dir: Path, split: str) -> bool:
     write_json_atomic(split_dir / "state.json", state)
     write_json_atomic(split_dir / "dataset_info.json", {"features": features.to_dict()})
     return True
+
+
+def hub_access_problem(repo_id: str) -> str:
+    """Why the Hub dataset `repo_id` cannot be read from here, in words ('' when it can): one call to the Hub's API."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(repo_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return f"the Hub dataset {repo_id} is gated: accept its terms on its page, and set HF_TOKEN to a token of that account"
+    except RepositoryNotFoundError:
+        return f"the Hub has no dataset {repo_id} (or it is private and no HF_TOKEN here can read it)"
+    except HfHubHTTPError as exc:
+        if exc.response.status_code == 401:  # a token the Hub does not know (a missing one reads as RepositoryNotFound)
+            return "the Hub refused the HF_TOKEN here (HTTP 401: invalid credentials); set a valid one, or unset it for a public dataset"
+        return f"the Hub answered HTTP {exc.response.status_code} for the dataset {repo_id}"
+    except Exception as exc:  # the network's own errors (DNS, refused, TLS, timeout) come from the Hub client's HTTP library
+        return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc})"
+    return ""
+
+
+@functools.cache
+def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None:
+    """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
+
+    An unknown subset or split is a ConfigError naming the ones there are. `repo_id` may also be a local folder,
+    which `load_dataset` reads the same way.
+    """
+    from datasets import load_dataset
+
+    try:
+        features = load_dataset(repo_id, subset, split=split, streaming=True).features
+    except ValueError as exc:  # e.g. "Bad split: tran. Available splits: ['train']"
+        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
+    return features.arrow_schema if features is not None else None
 
 
 def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:

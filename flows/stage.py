@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from prefect import get_run_logger, tags
+from prefect.exceptions import MissingContextError
 from prefect.futures import as_completed
 from prefect.states import Completed, State
 
@@ -14,7 +16,7 @@ from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import STAGES, RunConfig, build_run_config
 from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
 from fineweb_modal.diskspace import check_disk_space, human_bytes
-from fineweb_modal.download import source_schema
+from fineweb_modal.download import hub_access_problem, hub_schema, source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.phrasing import listing
@@ -28,6 +30,8 @@ from flows.reporting import StageProgress, publish_stage
 from tasks.backends import get_backend
 from tasks.secrets import TEI_API_KEY_ENV, load_tei_api_key
 from tasks.shard_tasks import STAGE_TASKS, download_hub_task, settle_failed_attempts
+
+log = logging.getLogger(__name__)
 
 # Shards in flight at once; the backend bounds real parallelism (local: one process per core; Modal: each
 # function's max_containers). Not fewer than chunk's 100 containers, or sample-10BT's 99 shards chunk in two
@@ -93,7 +97,7 @@ def _shards_and_inputs(stage: str, run: RunConfig) -> dict[str, dict]:
     return {shard: candidates[shard] for shard in chosen}
 
 
-def _check_columns(schema, run: RunConfig, path: Path) -> None:
+def _check_columns(schema, run: RunConfig, path: object) -> None:
     try:
         check_columns(schema, run.chunk, path)
     except BadDataError as exc:
@@ -103,6 +107,7 @@ def _check_columns(schema, run: RunConfig, path: Path) -> None:
 def check_before_work(run: RunConfig) -> None:
     """What can be checked before any shard runs, or ConfigError: the source's files and columns, the TEI server."""
     check_source_columns(run)
+    check_hub_source(run)
     if "embed" in run.stages and run.embed.engine == "tei" and _embedding_left(run):
         check_tei(run)
 
@@ -144,6 +149,43 @@ def check_source_columns(run: RunConfig) -> None:
     paths = (f for f in list_source_files(run.download.source) if f.stem in chosen)
     if found := first_readable_schema(paths, lambda path: source_schema(path, run.chunk.text_column)):
         _check_columns(found[1], run, found[0])
+
+
+def check_hub_source(run: RunConfig) -> None:
+    """Before a run that downloads from the Hub: the dataset must be readable, its subset and split must exist, and
+    (when chunk follows) its columns must fit — all from the Hub's API and the first file's header, not after a
+    download of the whole dataset.
+
+    Run on the Modal backend, a Hub that this machine cannot reach or read (no network, no HF_TOKEN here) is a
+    warning only: the download runs on Modal, with its own network and secret. `HF_HUB_OFFLINE=1` skips the check.
+    """
+    if "download" not in run.stages or run.download is None or run.download.source_kind != "hub":
+        return
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():  # the download reads the Hub's cache here; there is nothing to ask
+        return
+    repo_id, subset = run.download.source, run.download.subset
+    if problem := hub_access_problem(repo_id):
+        if run.backend == "modal":
+            _warn(f"download: could not check the Hub dataset from here ({problem}); the download on Modal will")
+            return
+        raise ConfigError(f"download: {problem}")
+    try:
+        schema = hub_schema(repo_id, subset, run.dataset.split)
+    except OSError as exc:  # the Hub answered a moment ago: a file it lists could not be read; the download will say more
+        _warn(f"download: could not read the columns of {repo_id} up front ({exc}); they are checked once it is downloaded")
+        return
+    if schema is not None and "chunk" in run.stages:
+        _check_columns(schema, run, f"hf://datasets/{repo_id}" + (f" ({subset})" if subset else ""))
+
+
+def _warn(message: str) -> None:
+    """A warning in the flow run's log; before a run exists (the CLI's checks) only at debug level, since the run that follows says it."""
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        log.debug(message)
 
 
 def failed_shards(run: RunConfig) -> list[str]:

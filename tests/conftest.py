@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import threading
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # GPU it would take the CUDA paths, which the GPU benchmark measures instead (python -m benchmarks.embed --gpu-only).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
@@ -116,3 +119,46 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
 def demo_documents() -> list[dict]:
     """Twenty real documents with fineweb-edu's columns."""
     return build_documents(20, seed=1)
+
+
+class _HubAPIDouble(BaseHTTPRequestHandler):
+    """A test double of the one Hugging Face Hub API call the up-front check makes (`GET /api/datasets/{id}`), not the
+    Hub: `org/public` is there, `org/gated` is gated, anything else is not found, and the token `hf_bad` is refused."""
+
+    def do_GET(self) -> None:
+        repo_id = self.path.removeprefix("/api/datasets/").split("/revision/")[0].split("?")[0]
+        if self.headers.get("Authorization") == "Bearer hf_bad":
+            self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        elif repo_id == "org/public":
+            self._answer(200, {}, {"id": repo_id, "sha": "0" * 40, "private": False, "tags": []})
+        elif repo_id == "org/gated":
+            self._answer(403, {"X-Error-Code": "GatedRepo"})
+        else:
+            self._answer(404, {"X-Error-Code": "RepoNotFound"})
+
+    def _answer(self, status: int, headers: dict[str, str], body: dict | None = None) -> None:
+        payload = json.dumps(body or {"error": "test double"}).encode()
+        self.send_response(status)
+        for key, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(payload))}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hub_api(monkeypatch) -> str:
+    """The Hub client pointed at a test double of the Hub's dataset-info API on 127.0.0.1 (online mode for the test)."""
+    import huggingface_hub.constants
+
+    double = ThreadingHTTPServer(("127.0.0.1", 0), _HubAPIDouble)
+    threading.Thread(target=double.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{double.server_address[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield endpoint
+    double.shutdown()
+    double.server_close()

@@ -3,6 +3,7 @@ clear message; a dataset without its text column is refused before any work."""
 
 from __future__ import annotations
 
+import logging
 import struct
 
 import numpy as np
@@ -305,3 +306,64 @@ def test_a_tei_that_is_down_or_serves_another_model_is_refused_before_any_work(p
     next(data.glob("*MiniLM*/train/data-00000-of-00003.parquet")).unlink()
     state = embed(name=demo_source.name, data_dir=str(data), max_tokens=64, engine="tei", tei_url=double.url, return_state=True)
     assert state.is_failed() and isinstance(outcome(state), ConfigError) and "is TEI running" in str(outcome(state))
+
+
+def _hub_run(tmp_path, source: str, **overrides):
+    from fineweb_modal.config import build_run_config
+
+    return build_run_config(**{"source": source, "data_dir": str(tmp_path / "data"), "stages": "download,chunk", **overrides})
+
+
+def test_a_hub_source_that_cannot_be_read_is_refused_before_anything_downloads(hub_api, tmp_path, caplog):
+    """Through a test double of the Hub's dataset-info API: on the local backend the download would meet the same."""
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import check_before_work
+
+    with pytest.raises(ConfigError, match=r"^download: the Hub has no dataset org/nope \(or it is private"):
+        check_before_work(_hub_run(tmp_path, "org/nope"))
+    with pytest.raises(ConfigError, match=r"^download: the Hub dataset org/gated is gated"):
+        check_before_work(_hub_run(tmp_path, "org/gated"))
+    # On Modal the download runs there, with its own network and HF_TOKEN secret: this machine's view is only a warning.
+    stage_log = logging.getLogger("flows.stage")
+    stage_log.addHandler(caplog.handler)  # directly: Prefect's logging setup, on its first import, replaces the root's handlers
+    try:
+        with caplog.at_level(logging.DEBUG, logger="flows.stage"):
+            check_before_work(_hub_run(tmp_path, "org/nope", backend="modal"))
+    finally:
+        stage_log.removeHandler(caplog.handler)
+    assert any("could not check the Hub dataset from here (the Hub has no dataset org/nope" in r.getMessage() for r in caplog.records)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_hub_source_without_the_split_or_columns_is_refused_from_its_first_file_header(hub_api, demo_source, tmp_path, monkeypatch):
+    """`org/public` passes the Hub double's access check; a local folder stands in for its files (read by the same
+    `load_dataset(..., streaming=True)` a Hub repo is)."""
+    import fineweb_modal.download
+    import flows.stage
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import check_before_work
+
+    monkeypatch.setattr(flows.stage, "hub_schema", lambda repo_id, subset, split: fineweb_modal.download.hub_schema(str(demo_source), subset, split))
+    check_before_work(_hub_run(tmp_path, "org/public"))
+    with pytest.raises(ConfigError, match=r"^hf://datasets/org/public: column\(s\) \['body'\] not found; the shard has \['text', "):
+        check_before_work(_hub_run(tmp_path, "org/public", text_column="body"))
+    with pytest.raises(ConfigError, match=r"Bad split: validation\. Available splits: \['train'\]"):
+        check_before_work(_hub_run(tmp_path, "org/public", split="validation"))
+    check_before_work(_hub_run(tmp_path, "org/public", text_column="body", stages="download"))  # no chunk: columns not needed
+    assert not (tmp_path / "data").exists()
+
+
+def test_an_unreachable_hub_is_refused_by_the_cli_in_one_line(prefect_api, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    from flows.cli import main
+    from flows.server import _free_port
+
+    endpoint = f"http://127.0.0.1:{_free_port(4975)}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert main(["run", "--source", "HuggingFaceFW/fineweb-edu", "--subset", "sample-10BT", "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    assert f"download: cannot reach the Hub at {endpoint} (ConnectError" in err
+    assert "Traceback" not in err and "Retrying" not in err
+    assert not (tmp_path / "data").exists()

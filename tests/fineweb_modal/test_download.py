@@ -131,3 +131,51 @@ def test_a_jsonl_file_read_line_by_line_gets_the_same_column_types_as_any_other(
     assert convert_file(plain, tmp_path / "plain.arrow").rows_out == 1 and convert_file(long, tmp_path / "long.arrow").rows_out == 2
     schemas = [open_arrow_batches(tmp_path / f"{name}.arrow")[0] for name in ("plain", "long")]
     assert schemas[0] == schemas[1] and schemas[0].field("date").type == pa.timestamp("s")
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "token", "problem"),
+    [
+        ("org/public", None, ""),
+        ("org/gated", None, "the Hub dataset org/gated is gated: accept its terms"),
+        ("org/nope", None, "the Hub has no dataset org/nope (or it is private"),
+        ("org/public", "hf_bad", "the Hub refused the HF_TOKEN here (HTTP 401"),
+    ],
+)
+def test_hub_access_problem_says_why_a_hub_dataset_cannot_be_read(hub_api, monkeypatch, repo_id, token, problem):
+    from fineweb_modal.download import hub_access_problem
+
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    said = hub_access_problem(repo_id)
+    assert said.startswith(problem) if problem else said == ""
+    assert "hf_bad" not in said, "a token never reaches a message"
+
+
+def test_a_hub_that_does_not_answer_is_named_with_its_address(monkeypatch):
+    import huggingface_hub.constants
+
+    from fineweb_modal.download import hub_access_problem
+    from flows.server import _free_port
+
+    endpoint = f"http://127.0.0.1:{_free_port(4970)}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert hub_access_problem("org/public").startswith(f"cannot reach the Hub at {endpoint} (ConnectError")
+
+
+def test_hub_schema_reads_the_columns_and_names_the_splits_without_a_download(demo_source, tmp_path, monkeypatch):
+    """A local folder stands in for a Hub repo (no Hub here): `load_dataset(..., streaming=True)` reads both alike."""
+    import datasets
+
+    from fineweb_modal.download import hub_schema
+    from fineweb_modal.errors import ConfigError
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+    schema = hub_schema(str(demo_source), None, "train")
+    assert schema.names == pq.read_schema(next(demo_source.glob("*.parquet"))).names
+    assert not list((tmp_path / "hf-datasets").rglob("*.arrow")), "nothing downloaded or cached"
+    with pytest.raises(ConfigError, match=r"Bad split: tran\. Available splits: \['train'\]"):
+        hub_schema(str(demo_source), None, "tran")
+    with pytest.raises(ConfigError, match=r"\(subset nosuch\): BuilderConfig 'nosuch' not found"):
+        hub_schema(str(demo_source), "nosuch", "train")

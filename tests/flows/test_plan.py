@@ -27,10 +27,9 @@ def test_plan_flow_forecasts_the_downloaded_shards(prefect_api, demo_source, tmp
 
 
 def test_plan_before_download_says_what_to_do(prefect_api, tmp_path):
-    from flows.plan import plan
-
     from fineweb_modal.errors import ConfigError
     from flows.outcome import outcome
+    from flows.plan import plan
 
     state = plan(name="nothing", data_dir=str(tmp_path), return_state=True)
     assert state.is_failed() and state.message == "plan: no downloaded shards for nothing; run the download stage first"
