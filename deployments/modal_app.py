@@ -20,7 +20,7 @@ from fineweb_modal.models import SCALE_MODEL
 from fineweb_modal.shards import ShardJob, charge_failed_attempt, chunk_input_schema, done_result, download_hub_shards, finalize_stage, layout_for, plan_sample, run_shard, shard_statuses, verify_outputs
 from fineweb_modal.status import ledger_status
 from fineweb_modal.tei import wait_until_healthy
-from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, lost_modal_link
+from tasks.backends import MODAL_APP_NAME, MODAL_DATA_DIR, MODAL_VOLUME_NAME, code_version, lost_modal_link
 
 # Deploy-time settings: `FINEWEB_MODAL_GPU=A10G modal deploy deployments/modal_app.py`. The containers import
 # this module again: every setting they read travels in the images' environment (IMAGE_ENV).
@@ -37,6 +37,8 @@ TEI_MAX_CONCURRENT_REQUESTS = int(os.environ.get("FINEWEB_MODAL_TEI_MAX_CONCURRE
 # A Modal Secret holding HF_TOKEN, for gated or private datasets and models (optional).
 HF_SECRET = os.environ.get("FINEWEB_MODAL_HF_SECRET", "")
 TEI_VERSION = "1.9"
+# This file and the packages it runs, as deployed (a container computes it from its own copies of them).
+CODE_VERSION = code_version(__file__)
 TEI_PORT = 8000
 SHARD_TIMEOUT_S = 4 * 60 * 60
 # Model weights (and the Hub's download cache) live on a Volume of their own, downloaded once, not per
@@ -251,8 +253,8 @@ def plan_sample_fn(run: dict, shard: str) -> dict:
 
 @app.function(image=cpu_image, **common)
 def deployed_settings() -> dict[str, str]:
-    """What this deployment was made with: its GPU and the model its TEI serves (a run checks these before embedding)."""
-    return {"gpu": GPU, "tei_model": TEI_MODEL, "tei_version": TEI_VERSION}
+    """What this deployment was made with: its GPU, the model its TEI serves, and its code's version (a run checks these first)."""
+    return {"gpu": GPU, "tei_model": TEI_MODEL, "tei_version": TEI_VERSION, "code": CODE_VERSION}
 
 
 @app.function(image=cpu_image, **common)

@@ -105,7 +105,9 @@ def _check_columns(schema, run: RunConfig, path: object) -> None:
 
 
 def check_before_work(run: RunConfig) -> None:
-    """What can be checked before any shard runs, or ConfigError: the source's files and columns, the TEI server."""
+    """What can be checked before any shard runs, or ConfigError: the deployed Modal app, the source's files and
+    columns, the TEI server."""
+    check_modal_deployment(run)
     check_source_columns(run)
     check_hub_source(run)
     if "embed" in run.stages and run.embed.engine == "tei" and _embedding_left(run):
@@ -122,18 +124,19 @@ def _embedding_left(run: RunConfig) -> bool:
     return not shards or any(status != "done" for status in statuses.values())
 
 
+def check_modal_deployment(run: RunConfig) -> None:
+    """On the Modal backend: the app must be deployed, from this checkout's code (one small CPU call per process)."""
+    if run.backend == "modal":
+        get_backend("modal").check_deployment()
+
+
 def check_tei(run: RunConfig) -> None:
     """The TEI that will embed must serve the run's model: at --tei-url it must also answer and take the API key (one
     `GET /info`); on Modal, the deployed app's TEI model is read (else every shard would start a GPU to find out)."""
     if run.embed.engine != "tei":
         return
     if run.backend == "modal":
-        served = get_backend("modal").deployed_settings()["tei_model"]
-        if served != run.embed.model:
-            raise ConfigError(
-                f"the deployed Modal app's TEI serves {served}, not --model {run.embed.model}: pass --model {served}, or "
-                f"redeploy with FINEWEB_MODAL_TEI_MODEL={run.embed.model} modal deploy deployments/modal_app.py"
-            )
+        get_backend("modal").check_deployment(tei_model=run.embed.model)
         return
     load_tei_api_key()
     check_tei_server(run.embed.tei_url, run.embed.model, run.embed.tei_served_model, os.environ.get(TEI_API_KEY_ENV))
@@ -268,6 +271,7 @@ def run_tags(run: RunConfig) -> tuple[str, ...]:
 def _run_stage(stage: str, run: RunConfig) -> State:
     logger = get_run_logger()
     get_backend(run.backend)  # the modal backend without a token is refused here, not once per shard
+    check_modal_deployment(run)  # so is an app that is not deployed, or deployed from other code
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
         results = download_hub_task(run.dataset.name, run)

@@ -49,6 +49,27 @@ MODAL_DATA_DIR = "/data"
 MODAL_TEI_CLASS = "TEIEmbedder"
 MODAL_CALLS_DICT = "fineweb-modal-calls"
 MODAL_FUNCTIONS = {"download": "download_shard", "chunk": "chunk_shard", "embed": "embed_shard", "summarize": "summarize_shard"}
+MODAL_DEPLOY_COMMAND = "modal deploy deployments/modal_app.py"
+DEPLOYED_SETTINGS_TTL_S = 60.0
+
+
+def code_version(app_file: str | Path | None = None) -> str:
+    """A fingerprint of the code a Modal container runs: the `fineweb_modal` and `tasks` packages' Python files and
+    the app file (by default this checkout's `deployments/modal_app.py`), so a run can tell a stale deployment."""
+    import importlib.util
+
+    import fineweb_modal
+    import tasks
+
+    digest = hashlib.sha256()
+    for package in (fineweb_modal, tasks):
+        root = Path(package.__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package.__name__}/{path.relative_to(root).as_posix()}\0".encode() + path.read_bytes() + b"\0")
+    if app_file is None:
+        app_file = importlib.util.find_spec("deployments.modal_app").origin  # found, not imported: no `modal` needed
+    digest.update(b"modal_app.py\0" + Path(app_file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class Backend(Protocol):
@@ -353,6 +374,7 @@ class ModalBackend:
         self._volume = modal_module.Volume.from_name(MODAL_VOLUME_NAME, create_if_missing=True)
         self._calls = modal_module.Dict.from_name(MODAL_CALLS_DICT, create_if_missing=True)
         self.rates = live_rates(modal_module)
+        self._deployed: tuple[float, dict[str, str]] | None = None  # (when asked, the answer)
 
     def _on_volume(self, run: RunConfig) -> RunConfig:
         return run.model_copy(update={"dataset": run.dataset.model_copy(update={"data_dir": MODAL_DATA_DIR})})
@@ -564,8 +586,35 @@ class ModalBackend:
         return [ShardResult.model_validate(r) for r in results]
 
     def deployed_settings(self) -> dict[str, str]:
-        """The deployed app's GPU and TEI model, or ConfigError when the app is missing or older than this code."""
-        return self._remote_of_this_code("deployed_settings")
+        """The deployed app's GPU, TEI model and code version, or ConfigError when the app is missing or older than this code.
+
+        An answer is reused for a minute (a run's checks come together); a worker that serves for days sees a redeploy.
+        """
+        if self._deployed is None or time.monotonic() - self._deployed[0] > DEPLOYED_SETTINGS_TTL_S:
+            self._deployed = (time.monotonic(), self._remote_of_this_code("deployed_settings"))
+        return self._deployed[1]
+
+    def check_deployment(self, tei_model: str | None = None) -> None:
+        """ConfigError unless the deployed app runs the code of this checkout (else its containers would run other
+        chunking, embedding or ledger code than this run expects: a `git pull` without a redeploy, a local edit),
+        and, given `tei_model`, its TEI serves that model (else each embed shard would start a GPU to find out).
+
+        A refusal is not reused: after a redeploy, the next check asks again.
+        """
+        settings = self.deployed_settings()
+        if (deployed := settings.get("code")) != (here := code_version()):
+            gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
+            self._deployed = None
+            raise ConfigError(
+                f"the deployed Modal app {MODAL_APP_NAME!r} runs other code than this checkout (deployed {deployed or 'before code versions'}, "
+                f"here {here}): redeploy it with `{MODAL_DEPLOY_COMMAND}`{gpu}"
+            )
+        if tei_model is not None and (served := settings["tei_model"]) != tei_model:
+            self._deployed = None
+            raise ConfigError(
+                f"the deployed Modal app's TEI serves {served}, not --model {tei_model}: pass --model {served}, or "
+                f"redeploy with FINEWEB_MODAL_TEI_MODEL={tei_model} {MODAL_DEPLOY_COMMAND}"
+            )
 
     def _remote_of_this_code(self, name: str, *args: Any) -> Any:
         """`.remote(*args)` of a function that older deployments lack: ConfigError saying to redeploy, not NotFoundError."""
@@ -574,7 +623,7 @@ class ModalBackend:
         except Exception as exc:
             if type(exc).__name__ != "NotFoundError":
                 raise
-            raise ConfigError(f"the Modal app {MODAL_APP_NAME!r} is not deployed, or is older than this code: run `modal deploy deployments/modal_app.py`") from None
+            raise ConfigError(f"the Modal app {MODAL_APP_NAME!r} is not deployed, or is older than this code: run `{MODAL_DEPLOY_COMMAND}`") from None
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Dataset-wide step after a stage, on the Volume."""

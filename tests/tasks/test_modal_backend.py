@@ -409,7 +409,7 @@ def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_start
     run, _, fake = downloaded
     backend = ModalBackend(modal_module=fake)
     monkeypatch.setitem(backends._backends, "modal", backend)
-    assert backend.deployed_settings() == {"gpu": modal_app.GPU, "tei_model": modal_app.TEI_MODEL, "tei_version": modal_app.TEI_VERSION}
+    assert backend.deployed_settings() == {"gpu": modal_app.GPU, "tei_model": modal_app.TEI_MODEL, "tei_version": modal_app.TEI_VERSION, "code": backends.code_version()}
     tei_run = run.model_copy(update={"embed": run.embed.model_copy(update={"engine": "tei"})})
     with pytest.raises(ConfigError, match=f"the deployed Modal app's TEI serves {modal_app.TEI_MODEL}, not --model {run.embed.model}"):
         check_tei(tei_run)
@@ -423,9 +423,57 @@ def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_start
     Missing.__name__ = "NotFoundError"  # what modal raises for a function the deployed app lacks
     monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(Missing("no such function")))}))
     with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
-        backend.deployed_settings()
+        ModalBackend(modal_module=fake).deployed_settings()
     with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
         backend.ledger_status("./data", None)  # `status --backend modal` against an app deployed before it existed
+
+
+def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redeploy_is_seen(downloaded, monkeypatch):
+    """The deployed app says which code it runs (its containers hash their own copies); a run of other code stops."""
+    from deployments import modal_app
+    from fineweb_modal.errors import ConfigError
+    from flows.stage import check_before_work
+    from tasks import backends
+
+    run, _, fake = downloaded
+    backend = ModalBackend(modal_module=fake)
+    monkeypatch.setitem(backends._backends, "modal", backend)
+    check_before_work(run)  # deployed from this checkout: passes
+    assert fake.remote_calls.count("deployed_settings") == 1
+    check_before_work(run)
+    assert fake.remote_calls.count("deployed_settings") == 1, "one answer serves a run's checks"
+    monkeypatch.setattr(backends, "DEPLOYED_SETTINGS_TTL_S", 0.0)
+    check_before_work(run)
+    assert fake.remote_calls.count("deployed_settings") == 2, "a worker serving for days asks again"
+
+    monkeypatch.setattr(modal_app, "CODE_VERSION", "0123456789abcdef")  # as if deployed before a `git pull`
+    stale = ModalBackend(modal_module=fake)
+    monkeypatch.setitem(backends._backends, "modal", stale)
+    message = f"the deployed Modal app 'fineweb-modal' runs other code than this checkout (deployed 0123456789abcdef, here {backends.code_version()}): redeploy it with `modal deploy deployments/modal_app.py` (it was deployed for GPU {modal_app.GPU}: keep FINEWEB_MODAL_GPU={modal_app.GPU}"
+    with pytest.raises(ConfigError) as refused:
+        check_before_work(run)
+    assert str(refused.value).startswith(message)
+    monkeypatch.setattr(modal_app, "deployed_settings", type("Older", (), {"local": staticmethod(lambda: {"gpu": "H100", "tei_model": "m", "tei_version": "1.9"})}))
+    with pytest.raises(ConfigError, match=r"\(deployed before code versions, here [0-9a-f]{16}\)"):
+        stale.check_deployment()
+    monkeypatch.undo()  # redeployed from this checkout
+    monkeypatch.setitem(backends._backends, "modal", stale)
+    stale.check_deployment()  # asked again, and passes
+    assert fake.spawned == [], "no shard call was made"
+
+
+def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path):
+    from tasks.backends import code_version
+
+    app_file = tmp_path / "modal_app.py"
+    app_file.write_text("GPU = 'H100'\n")
+    before = code_version(app_file)
+    assert before == code_version(app_file) and len(before) == 16
+    app_file.write_text("GPU = 'A10G'\n")
+    assert code_version(app_file) != before
+    from deployments import modal_app
+
+    assert code_version() == modal_app.CODE_VERSION, "this checkout's app file by default, as a container computes it from its own"
 
 
 def test_a_missing_text_column_on_the_volume_is_refused_before_any_chunk_container(downloaded, run_config_for, demo_source, monkeypatch):
