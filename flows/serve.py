@@ -1,4 +1,5 @@
-"""Every flow as two deployments, `<flow>/local` and `<flow>/modal`, served from one process (no work pool)."""
+"""Every flow as two deployments, `<flow>/local` and `<flow>/modal`, served from one process (no work pool); a flow
+without a backend (publish reads a local data dir) as `<flow>/local` only."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def build_deployments() -> list:
             description=flow.description,
         )
         for flow in FLOWS
-        for backend in BACKENDS
+        for backend in (BACKENDS if "backend" in flow.parameters.properties else ("local",))
     ]
 
 

@@ -76,13 +76,14 @@ def test_served_pipeline_runs_reports_and_resumes_only_the_broken_shard(served, 
             assert process.poll() is None, log.read_text()[-3000:]
             with get_client(sync_client=True) as client:
                 deployments = client.read_deployments()
-            return len(deployments) == 18 and deployments
+            return len(deployments) == 17 and deployments
 
-        deployments = wait_for(deployments_ready, 120, "the 18 served deployments")
+        deployments = wait_for(deployments_ready, 120, "the 17 served deployments")
         with get_client(sync_client=True) as client:
             flow_names = {f.id: f.name for f in client.read_flows()}
         served_names = sorted(f"{flow_names[d.flow_id]}/{d.name}" for d in deployments)
-        assert served_names == sorted(f"{f}/{b}" for f in ("pipeline", "download", "chunk", "embed", "summarize", "verify", "plan", "publish", "fetch") for b in ("local", "modal"))
+        with_backend = ("pipeline", "download", "chunk", "embed", "summarize", "verify", "plan", "fetch")
+        assert served_names == sorted([*(f"{f}/{b}" for f in with_backend for b in ("local", "modal")), "publish/local"]), "publish reads a local data dir"
         assert all(d.parameters["backend"] == d.name for d in deployments if flow_names[d.flow_id] != "publish")
         pipeline_local = next(d for d in deployments if flow_names[d.flow_id] == "pipeline" and d.name == "local")
         form = pipeline_local.parameter_openapi_schema["properties"]
@@ -130,7 +131,7 @@ def test_served_pipeline_runs_reports_and_resumes_only_the_broken_shard(served, 
         with get_client(sync_client=True) as client:
             worker_deployments = [d for d in client.read_deployments() if d.name.endswith("-worker")]
         assert sorted(f"{flow_names[d.flow_id]}/{d.name}" for d in worker_deployments) == sorted(
-            f"{f}/{b}-worker" for f in ("pipeline", "download", "chunk", "embed", "summarize", "verify", "plan", "publish", "fetch") for b in ("local", "modal")
+            [*(f"{f}/{b}-worker" for f in with_backend for b in ("local", "modal")), "publish/local-worker"]
         )
         assert all(d.work_pool_name == "fineweb-modal" for d in worker_deployments)
         assert all(d.parameters["backend"] == d.name.split("-")[0] for d in worker_deployments if flow_names[d.flow_id] != "publish")
