@@ -11,13 +11,15 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger
+from fineweb_modal.phrasing import listing
 from fineweb_modal.storage import decoding, open_arrow_batches, recorded_chunk_config
 
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 
 
 def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected_dims: int | None = None) -> dict[str, Any]:
-    """Row counts, unique keys, exact spans, finite unit-norm vectors of the right size; `problems` lists what failed."""
+    """Row counts, unique keys, exact spans, finite unit-norm vectors of the right size; `problems` lists what failed,
+    `made_with` the settings the files record (the flow compares them across shards)."""
     problems: list[str] = []
     chunk_path, embed_path = layout.output_path("chunk", shard), layout.output_path("embed", shard)
     outcome: dict[str, Any] = {"shard": shard, "chunks": None, "embeddings": None, "dims": None}
@@ -36,7 +38,7 @@ def verify_shard(layout: Layout, shard: str, text_column: str = "text", expected
         problems += _check_embeddings(embed_path, chunks, expected_dims, outcome)
     else:
         problems.append(f"no embedding file {embed_path}")
-    return {**outcome, "problems": problems}
+    return {**outcome, "problems": problems, "made_with": made_with(layout, shard)}  # compared across shards by the flow
 
 
 def outdated_stages(layout: Layout, shard: str, stages: tuple[str, ...] = ("chunk", "embed")) -> list[str]:
@@ -86,6 +88,45 @@ def _check_embeddings(path: Path, chunks: pa.Table, expected_dims: int | None, o
     return problems
 
 
+# What changes the chunks or the vectors. Not the engine: TEI and the in-process engine agree to cos >= 0.999.
+_MADE_WITH = {
+    "chunk": ("model", "tokenizer_sha256", "max_tokens", "overlap", "text_column", "keep_columns"),
+    "embed": ("model", "revision", "pooling", "prefix", "dims", "dtype"),
+}
+
+
+def _recorded_settings(path: Path, stage: str) -> dict[str, Any]:
+    schema = pq.read_schema(path)
+    if stage == "chunk":
+        return recorded_chunk_config(schema)
+    return {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"fineweb_modal.")}
+
+
+def made_with(layout: Layout, shard: str) -> dict[str, dict[str, Any]]:
+    """Per stage (chunk, embed), the settings that shaped the shard's file there, as the file records them."""
+    made: dict[str, dict[str, Any]] = {}
+    for stage, keys in _MADE_WITH.items():
+        if (path := layout.output_path(stage, shard)).is_file():
+            recorded = _recorded_settings(path, stage)
+            made[stage] = {key: recorded.get(key, "(unrecorded)") for key in keys}
+    return made
+
+
+def mixed_settings(made: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """'' when every shard's chunks were cut, and its vectors made, with the same settings (`made`: `made_with` per
+    shard); else the first setting that differs, with the shards of each value (e.g. after a partial rerun with another `--prefix`)."""
+    for stage, keys in _MADE_WITH.items():
+        for key in keys:
+            by_value: dict[str, list[str]] = {}
+            for shard, stages in sorted(made.items()):
+                if stage in stages:
+                    by_value.setdefault(repr(stages[stage][key]), []).append(shard)
+            if len(by_value) > 1:
+                groups = "; ".join(f"{value} for {listing(names, limit=5)}" for value, names in sorted(by_value.items(), key=lambda item: -len(item[1])))
+                return f"the shards' {stage} files differ in their {key}: {groups}; rerun {stage} over all of them with one config (a run redoes the shards another config made)"
+    return ""
+
+
 def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str, split: str = "train") -> tuple[np.ndarray, pa.Table]:
     """All of a dataset's embeddings as one (N, d) float32 array, with the matching (id, doc_index, chunk_index, shard) keys."""
     from fineweb_modal.models import model_slug
@@ -96,6 +137,8 @@ def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str
         raise FileNotFoundError(f"no embedding shards in {layout.shard_dir('embed')}")
     if stale := [path.stem for path in paths if outdated_stages(layout, path.stem, ("embed",))]:
         raise ValueError(f"embeddings of shard(s) {stale} were made from chunk files since replaced: rerun the embed stage")
+    if mixed := mixed_settings({path.stem: made_with(layout, path.stem) for path in paths}):
+        raise ValueError(mixed)
     tables = []
     for path in paths:
         table = pq.read_table(path, memory_map=True)  # the file is mapped; decoded columns live in memory

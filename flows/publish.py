@@ -20,6 +20,7 @@ from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, upl
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
+from fineweb_modal.verify import made_with, mixed_settings
 from flows.hooks import dataset_run_name
 from flows.outcome import refused
 
@@ -81,6 +82,8 @@ def publish(
                 f"{len(not_embedded)} of {len(chosen)} shard(s) of {name} are not embedded ({listing(not_embedded)}): "
                 f"finish them (`status` says why), or publish the {len(embedded)} that are with allow_partial (--allow-partial)"
             )
+        if mixed := mixed_settings({shard: made_with(layout, shard) for shard in embedded}):
+            raise ConfigError(mixed)  # one dataset, one card: vectors made with two prefixes would not be comparable
         if output_dir is not None:
             clear_folder(Path(output_dir))  # last: nothing of an earlier publish goes when the run is refused
     except ConfigError as exc:

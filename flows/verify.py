@@ -15,6 +15,7 @@ from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
+from fineweb_modal.verify import mixed_settings
 from flows.hooks import dataset_run_name
 from flows.outcome import failed, outcome, refused
 from tasks.backends import get_backend
@@ -70,8 +71,10 @@ def verify(
     ]
     create_table_artifact(rows, key=artifact_key("verify", run.dataset.name, "shards"), description=f"verify · {run.dataset.name}")
     bad = [row["shard"] for row in rows if not row["ok"]]
-    if bad:
-        return failed(f"verify: {len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}", rows)
+    mixed = mixed_settings({o["shard"]: o["made_with"] for o in outcomes if isinstance(o, dict) and "made_with" in o})
+    if bad or mixed:
+        found = [f"{len(bad)} of {len(rows)} shard(s) have problems: {', '.join(bad)}"] if bad else []
+        return failed(f"verify: {'; and '.join([*found, *([mixed] if mixed else [])])}", rows)
     return Completed(message=f"verify: {len(rows)} shard(s) ok", data=rows)
 
 

@@ -112,3 +112,25 @@ def test_spans_are_checked_against_the_column_the_chunks_were_cut_from(tmp_path,
     as_verify_is_called = run_config_for(source, keep_columns=[])  # text_column left at its default, `text`
     assert as_verify_is_called.chunk.text_column == "text"
     assert verify_outputs(as_verify_is_called, shard)["problems"] == []
+
+
+def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo_source, run_config_for, tmp_path):
+    """A partial rerun with another config leaves one dataset folder with vectors of two kinds: said, not loaded."""
+    from fineweb_modal.verify import made_with, mixed_settings
+
+    run = run_config_for(demo_source)
+    shards = build_shards(demo_source, run)
+    layout = layout_for(run)
+    made = {shard: made_with(layout, shard) for shard in shards}
+    assert mixed_settings(made) == "" and made[shards[0]]["embed"]["prefix"] == "" and made[shards[0]]["chunk"]["max_tokens"] == 64
+    queried = run.model_copy(update={"embed": run.embed.model_copy(update={"prefix": "query: "})})
+    assert run_shard(ShardJob(stage="embed", shard=shards[1], run=queried)).status == "done", "another config redoes the shard"
+    made = {shard: made_with(layout, shard) for shard in shards}
+    assert mixed_settings(made) == (
+        f"the shards' embed files differ in their prefix: '' for {shards[0]}, {shards[2]}; 'query: ' for {shards[1]}; "
+        "rerun embed over all of them with one config (a run redoes the shards another config made)"
+    )
+    with pytest.raises(ValueError, match="differ in their prefix"):
+        load_embeddings(tmp_path / "data", "demo", 64, run.chunk.model)
+    assert verify_outputs(run, shards[1])["made_with"] == made[shards[1]], "verify returns them, for the flow to compare"
+    assert mixed_settings({shard: made[shard] for shard in (shards[0], shards[2])}) == "", "the shards chosen only"

@@ -42,6 +42,18 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     assert main([*argv, "--dry-run", "--to", str(out / "notes.txt")]) == 2 and "is a file" in capsys.readouterr().err
     assert main([*argv[:-1], "not-a-repo-id", "--dry-run"]) == 2 and "is not a Hub dataset id" in capsys.readouterr().err
 
+    # One shard embedded again with another prefix (a partial rerun): one folder, two kinds of vectors. Neither
+    # verify nor publish passes it, and both say which shards hold which prefix.
+    from flows.embed import embed
+    from flows.verify import verify
+
+    assert embed(name="demo", data_dir=data_dir, max_tokens=64, prefix="query: ", shards=[1], return_state=True).is_completed()
+    mixed = "the shards' embed files differ in their prefix: '' for data-00000-of-00003, data-00002-of-00003; 'query: ' for data-00001-of-00003"
+    state = verify(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
+    assert state.is_failed() and state.message.startswith(f"verify: {mixed}"), state.message
+    assert main([*argv, "--dry-run", "--to", str(tmp_path / "mixed")]) == 2
+    assert mixed in capsys.readouterr().err and not (tmp_path / "mixed").exists()
+
 
 def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
     from flows import publish as publish_module
