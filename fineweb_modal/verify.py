@@ -95,6 +95,11 @@ _MADE_WITH = {
 }
 
 
+# Values that tell nothing to compare: a file from before the key was recorded, a model folder with no commit
+# (`local`), a TEI that does not report its model's revision or pooling (`unknown`).
+_UNTOLD = {repr("(unrecorded)"), repr("local"), repr("unknown")}
+
+
 def _recorded_settings(path: Path, stage: str) -> dict[str, Any]:
     schema = pq.read_schema(path)
     if stage == "chunk":
@@ -119,8 +124,8 @@ def mixed_settings(made: dict[str, dict[str, dict[str, Any]]]) -> str:
         for key in keys:
             by_value: dict[str, list[str]] = {}
             for shard, stages in sorted(made.items()):
-                if stage in stages:
-                    by_value.setdefault(repr(stages[stage][key]), []).append(shard)
+                if stage in stages and repr(value := stages[stage][key]) not in _UNTOLD:
+                    by_value.setdefault(repr(value), []).append(shard)
             if len(by_value) > 1:
                 groups = "; ".join(f"{value} for {listing(names, limit=5)}" for value, names in sorted(by_value.items(), key=lambda item: -len(item[1])))
                 return f"the shards' {stage} files differ in their {key}: {groups}; rerun {stage} over all of them with one config (a run redoes the shards another config made)"

@@ -134,3 +134,19 @@ def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo
         load_embeddings(tmp_path / "data", "demo", 64, run.chunk.model)
     assert verify_outputs(run, shards[1])["made_with"] == made[shards[1]], "verify returns them, for the flow to compare"
     assert mixed_settings({shard: made[shard] for shard in (shards[0], shards[2])}) == "", "the shards chosen only"
+
+
+def test_only_settings_that_shape_the_vectors_and_are_told_are_compared():
+    """A shard embedded through TEI (which may not report its model's revision) beside in-process ones is not mixed."""
+    from fineweb_modal.verify import mixed_settings
+
+    chunk = {"model": "m", "tokenizer_sha256": "t", "max_tokens": 256, "overlap": 0.1, "text_column": "text", "keep_columns": ["url", "score"]}
+
+    def made(revision: str, dims: str = "768") -> dict:
+        return {"chunk": chunk, "embed": {"model": "m", "revision": revision, "pooling": "mean", "prefix": "", "dims": dims, "dtype": "float32"}}
+
+    assert mixed_settings({"a": made("0a1b"), "b": made("unknown"), "c": made("local"), "d": {"chunk": chunk}}) == ""
+    assert mixed_settings({"a": made("0a1b"), "b": made("2c3d")}).startswith("the shards' embed files differ in their revision: '0a1b' for a; '2c3d' for b")
+    assert "differ in their dims: '768' for a, b; '256' for c" in mixed_settings({"a": made("r"), "b": made("r"), "c": made("r", dims="256")})
+    other_columns = {**chunk, "keep_columns": ["url"]}
+    assert "chunk files differ in their keep_columns: ['url', 'score'] for a; ['url'] for b" in mixed_settings({"a": {"chunk": chunk}, "b": {"chunk": other_columns}})
