@@ -167,38 +167,52 @@ def write_dataset_index(split_dir: Path, split: str) -> bool:
     return True
 
 
-def hub_access_problem(repo_id: str) -> str:
-    """Why the Hub dataset `repo_id` cannot be read from here, in words ('' when it can): one call to the Hub's API."""
+@dataclass
+class HubProblem:
+    """Why a Hub dataset cannot be read from here, and whether that is settled (not a Hub that failed just now: 429, 5xx)."""
+
+    message: str
+    settled: bool = True
+
+
+def hub_access_problem(repo_id: str) -> HubProblem | None:
+    """Why the Hub dataset `repo_id` cannot be read from here (None when it can): its info, and for a gated one the access check."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
+    api = HfApi()
     try:
-        HfApi().dataset_info(repo_id, timeout=HUB_TIMEOUT_S)
+        if api.dataset_info(repo_id, timeout=HUB_TIMEOUT_S).gated:  # the info of a gated dataset is public; its files are not
+            api.auth_check(repo_id, repo_type="dataset")
     except GatedRepoError:
-        return f"the Hub dataset {repo_id} is gated: accept its terms on its page, and set HF_TOKEN to a token of that account"
+        return HubProblem(f"the Hub dataset {repo_id} is gated: accept its terms on its page, and set HF_TOKEN to a token of that account")
     except RepositoryNotFoundError:
-        return f"the Hub has no dataset {repo_id} (or it is private and no HF_TOKEN here can read it)"
+        return HubProblem(f"the Hub has no dataset {repo_id} (or it is private and no Hub token here can read it: set HF_TOKEN)")
     except HfHubHTTPError as exc:
-        if exc.response.status_code == 401:  # a token the Hub does not know (a missing one reads as RepositoryNotFound)
-            return "the Hub refused the HF_TOKEN here (HTTP 401: invalid credentials); set a valid one, or unset it for a public dataset"
-        return f"the Hub answered HTTP {exc.response.status_code} for the dataset {repo_id}"
+        status = exc.response.status_code
+        if status == 401:  # a token the Hub does not know (a missing one reads as RepositoryNotFound)
+            return HubProblem("the Hub refused the token here (HTTP 401: invalid credentials): set a valid HF_TOKEN (or `hf auth login`), or none for a public dataset")
+        return HubProblem(f"the Hub answered HTTP {status} for the dataset {repo_id}", settled=status != 429 and status < 500)
     except Exception as exc:  # the network's own errors (DNS, refused, TLS, timeout) come from the Hub client's HTTP library
-        return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc})"
-    return ""
+        return HubProblem(
+            f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}); with the dataset in the Hub's cache here, set HF_HUB_OFFLINE=1"
+        )
+    return None
 
 
 @functools.cache
 def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None:
     """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
 
-    An unknown subset or split is a ConfigError naming the ones there are. `repo_id` may also be a local folder,
+    An unknown subset or split is a ConfigError naming the ones there are, as is a dataset only a script can
+    load (`datasets` no longer runs them). `repo_id` may also be a local folder,
     which `load_dataset` reads the same way.
     """
     from datasets import load_dataset
 
     try:
         features = load_dataset(repo_id, subset, split=split, streaming=True).features
-    except ValueError as exc:  # e.g. "Bad split: tran. Available splits: ['train']"
+    except (ValueError, RuntimeError) as exc:  # e.g. "Bad split: tran. Available splits: ['train']"; a dataset script
         raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
     return features.arrow_schema if features is not None else None
 

@@ -387,15 +387,26 @@ def download_hub_shards(run: RunConfig, where: Literal["local", "modal"] = "loca
     return results
 
 
-def _download_hub_shards(run: RunConfig, where: Literal["local", "modal"], rates: dict[str, float] | None) -> list[ShardResult]:
+def _hub_fingerprint(run: RunConfig) -> str:
     assert run.download is not None and run.download.source_kind == "hub"
+    return hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
+
+
+def hub_download_done(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult] | None:
+    """The Hub download's results when every shard it knows (files and records) is done from this source; None when it must run."""
     layout = layout_for(run)
-    ledger = Ledger(layout)
-    fingerprint = hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
+    ledger, fingerprint = Ledger(layout), _hub_fingerprint(run)
     known = layout.list_shards("download")  # files and records: a file deleted since (or a failed record) is not done
     earlier = [_skipped_result(ShardJob(stage="download", shard=shard, run=run, where=where), ledger, fingerprint) for shard in known]
-    if known and None not in earlier:
-        return [result for result in earlier if result is not None]
+    return [result for result in earlier if result is not None] if known and None not in earlier else None
+
+
+def _download_hub_shards(run: RunConfig, where: Literal["local", "modal"], rates: dict[str, float] | None) -> list[ShardResult]:
+    if (earlier := hub_download_done(run, where)) is not None:
+        return earlier
+    layout = layout_for(run)
+    ledger, fingerprint = Ledger(layout), _hub_fingerprint(run)
+    known = layout.list_shards("download")
     resources = stage_resources("download-hub")
     rate = rate_per_second(resources, rates)
     started = time.perf_counter()

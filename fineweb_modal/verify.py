@@ -95,6 +95,8 @@ _MADE_WITH = {
 }
 
 
+# Settings that are no part of the run's config: the model's files say them (a Hub model updated between two runs).
+_NOT_CONFIG = {"revision", "pooling"}
 # Values that tell nothing to compare: a file from before the key was recorded, a model folder with no commit
 # (`local`), a TEI that does not report its model's revision or pooling (`unknown`).
 _UNTOLD = {repr("(unrecorded)"), repr("local"), repr("unknown")}
@@ -128,6 +130,8 @@ def mixed_settings(made: dict[str, dict[str, dict[str, Any]]]) -> str:
                     by_value.setdefault(repr(value), []).append(shard)
             if len(by_value) > 1:
                 groups = "; ".join(f"{value} for {listing(names, limit=5)}" for value, names in sorted(by_value.items(), key=lambda item: -len(item[1])))
+                if key in _NOT_CONFIG:  # the same config made both (the model changed under it): a run would skip them all
+                    return f"the shards' {stage} files differ in their {key}: {groups}; delete the {stage} files of the shards to make again, then rerun {stage}"
                 return f"the shards' {stage} files differ in their {key}: {groups}; rerun {stage} over all of them with one config (a run redoes the shards another config made)"
     return ""
 

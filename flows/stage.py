@@ -22,7 +22,7 @@ from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_so
 from fineweb_modal.phrasing import listing
 from fineweb_modal.report import StageReport, group_digits, resume_command, shards_of, text_histogram
 from fineweb_modal.selection import select_shards
-from fineweb_modal.shards import layout_for
+from fineweb_modal.shards import hub_download_done, layout_for
 from fineweb_modal.storage import first_readable_schema
 from fineweb_modal.tei import check_tei_server
 from flows.outcome import failed, refused
@@ -159,25 +159,32 @@ def check_hub_source(run: RunConfig) -> None:
     (when chunk follows) its columns must fit — all from the Hub's API and the first file's header, not after a
     download of the whole dataset.
 
-    Run on the Modal backend, a Hub that this machine cannot reach or read (no network, no HF_TOKEN here) is a
-    warning only: the download runs on Modal, with its own network and secret. `HF_HUB_OFFLINE=1` skips the check.
+    Nothing is asked when nothing will be downloaded (every shard done from this source), nor in offline mode
+    (`HF_HUB_OFFLINE=1`: the download reads the Hub's cache). What cannot be settled from here is a warning
+    only: a Hub that failed just now (429, 5xx), a file it lists that does not read, and on the Modal backend
+    any problem of this machine's (no network, no HF_TOKEN here): the download runs on Modal, with its own.
     """
     if "download" not in run.stages or run.download is None or run.download.source_kind != "hub":
         return
+    import datasets.config
     from huggingface_hub import constants
 
-    if constants.is_offline_mode():  # the download reads the Hub's cache here; there is nothing to ask
+    if constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE:
+        return
+    if run.backend == "local" and hub_download_done(run) is not None:
         return
     repo_id, subset = run.download.source, run.download.subset
     if problem := hub_access_problem(repo_id):
-        if run.backend == "modal":
-            _warn(f"download: could not check the Hub dataset from here ({problem}); the download on Modal will")
+        if run.backend == "modal" or not problem.settled:
+            _warn(f"download: could not check the Hub dataset from here ({problem.message}); the download will try")
             return
-        raise ConfigError(f"download: {problem}")
+        raise ConfigError(f"download: {problem.message}")
     try:
         schema = hub_schema(repo_id, subset, run.dataset.split)
-    except OSError as exc:  # the Hub answered a moment ago: a file it lists could not be read; the download will say more
-        _warn(f"download: could not read the columns of {repo_id} up front ({exc}); they are checked once it is downloaded")
+    except ConfigError:
+        raise
+    except Exception as exc:  # the Hub answered a moment ago: listing or reading its files failed now; the download will say more
+        _warn(f"download: could not read the columns of {repo_id} up front ({type(exc).__name__}: {exc}); they are checked once it is downloaded")
         return
     if schema is not None and "chunk" in run.stages:
         _check_columns(schema, run, f"hf://datasets/{repo_id}" + (f" ({subset})" if subset else ""))
@@ -274,6 +281,7 @@ def _run_stage(stage: str, run: RunConfig) -> State:
     check_modal_deployment(run)  # so is an app that is not deployed, or deployed from other code
     report = StageReport(stage=stage, name=run.dataset.name, backend=run.backend)
     if stage == "download" and run.download is not None and run.download.source_kind == "hub":
+        check_hub_source(run)  # again for a download flow run alone; once the download is done, nothing is asked
         results = download_hub_task(run.dataset.name, run)
         report.results = list(results)
         get_backend(run.backend).finalize(run, stage)

@@ -122,17 +122,23 @@ def demo_documents() -> list[dict]:
 
 
 class _HubAPIDouble(BaseHTTPRequestHandler):
-    """A test double of the one Hugging Face Hub API call the up-front check makes (`GET /api/datasets/{id}`), not the
-    Hub: `org/public` is there, `org/gated` is gated, anything else is not found, and the token `hf_bad` is refused."""
+    """A test double of the Hugging Face Hub API calls the up-front check makes (a dataset's info, its access check),
+    not the Hub: `org/public` is there; `org/gated` is gated (its info answers, as the Hub's does; its access check
+    refuses); `org/busy` answers 503; anything else is not found; the token `hf_bad` is refused. `server.paths`
+    lists the paths asked for."""
 
     def do_GET(self) -> None:
-        repo_id = self.path.removeprefix("/api/datasets/").split("/revision/")[0].split("?")[0]
+        self.server.paths.append(self.path)
+        path = self.path.split("?")[0].removeprefix("/api/datasets/")
+        repo_id = "/".join(path.split("/")[:2])
         if self.headers.get("Authorization") == "Bearer hf_bad":
             self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
-        elif repo_id == "org/public":
-            self._answer(200, {}, {"id": repo_id, "sha": "0" * 40, "private": False, "tags": []})
-        elif repo_id == "org/gated":
-            self._answer(403, {"X-Error-Code": "GatedRepo"})
+        elif repo_id == "org/busy":
+            self._answer(503, {})
+        elif repo_id in ("org/public", "org/gated") and path.endswith("/auth-check"):
+            self._answer(403, {"X-Error-Code": "GatedRepo"}) if repo_id == "org/gated" else self._answer(200, {}, {})
+        elif repo_id in ("org/public", "org/gated"):
+            self._answer(200, {}, {"id": repo_id, "sha": "0" * 40, "private": False, "gated": "manual" if repo_id == "org/gated" else False, "tags": []})
         else:
             self._answer(404, {"X-Error-Code": "RepoNotFound"})
 
@@ -148,17 +154,28 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
         pass
 
 
+def _go_online(monkeypatch) -> None:
+    """Undo the suite's HF_HUB_OFFLINE=1 for one test, as both the Hub client and `datasets` read it."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+
 @pytest.fixture
-def hub_api(monkeypatch) -> str:
-    """The Hub client pointed at a test double of the Hub's dataset-info API on 127.0.0.1 (online mode for the test)."""
+def hub_api(monkeypatch):
+    """The Hub client pointed at a test double of the Hub's dataset-info API on 127.0.0.1 (online mode for the test);
+    yields the double's server (`.paths`: what was asked)."""
     import huggingface_hub.constants
 
     double = ThreadingHTTPServer(("127.0.0.1", 0), _HubAPIDouble)
+    double.paths = []
     threading.Thread(target=double.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{double.server_address[1]}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _go_online(monkeypatch)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    yield endpoint
+    yield double
     double.shutdown()
     double.server_close()

@@ -14,6 +14,7 @@ import pytest
 from fineweb_modal.errors import BadDataError
 from fineweb_modal.shards import ShardJob, layout_for, run_shard
 from fineweb_modal.storage import sample_arrow_rows
+from tests.conftest import _go_online
 
 ODD_DOCUMENTS = {
     "none": None,
@@ -317,7 +318,7 @@ def _hub_run(tmp_path, source: str, **overrides):
 def test_a_hub_source_that_cannot_be_read_is_refused_before_anything_downloads(hub_api, tmp_path, caplog):
     """Through a test double of the Hub's dataset-info API: on the local backend the download would meet the same."""
     from fineweb_modal.errors import ConfigError
-    from flows.stage import check_before_work
+    from flows.stage import check_before_work, check_hub_source
 
     with pytest.raises(ConfigError, match=r"^download: the Hub has no dataset org/nope \(or it is private"):
         check_before_work(_hub_run(tmp_path, "org/nope"))
@@ -328,11 +329,38 @@ def test_a_hub_source_that_cannot_be_read_is_refused_before_anything_downloads(h
     stage_log.addHandler(caplog.handler)  # directly: Prefect's logging setup, on its first import, replaces the root's handlers
     try:
         with caplog.at_level(logging.DEBUG, logger="flows.stage"):
-            check_before_work(_hub_run(tmp_path, "org/nope", backend="modal"))
+            check_hub_source(_hub_run(tmp_path, "org/nope", backend="modal"))  # (check_before_work would ask Modal first)
     finally:
         stage_log.removeHandler(caplog.handler)
     assert any("could not check the Hub dataset from here (the Hub has no dataset org/nope" in r.getMessage() for r in caplog.records)
     assert not (tmp_path / "data").exists()
+
+
+def test_a_hub_that_fails_just_now_or_a_download_already_done_does_not_stop_a_run(hub_api, demo_source, tmp_path, caplog):
+    """A 503 is no verdict on the dataset (a warning; the download retries); a rerun whose download is done asks the Hub nothing."""
+    from fineweb_modal.ledger import Ledger
+    from fineweb_modal.shards import _hub_fingerprint, layout_for
+    from flows.stage import check_before_work
+
+    stage_log = logging.getLogger("flows.stage")
+    stage_log.addHandler(caplog.handler)  # directly: Prefect's logging setup, on its first import, replaces the root's handlers
+    try:
+        with caplog.at_level(logging.DEBUG, logger="flows.stage"):
+            check_before_work(_hub_run(tmp_path, "org/busy"))
+    finally:
+        stage_log.removeHandler(caplog.handler)
+    assert any("could not check the Hub dataset from here (the Hub answered HTTP 503" in r.getMessage() for r in caplog.records)
+
+    run = _hub_run(tmp_path, "org/nope")  # the Hub would refuse it now: its files came earlier (or from a cache)
+    layout = layout_for(run)
+    for path in sorted(demo_source.glob("*.parquet")):
+        from fineweb_modal.download import convert_file
+
+        rows = convert_file(path, layout.output_path("download", path.stem)).rows_out
+        Ledger(layout).write_done("download", path.stem, _hub_fingerprint(run), rows, {"docs": rows}, 1)
+    asked = len(hub_api.paths)
+    check_before_work(run)
+    assert len(hub_api.paths) == asked, "nothing will be downloaded: nothing asked"
 
 
 def test_a_hub_source_without_the_split_or_columns_is_refused_from_its_first_file_header(hub_api, demo_source, tmp_path, monkeypatch):
@@ -361,7 +389,7 @@ def test_an_unreachable_hub_is_refused_by_the_cli_in_one_line(prefect_api, tmp_p
 
     endpoint = f"http://127.0.0.1:{_free_port(4975)}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    _go_online(monkeypatch)
     assert main(["run", "--source", "HuggingFaceFW/fineweb-edu", "--subset", "sample-10BT", "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
     assert f"download: cannot reach the Hub at {endpoint} (ConnectError" in err

@@ -11,7 +11,7 @@ import pytest
 from fineweb_modal.download import convert_file, write_dataset_index
 from fineweb_modal.errors import BadDataError
 from fineweb_modal.storage import open_arrow_batches
-from tests.conftest import write_arrow_shard, write_parquet
+from tests.conftest import _go_online, write_arrow_shard, write_parquet
 
 ROWS = [{"text": f"document {i}", "id": str(i), "score": i / 10} for i in range(5)]
 
@@ -134,22 +134,28 @@ def test_a_jsonl_file_read_line_by_line_gets_the_same_column_types_as_any_other(
 
 
 @pytest.mark.parametrize(
-    ("repo_id", "token", "problem"),
+    ("repo_id", "token", "problem", "settled"),
     [
-        ("org/public", None, ""),
-        ("org/gated", None, "the Hub dataset org/gated is gated: accept its terms"),
-        ("org/nope", None, "the Hub has no dataset org/nope (or it is private"),
-        ("org/public", "hf_bad", "the Hub refused the HF_TOKEN here (HTTP 401"),
+        ("org/public", None, None, None),
+        ("org/gated", None, "the Hub dataset org/gated is gated: accept its terms", True),
+        ("org/nope", None, "the Hub has no dataset org/nope (or it is private", True),
+        ("org/public", "hf_bad", "the Hub refused the token here (HTTP 401", True),
+        ("org/busy", None, "the Hub answered HTTP 503 for the dataset org/busy", False),
     ],
 )
-def test_hub_access_problem_says_why_a_hub_dataset_cannot_be_read(hub_api, monkeypatch, repo_id, token, problem):
+def test_hub_access_problem_says_why_a_hub_dataset_cannot_be_read(hub_api, monkeypatch, repo_id, token, problem, settled):
     from fineweb_modal.download import hub_access_problem
 
     if token:
         monkeypatch.setenv("HF_TOKEN", token)
     said = hub_access_problem(repo_id)
-    assert said.startswith(problem) if problem else said == ""
-    assert "hf_bad" not in said, "a token never reaches a message"
+    if problem is None:
+        assert said is None
+        return
+    assert said.message.startswith(problem) and said.settled is settled
+    assert "hf_bad" not in said.message, "a token never reaches a message"
+    if repo_id == "org/gated":
+        assert hub_api.paths[-1].startswith("/api/datasets/org/gated/auth-check"), "a gated dataset's info answers; its access check says"
 
 
 def test_a_hub_that_does_not_answer_is_named_with_its_address(monkeypatch):
@@ -160,21 +166,18 @@ def test_a_hub_that_does_not_answer_is_named_with_its_address(monkeypatch):
 
     endpoint = f"http://127.0.0.1:{_free_port(4970)}"
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    assert hub_access_problem("org/public").startswith(f"cannot reach the Hub at {endpoint} (ConnectError")
+    _go_online(monkeypatch)
+    said = hub_access_problem("org/public")
+    assert said.settled and said.message.startswith(f"cannot reach the Hub at {endpoint} (ConnectError") and said.message.endswith("set HF_HUB_OFFLINE=1")
 
 
-def test_hub_schema_reads_the_columns_and_names_the_splits_without_a_download(demo_source, tmp_path, monkeypatch):
+def test_hub_schema_reads_the_columns_and_names_the_splits(demo_source):
     """A local folder stands in for a Hub repo (no Hub here): `load_dataset(..., streaming=True)` reads both alike."""
-    import datasets
-
     from fineweb_modal.download import hub_schema
     from fineweb_modal.errors import ConfigError
 
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     schema = hub_schema(str(demo_source), None, "train")
     assert schema.names == pq.read_schema(next(demo_source.glob("*.parquet"))).names
-    assert not list((tmp_path / "hf-datasets").rglob("*.arrow")), "nothing downloaded or cached"
     with pytest.raises(ConfigError, match=r"Bad split: tran\. Available splits: \['train'\]"):
         hub_schema(str(demo_source), None, "tran")
     with pytest.raises(ConfigError, match=r"\(subset nosuch\): BuilderConfig 'nosuch' not found"):

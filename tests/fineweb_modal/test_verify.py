@@ -146,7 +146,9 @@ def test_only_settings_that_shape_the_vectors_and_are_told_are_compared():
         return {"chunk": chunk, "embed": {"model": "m", "revision": revision, "pooling": "mean", "prefix": "", "dims": dims, "dtype": "float32"}}
 
     assert mixed_settings({"a": made("0a1b"), "b": made("unknown"), "c": made("local"), "d": {"chunk": chunk}}) == ""
-    assert mixed_settings({"a": made("0a1b"), "b": made("2c3d")}).startswith("the shards' embed files differ in their revision: '0a1b' for a; '2c3d' for b")
+    assert mixed_settings({"a": made("0a1b"), "b": made("2c3d")}) == (
+        "the shards' embed files differ in their revision: '0a1b' for a; '2c3d' for b; delete the embed files of the shards to make again, then rerun embed"
+    ), "the same config made both: a rerun alone would skip them"
     assert "differ in their dims: '768' for a, b; '256' for c" in mixed_settings({"a": made("r"), "b": made("r"), "c": made("r", dims="256")})
     other_columns = {**chunk, "keep_columns": ["url"]}
     assert "chunk files differ in their keep_columns: ['url', 'score'] for a; ['url'] for b" in mixed_settings({"a": {"chunk": chunk}, "b": {"chunk": other_columns}})

@@ -22,6 +22,9 @@ class LocalPricedAsModal(backends.LocalBackend):
     def run(self, job: ShardJob) -> ShardResult:
         return run_shard(job.model_copy(update={"where": "modal"}))
 
+    def check_deployment(self, tei_model: str | None = None) -> None:
+        """Its "deployment" is this checkout, serving any model: nothing to refuse."""
+
 
 @pytest.fixture
 def priced_backend(monkeypatch):
