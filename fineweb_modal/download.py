@@ -200,33 +200,38 @@ def hub_access_problem(repo_id: str) -> HubProblem | None:
     return None
 
 
+def _load_path(repo_id: str, remote_only: bool) -> str:
+    """What `load_dataset` is given: `hf://datasets/<id>` reads the Hub even where a local folder has the id's name."""
+    return f"hf://datasets/{repo_id}" if remote_only else repo_id
+
+
 @functools.cache
-def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None:
+def hub_schema(repo_id: str, subset: str | None, split: str, remote_only: bool = True) -> pa.Schema | None:
     """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
 
     An unknown subset or split is a ConfigError naming the ones there are, as is a dataset only a script can
-    load (`datasets` no longer runs them). `repo_id` may also be a local folder,
+    load (`datasets` no longer runs them). With `remote_only=False`, `repo_id` may also be a local folder,
     which `load_dataset` reads the same way.
     """
     from datasets import load_dataset
 
     try:
-        features = load_dataset(repo_id, subset, split=split, streaming=True).features
+        features = load_dataset(_load_path(repo_id, remote_only), subset, split=split, streaming=True).features
     except (ValueError, RuntimeError) as exc:  # e.g. "Bad split: tran. Available splits: ['train']"; a dataset script
         raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
     return features.arrow_schema if features is not None else None
 
 
-def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:
+def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True, remote_only: bool = True) -> dict[str, int]:
     """`load_dataset` + `save_to_disk` of a Hub dataset into `split_dir`; returns rows per shard file.
 
     Shard files an earlier save left that this one did not write (it split the data into fewer files) are
     removed. `keep_cache=False` deletes what `load_dataset` cached (the Hub's files, the Arrow cache) once the
-    shards are saved.
+    shards are saved. `remote_only=False` lets `repo_id` be a local folder (as `load_dataset` reads one).
     """
     from datasets import load_dataset
 
-    dataset = load_dataset(repo_id, subset, split=split, num_proc=num_proc)
+    dataset = load_dataset(_load_path(repo_id, remote_only), subset, split=split, num_proc=num_proc)
     if not keep_cache:
         import huggingface_hub.constants
 

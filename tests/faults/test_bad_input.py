@@ -371,7 +371,7 @@ def test_a_hub_source_without_the_split_or_columns_is_refused_from_its_first_fil
     from fineweb_modal.errors import ConfigError
     from flows.stage import check_before_work
 
-    monkeypatch.setattr(flows.stage, "hub_schema", lambda repo_id, subset, split: fineweb_modal.download.hub_schema(str(demo_source), subset, split))
+    monkeypatch.setattr(flows.stage, "hub_schema", lambda repo_id, subset, split: fineweb_modal.download.hub_schema(str(demo_source), subset, split, remote_only=False))
     check_before_work(_hub_run(tmp_path, "org/public"))
     with pytest.raises(ConfigError, match=r"^hf://datasets/org/public: column\(s\) \['body'\] not found; the shard has \['text', "):
         check_before_work(_hub_run(tmp_path, "org/public", text_column="body"))

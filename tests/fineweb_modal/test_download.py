@@ -71,7 +71,7 @@ def test_a_dataset_download_keeps_or_deletes_what_load_dataset_cached(tmp_path, 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
     docs = sum(pq.read_metadata(p).num_rows for p in demo_source.glob("*.parquet"))
     (tmp_path / "data").mkdir()
-    rows = download_hub(str(demo_source), None, "train", tmp_path / "data" / "train", num_proc=1, keep_cache=keep_cache)
+    rows = download_hub(str(demo_source), None, "train", tmp_path / "data" / "train", num_proc=1, keep_cache=keep_cache, remote_only=False)
     assert sum(rows.values()) == docs and all((tmp_path / "data" / "train" / f"{shard}.arrow").is_file() for shard in rows)
     cached = list((tmp_path / "hf-datasets").rglob("*.arrow"))
     assert bool(cached) == keep_cache, "the Arrow cache is kept for a local run, deleted on Modal"
@@ -176,9 +176,24 @@ def test_hub_schema_reads_the_columns_and_names_the_splits(demo_source):
     from fineweb_modal.download import hub_schema
     from fineweb_modal.errors import ConfigError
 
-    schema = hub_schema(str(demo_source), None, "train")
+    schema = hub_schema(str(demo_source), None, "train", remote_only=False)
     assert schema.names == pq.read_schema(next(demo_source.glob("*.parquet"))).names
     with pytest.raises(ConfigError, match=r"Bad split: tran\. Available splits: \['train'\]"):
-        hub_schema(str(demo_source), None, "tran")
+        hub_schema(str(demo_source), None, "tran", remote_only=False)
     with pytest.raises(ConfigError, match=r"\(subset nosuch\): BuilderConfig 'nosuch' not found"):
-        hub_schema(str(demo_source), "nosuch", "train")
+        hub_schema(str(demo_source), "nosuch", "train", remote_only=False)
+
+
+def test_a_hub_id_is_read_from_the_hub_even_where_a_local_folder_has_its_name(demo_source, tmp_path, monkeypatch):
+    """`hf://org/name` exists for that case: `load_dataset("org/name")` would read the folder instead."""
+    import shutil
+
+    from fineweb_modal.download import download_hub, hub_schema
+
+    shutil.copytree(demo_source, tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    assert hub_schema("org/name", None, "train", remote_only=False) is not None, "the folder, taken as the dataset"
+    with pytest.raises(ConnectionError, match="Couldn't reach 'org/name' on the Hub"):  # the suite is offline: the Hub, not the folder
+        hub_schema("org/name", None, "train")
+    with pytest.raises(ConnectionError, match="Couldn't reach 'org/name' on the Hub"):
+        download_hub("org/name", None, "train", tmp_path / "data" / "train", num_proc=1)
