@@ -599,9 +599,17 @@ class ModalBackend:
         chunking, embedding or ledger code than this run expects: a `git pull` without a redeploy, a local edit),
         and, given `tei_model`, its TEI serves that model (else each embed shard would start a GPU to find out).
 
-        A refusal is not reused: after a redeploy, the next check asks again.
+        A refusal is not reused: after a redeploy, the next check asks again. A Modal that cannot be reached, or that
+        refuses the token, is said here too: this is a run's first call to it.
         """
-        settings = self.deployed_settings()
+        try:
+            settings = self.deployed_settings()
+        except Exception as exc:
+            if lost_modal_link(exc) or isinstance(exc, OSError):
+                raise ConfigError(f"cannot reach Modal ({type(exc).__name__}: {exc}); nothing ran: check the network, then rerun") from None
+            if type(exc).__name__ == "AuthError":
+                raise ConfigError(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)") from None
+            raise
         if (deployed := settings.get("code")) != (here := code_version()):
             gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
             self._deployed = None

@@ -462,6 +462,26 @@ def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redep
     assert fake.spawned == [], "no shard call was made"
 
 
+@pytest.mark.parametrize(
+    ("module", "name", "said"),
+    [
+        ("grpclib.exceptions", "StreamTerminatedError", "cannot reach Modal (StreamTerminatedError: link down); nothing ran"),
+        ("builtins", "ConnectionRefusedError", "cannot reach Modal (ConnectionRefusedError: link down); nothing ran"),
+        ("modal.exception", "AuthError", "Modal refused the token (link down): run `modal token new`"),
+    ],
+)
+def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_any_shard(downloaded, monkeypatch, module, name, said):
+    from fineweb_modal.errors import ConfigError
+
+    _, _, fake = downloaded
+    base = ConnectionRefusedError if name == "ConnectionRefusedError" else Exception
+    error = type(name, (base,), {"__module__": module})("link down")  # what modal's client raises, by module and name
+    monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(error))}))
+    with pytest.raises(ConfigError) as refused:
+        ModalBackend(modal_module=fake).check_deployment()
+    assert str(refused.value).startswith(said)
+
+
 def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path):
     from tasks.backends import code_version
 
