@@ -94,14 +94,17 @@ class Ledger:
 
     def done_record(self, stage: str, shard: str, fingerprint: str) -> ShardRecord | None:
         """The shard's `done` record if it matches `fingerprint` and its output still holds its rows."""
-        record = self.read(stage, shard)
+        return self.still_done(self.read(stage, shard), fingerprint)
+
+    def still_done(self, record: ShardRecord | None, fingerprint: str) -> ShardRecord | None:
+        """`record` (read already) if it is `done`, matches `fingerprint`, and its output still holds its rows."""
         if record is None or record.status != "done" or record.fingerprint != fingerprint:
             return None
-        output = self.layout.output_path(stage, shard)
+        output = self.layout.output_path(record.stage, record.shard)
         rows = count_rows(output)
         if rows is None or rows != record.rows_out:
             found = "is missing or unreadable" if rows is None else f"has {rows}"
-            log.warning("%s/%s: ledger says done with %s rows but %s %s; redoing it", stage, shard, record.rows_out, output, found)
+            log.warning("%s/%s: ledger says done with %s rows but %s %s; redoing it", record.stage, record.shard, record.rows_out, output, found)
             return None
         return record
 

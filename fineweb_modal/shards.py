@@ -289,7 +289,7 @@ def _done_fingerprint(job: ShardJob, ledger: Ledger, record: ShardRecord, curren
 def _skipped_result(job: ShardJob, ledger: Ledger, fingerprint: str) -> ShardResult | None:
     if (found := ledger.read(job.stage, job.shard)) is None:
         return None
-    record = ledger.done_record(job.stage, job.shard, _done_fingerprint(job, ledger, found, fingerprint))
+    record = ledger.still_done(found, _done_fingerprint(job, ledger, found, fingerprint))
     if record is None:
         return None
     earlier = {k: v for k, v in record.stats.items() if k in ("rows_in", "rows_out", "docs", "empty_docs", "chunks", "tokens", "bytes_out", "extra")}

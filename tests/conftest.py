@@ -154,6 +154,15 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def folder_as_hub_repo(monkeypatch) -> None:
+    """A local folder stands in for a Hub repo (no Hub here): `load_dataset` is given the folder's path itself, not
+    the `hf://datasets/...` path that makes it read the Hub only; the rest of the Hub path runs as it is."""
+    from fineweb_modal import download
+
+    monkeypatch.setattr(download, "_load_path", lambda repo_id, remote_only: repo_id)
+
+
 def _go_online(monkeypatch) -> None:
     """Undo the suite's HF_HUB_OFFLINE=1 for one test, as both the Hub client and `datasets` read it."""
     import datasets.config

@@ -98,7 +98,7 @@ def test_summarize_totals_combine_shards(demo_source, run_config_for):
     assert finalize_stage(run, "summarize", [])["totals"]["shards"] == 2
 
 
-def test_a_hub_download_into_a_new_data_dir_is_skipped_when_run_again(demo_source, run_config_for, tmp_path, monkeypatch):
+def test_a_hub_download_into_a_new_data_dir_is_skipped_when_run_again(demo_source, run_config_for, tmp_path, monkeypatch, folder_as_hub_repo):
     """A local folder stands in for a Hub repo (no Hub here): the same load_dataset + save_to_disk path."""
     import datasets
 
@@ -125,7 +125,7 @@ def test_a_hub_download_into_a_new_data_dir_is_skipped_when_run_again(demo_sourc
     assert [(r.shard, r.status) for r in download_hub_shards(hub_run)] == [(r.shard, "done") for r in first]
 
 
-def test_a_hub_download_saved_in_fewer_files_leaves_no_earlier_shard_behind(demo_source, run_config_for, tmp_path, monkeypatch):
+def test_a_hub_download_saved_in_fewer_files_leaves_no_earlier_shard_behind(demo_source, run_config_for, tmp_path, monkeypatch, folder_as_hub_repo):
     """A rerun whose save writes other files (another num_proc, a dataset that shrank) must not keep the old ones: their rows would count twice."""
     import datasets
 

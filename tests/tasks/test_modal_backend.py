@@ -218,7 +218,7 @@ def test_a_modal_link_error_inside_a_container_comes_back_as_the_calls_own_failu
     assert not lost_modal_link(raised.value) and is_transient(raised.value), "forgotten by the caller, and retried afresh"
 
 
-def test_a_hub_download_is_one_recorded_call_too(downloaded, demo_source):
+def test_a_hub_download_is_one_recorded_call_too(downloaded, demo_source, folder_as_hub_repo):
     """download_hub is spawned and recorded like a shard's call: a retry after a lost link downloads nothing twice."""
     from modal.exception import ConnectionError as ModalConnectionError
 
