@@ -200,7 +200,7 @@ def hub_access_problem(repo_id: str) -> HubProblem | None:
     return None
 
 
-def _load_path(repo_id: str, remote_only: bool) -> str:
+def hub_load_path(repo_id: str, remote_only: bool) -> str:
     """What `load_dataset` is given: `hf://datasets/<id>` reads the Hub even where a local folder has the id's name."""
     return f"hf://datasets/{repo_id}" if remote_only else repo_id
 
@@ -216,7 +216,7 @@ def hub_schema(repo_id: str, subset: str | None, split: str, remote_only: bool =
     from datasets import load_dataset
 
     try:
-        features = load_dataset(_load_path(repo_id, remote_only), subset, split=split, streaming=True).features
+        features = load_dataset(hub_load_path(repo_id, remote_only), subset, split=split, streaming=True).features
     except (ValueError, RuntimeError) as exc:  # e.g. "Bad split: tran. Available splits: ['train']"; a dataset script
         raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
     return features.arrow_schema if features is not None else None
@@ -231,7 +231,7 @@ def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, 
     """
     from datasets import load_dataset
 
-    dataset = load_dataset(_load_path(repo_id, remote_only), subset, split=split, num_proc=num_proc)
+    dataset = load_dataset(hub_load_path(repo_id, remote_only), subset, split=split, num_proc=num_proc)
     if not keep_cache:
         import huggingface_hub.constants
 

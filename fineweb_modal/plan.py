@@ -1,4 +1,5 @@
-"""Before spending: sample every shard, chunk the sample, forecast chunks, tokens, GPU-seconds and dollars.
+"""Before spending: sample every shard (or, before a Hub dataset's download, its first documents), chunk the
+sample, forecast chunks, tokens, GPU-seconds and dollars.
 
 Throughput comes from `benchmarks/results/latest.json` when it holds a GPU measurement for that GPU,
 else from the documented defaults below (tokens/s for a BERT-base-sized model such as
@@ -11,13 +12,16 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fineweb_modal import download
 from fineweb_modal.chunking import chunk_texts
 from fineweb_modal.config import ChunkConfig
 from fineweb_modal.costs import Resources, cost_usd, parse_gpu, stage_resources
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import model_info, prefix_token_count
 from fineweb_modal.storage import sample_arrow_rows
 
 SAMPLE_DOCS = 200
+HUB_SAMPLE_DOCS = 1000  # streamed from the start of a Hub dataset: its first file's first documents
 # Estimates for nomic-embed-text-v1.5's shape: the engine measured 1.29 M tokens/s end to end on an H200
 # (benchmarks/results/embed-gpu.json; the H100 has the same matmul rate, slower memory); the seed's TEI on
 # A10G did 24-65 k tokens/s; other GPUs scaled by their bf16 throughput.
@@ -43,12 +47,54 @@ class ShardSample:
 def sample_shard(path: Path, shard: str, cfg: ChunkConfig, prefix: str = "", sample_docs: int = SAMPLE_DOCS) -> ShardSample:
     """Chunk evenly spaced documents of one arrow shard and scale the counts up to all its rows."""
     _, sample, rows = sample_arrow_rows(path, sample_docs)
-    texts = sample.column(cfg.text_column).to_pylist()
+    return _scaled_up(shard, sample.column(cfg.text_column).to_pylist(), rows, cfg, prefix)
+
+
+def _scaled_up(shard: str, texts: list[str | None], rows: int, cfg: ChunkConfig, prefix: str) -> ShardSample:
+    """Chunk a sample's texts and scale the counts up to `rows` documents."""
     chunk_rows, stats = chunk_texts(texts, cfg)
     prefix_tokens = prefix_token_count(model_info(cfg.model).path, prefix)
-    scale = rows / sample.num_rows if sample.num_rows else 0.0
+    scale = rows / len(texts) if texts else 0.0
     embed_tokens = sum(r[4] + prefix_tokens for r in chunk_rows)
-    return ShardSample(shard, rows, sample.num_rows, len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
+    return ShardSample(shard, rows, len(texts), len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
+
+
+def hub_rows(repo_id: str, subset: str | None, split: str) -> int:
+    """The documents of a Hub dataset's split, without downloading it: the split sizes its card records, else the
+    row counts in its parquet files' footers (one small read per file)."""
+    import fsspec
+    import pyarrow.parquet as pq
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(download.hub_load_path(repo_id, remote_only=True), subset)
+    except (ValueError, RuntimeError) as exc:  # an unknown subset; a dataset script
+        raise ConfigError(f"{repo_id}: {exc}") from None
+    recorded = builder.info.splits or {}
+    if split in recorded and recorded[split].num_examples:
+        return recorded[split].num_examples
+    files = dict(builder.config.data_files or {})
+    if split not in files:
+        raise ConfigError(f"{repo_id}{f' ({subset})' if subset else ''} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
+    if not all(str(url).endswith(".parquet") for url in files[split]):
+        raise ConfigError(f"{repo_id}: its card records no split sizes and its files are not all parquet, so its rows cannot be counted without a download: run the download stage, then plan")
+    total = 0
+    for url in files[split]:
+        with fsspec.open(url, "rb") as file:
+            total += pq.read_metadata(file).num_rows
+    return total
+
+
+def sample_hub(repo_id: str, subset: str | None, split: str, cfg: ChunkConfig, prefix: str = "", sample_docs: int = HUB_SAMPLE_DOCS) -> ShardSample:
+    """Chunk the first `sample_docs` documents a Hub dataset's split streams and scale up to all its rows; nothing is downloaded whole."""
+    from datasets import load_dataset
+
+    rows = hub_rows(repo_id, subset, split)
+    stream = load_dataset(download.hub_load_path(repo_id, remote_only=True), subset, split=split, streaming=True)
+    sample = list(stream.take(sample_docs))
+    if sample and cfg.text_column not in sample[0]:
+        raise ConfigError(f"{repo_id}: no column {cfg.text_column!r}; it has {list(sample[0])} (set --text-column)")
+    return _scaled_up(f"{repo_id} (first {len(sample)} docs)", [row[cfg.text_column] for row in sample], rows, cfg, prefix)
 
 
 def measured_tokens_per_s(results_path: Path | None = None) -> dict[str, float]:

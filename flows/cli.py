@@ -63,9 +63,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+def _add_dataset_flags(parser: argparse.ArgumentParser, name_required: bool = True) -> None:
     same = "as the run that made the outputs used"
-    parser.add_argument("--name", required=True, help="the dataset's name under the data dir")
+    parser.add_argument("--name", required=name_required, help="the dataset's name under the data dir")
     parser.add_argument("--data-dir", default="./data", help="where the run wrote (default: ./data; on Modal: the Volume)")
     parser.add_argument("--split", default="train", help="(default: train)")
     parser.add_argument("--backend", default="local", choices=BACKENDS, help="local: the data dir; modal: the Volume")
@@ -95,7 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--shard", required=True, help="shard name or index")
     fetch.add_argument("--to", default=".", help="folder or file to write")
     plan = commands.add_parser("plan", help="forecast chunks, tokens, GPU hours and $ per engine and GPU from a sample of every shard")
-    _add_dataset_flags(plan)
+    _add_dataset_flags(plan, name_required=False)
+    plan.add_argument("--source", help="a Hub dataset not downloaded yet: plan from its first documents and its row count (--name defaults from it)")
+    plan.add_argument("--subset", help="the Hub dataset's subset (config), with --source")
     plan.add_argument("--shards", help="shard indices or names (default: all)")
     publish = commands.add_parser("publish", help="push chunks + embeddings as one Hugging Face dataset (HF_TOKEN or the Prefect Secret 'hf-token')")
     _add_dataset_flags(publish)
@@ -316,14 +318,17 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     return EXIT_OK
 
 
-def plan(dataset: dict, shards: str | None) -> int:
+def plan(dataset: dict, shards: str | None, source: str | None = None, subset: str | None = None) -> int:
     """Run the plan flow and print its forecast."""
-    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset)
+    if not dataset["name"] and not source:
+        raise ConfigError("plan needs --name (a downloaded dataset) or --source (a Hub dataset not downloaded yet)")
+    hub = {"source": source, "subset": subset} if source else {}
+    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset, **hub)
     _connect()
     from flows.outcome import outcome
     from flows.plan import plan as plan_flow
 
-    state = plan_flow(**dataset, shards=shards.split(",") if shards else None, return_state=True)
+    state = plan_flow(**dataset, **hub, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
     if not state.is_completed():
         print(f"error: {rows}", file=sys.stderr)
@@ -440,7 +445,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "verify":
         return verify(dataset, args.shards)
     if args.command == "plan":
-        return plan(dataset, args.shards)
+        return plan(dataset, args.shards, args.source, args.subset)
     if args.command == "publish":
         return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public, args.allow_partial, args.shards)
     return run_pipeline(_run_kwargs(args))

@@ -160,7 +160,7 @@ def folder_as_hub_repo(monkeypatch) -> None:
     the `hf://datasets/...` path that makes it read the Hub only; the rest of the Hub path runs as it is."""
     from fineweb_modal import download
 
-    monkeypatch.setattr(download, "_load_path", lambda repo_id, remote_only: repo_id)
+    monkeypatch.setattr(download, "hub_load_path", lambda repo_id, remote_only: repo_id)
 
 
 def _go_online(monkeypatch) -> None:

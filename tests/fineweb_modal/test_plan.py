@@ -52,3 +52,32 @@ def test_a_gpu_benchmark_replaces_the_default_rate(monkeypatch, tmp_path):
     rows = {(r["engine"], r["gpu"]): r for r in planning.forecast([planning.ShardSample("a", 1, 1, 1.0, 1.0, 2.5e9)])}
     assert rows[("transformers", "H200")]["tokens/s"] == 1_287_951 and rows[("transformers", "H200")]["rate from"] == "benchmark"
     assert rows[("transformers", "H100")]["rate from"] == "default estimate" and ("tei", "H200") in rows
+
+
+def test_a_hub_dataset_is_planned_before_its_download_from_its_row_count_and_first_docs(demo_source, run_config_for, folder_as_hub_repo, tmp_path):
+    """A local folder stands in for the Hub repo (no Hub here): rows from its parquet footers, documents streamed."""
+    import json as jsonlib
+
+    from fineweb_modal.chunking import chunk_texts
+    from fineweb_modal.errors import ConfigError
+
+    run = run_config_for(demo_source)
+    texts = [t for p in sorted(demo_source.glob("*.parquet")) for t in pq.read_table(p).column("text").to_pylist()]
+    assert planning.hub_rows(str(demo_source), None, "train") == len(texts) == 36
+    whole = planning.sample_hub(str(demo_source), None, "train", run.chunk, sample_docs=100)
+    chunk_rows, _ = chunk_texts(texts, run.chunk)
+    assert (whole.rows, whole.sampled, whole.est_chunks) == (36, 36, len(chunk_rows)), "a sample of everything is exact"
+    assert whole.est_embed_tokens == sum(r[4] for r in chunk_rows)
+    part = planning.sample_hub(str(demo_source), None, "train", run.chunk, sample_docs=12)
+    assert part.sampled == 12 and part.rows == 36 and part.est_chunks > 0
+
+    with pytest.raises(ConfigError, match=r"has no split 'test': it has train"):
+        planning.hub_rows(str(demo_source), None, "test")
+    other_column = run.chunk.model_copy(update={"text_column": "body"})
+    with pytest.raises(ConfigError, match=r"no column 'body'; it has \['text', "):
+        planning.sample_hub(str(demo_source), None, "train", other_column, sample_docs=5)
+    jsonl = tmp_path / "jsonl-repo"
+    jsonl.mkdir()
+    (jsonl / "a.jsonl").write_text("\n".join(jsonlib.dumps({"text": t}) for t in texts[:5]))
+    with pytest.raises(ConfigError, match="its rows cannot be counted without a download: run the download stage, then plan"):
+        planning.hub_rows(str(jsonl), None, "train")

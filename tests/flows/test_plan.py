@@ -15,7 +15,7 @@ def test_plan_flow_forecasts_the_downloaded_shards(prefect_api, demo_source, tmp
     assert download(source=str(demo_source), data_dir=data_dir, return_state=True).is_completed()
     state = plan(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
     rows = state.result()
-    assert state.message.endswith("on an H100 (transformers); GPU rates for a BERT-base-sized model such as nomic-ai/nomic-embed-text-v1.5"), state.message
+    assert state.message.endswith("on an H100 (transformers); GPU rates for a BERT-base-sized model such as nomic-ai/nomic-embed-text-v1.5; from 3 shards sampled"), state.message
     by_key = {(r["engine"], r["gpu"]): r for r in rows}
     from fineweb_modal.plan import measured_tokens_per_s
 
@@ -32,5 +32,30 @@ def test_plan_before_download_says_what_to_do(prefect_api, tmp_path):
     from flows.plan import plan
 
     state = plan(name="nothing", data_dir=str(tmp_path), return_state=True)
-    assert state.is_failed() and state.message == "plan: no downloaded shards for nothing; run the download stage first"
+    assert state.is_failed() and state.message == "plan: no downloaded shards for nothing; run the download stage first (a Hub dataset can be planned before: pass its --source)"
     assert isinstance(outcome(state), ConfigError), "refused with a message, not raised through Prefect (a traceback)"
+
+
+def test_a_hub_dataset_is_planned_before_its_download(prefect_api, demo_source, tmp_path, monkeypatch, folder_as_hub_repo, capsys):
+    """`org/demo` is a local folder standing in for the Hub repo (no Hub here), read through the same load_dataset calls."""
+    import shutil
+
+    from flows.cli import main
+    from flows.plan import plan
+    from tests.flows.helpers import task_runs_of
+
+    shutil.copytree(demo_source, tmp_path / "org" / "demo")
+    monkeypatch.chdir(tmp_path)
+    state = plan(source="hf://org/demo", data_dir="data", max_tokens=64, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.message.endswith("from the first 36 of 36 docs streamed from the Hub"), state.message
+    (run,) = task_runs_of([state.state_details.flow_run_id], expected=1)
+    assert run.name == "plan-hub-demo" and run.state.message.endswith("from the first 36 of 36 docs (not downloaded)")
+    assert not (tmp_path / "data").exists(), "nothing downloaded"
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    assert main(["plan", "--source", "hf://org/demo", "--max-tokens", "64"]) == 0
+    assert "transformers  H100" in capsys.readouterr().out
+    assert main(["plan", "--source", "hf://org/demo", "--shards", "0"]) == 2
+    assert "before the download a Hub dataset is planned whole" in capsys.readouterr().err
+    assert main(["plan", "--max-tokens", "64"]) == 2 and "plan needs --name (a downloaded dataset) or --source" in capsys.readouterr().err
