@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -205,6 +206,18 @@ def hub_load_path(repo_id: str, remote_only: bool) -> str:
     return f"hf://datasets/{repo_id}" if remote_only else repo_id
 
 
+@contextlib.contextmanager
+def hub_config_errors(repo_id: str, subset: str | None) -> Iterator[None]:
+    """What `datasets` raises for a subset, split or file layout it cannot use, as one ConfigError naming the dataset."""
+    from datasets.data_files import EmptyDatasetError
+    from datasets.exceptions import DataFilesNotFoundError, DatasetNotFoundError
+
+    try:
+        yield
+    except (ValueError, RuntimeError, DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError) as exc:  # a bad split or subset; a script
+        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
+
+
 @functools.cache
 def hub_schema(repo_id: str, subset: str | None, split: str, remote_only: bool = True) -> pa.Schema | None:
     """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
@@ -215,10 +228,8 @@ def hub_schema(repo_id: str, subset: str | None, split: str, remote_only: bool =
     """
     from datasets import load_dataset
 
-    try:
+    with hub_config_errors(repo_id, subset):  # e.g. "Bad split: tran. Available splits: ['train']"
         features = load_dataset(hub_load_path(repo_id, remote_only), subset, split=split, streaming=True).features
-    except (ValueError, RuntimeError) as exc:  # e.g. "Bad split: tran. Available splits: ['train']"; a dataset script
-        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
     return features.arrow_schema if features is not None else None
 
 

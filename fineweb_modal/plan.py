@@ -59,39 +59,54 @@ def _scaled_up(shard: str, texts: list[str | None], rows: int, cfg: ChunkConfig,
     return ShardSample(shard, rows, len(texts), len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
 
 
-def hub_rows(repo_id: str, subset: str | None, split: str) -> int:
-    """The documents of a Hub dataset's split, without downloading it: the split sizes its card records, else the
-    row counts in its parquet files' footers (one small read per file)."""
+def _readable_hub(repo_id: str) -> None:
+    """ConfigError when the Hub dataset cannot be read from here for good (not there, gated, no network); a
+    ConnectionError, which the task retries, when the Hub failed just now (429, 5xx)."""
+    if problem := download.hub_access_problem(repo_id):
+        raise ConfigError(problem.message) if problem.settled else ConnectionError(problem.message)
+
+
+def hub_rows(repo_id: str, subset: str | None, split: str) -> tuple[int, bool]:
+    """The documents of a Hub dataset's split without downloading it, and whether its files are all parquet: their
+    footers' row counts (exact; read 16 at a time), else the split size its card records."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import fsspec
     import pyarrow.parquet as pq
     from datasets import load_dataset_builder
 
-    try:
+    with download.hub_config_errors(repo_id, subset):
         builder = load_dataset_builder(download.hub_load_path(repo_id, remote_only=True), subset)
-    except (ValueError, RuntimeError) as exc:  # an unknown subset; a dataset script
-        raise ConfigError(f"{repo_id}: {exc}") from None
-    recorded = builder.info.splits or {}
+    files, recorded = dict(builder.config.data_files or {}), builder.info.splits or {}
+    if split not in files and split not in recorded:
+        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
+    urls = [str(url) for url in files.get(split, [])]
+    if urls and all(url.endswith(".parquet") for url in urls):
+
+        def footer_rows(url: str) -> int:
+            with fsspec.open(url, "rb") as file:
+                return pq.read_metadata(file).num_rows
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return sum(pool.map(footer_rows, urls)), True
     if split in recorded and recorded[split].num_examples:
-        return recorded[split].num_examples
-    files = dict(builder.config.data_files or {})
-    if split not in files:
-        raise ConfigError(f"{repo_id}{f' ({subset})' if subset else ''} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
-    if not all(str(url).endswith(".parquet") for url in files[split]):
-        raise ConfigError(f"{repo_id}: its card records no split sizes and its files are not all parquet, so its rows cannot be counted without a download: run the download stage, then plan")
-    total = 0
-    for url in files[split]:
-        with fsspec.open(url, "rb") as file:
-            total += pq.read_metadata(file).num_rows
-    return total
+        return recorded[split].num_examples, False
+    raise ConfigError(f"{repo_id}: its card records no split sizes and its files are not all parquet, so its rows cannot be counted without a download: run the download stage, then plan")
 
 
 def sample_hub(repo_id: str, subset: str | None, split: str, cfg: ChunkConfig, prefix: str = "", sample_docs: int = HUB_SAMPLE_DOCS) -> ShardSample:
-    """Chunk the first `sample_docs` documents a Hub dataset's split streams and scale up to all its rows; nothing is downloaded whole."""
+    """Chunk the first `sample_docs` documents a Hub dataset's split streams and scale up to all its rows; nothing is
+    downloaded whole (from parquet, the text column's first row group only)."""
     from datasets import load_dataset
 
-    rows = hub_rows(repo_id, subset, split)
-    stream = load_dataset(download.hub_load_path(repo_id, remote_only=True), subset, split=split, streaming=True)
-    sample = list(stream.take(sample_docs))
+    _readable_hub(repo_id)
+    rows, parquet = hub_rows(repo_id, subset, split)
+    schema = download.hub_schema(repo_id, subset, split)
+    if schema is not None and cfg.text_column not in schema.names:
+        raise ConfigError(f"{repo_id}: no column {cfg.text_column!r}; it has {schema.names} (set --text-column)")
+    with download.hub_config_errors(repo_id, subset):
+        stream = load_dataset(download.hub_load_path(repo_id, remote_only=True), subset, split=split, streaming=True, **({"columns": [cfg.text_column]} if parquet else {}))
+        sample = list(stream.take(sample_docs))
     if sample and cfg.text_column not in sample[0]:
         raise ConfigError(f"{repo_id}: no column {cfg.text_column!r}; it has {list(sample[0])} (set --text-column)")
     return _scaled_up(f"{repo_id} (first {len(sample)} docs)", [row[cfg.text_column] for row in sample], rows, cfg, prefix)

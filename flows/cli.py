@@ -98,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_dataset_flags(plan, name_required=False)
     plan.add_argument("--source", help="a Hub dataset not downloaded yet: plan from its first documents and its row count (--name defaults from it)")
     plan.add_argument("--subset", help="the Hub dataset's subset (config), with --source")
+    plan.add_argument("--text-column", default="text", help="the source column holding the text (default: text)")
+    plan.add_argument("--overlap", type=float, default=0.1, help="the chunks' overlap, a fraction of the window (default: 0.1)")
     plan.add_argument("--shards", help="shard indices or names (default: all)")
     publish = commands.add_parser("publish", help="push chunks + embeddings as one Hugging Face dataset (HF_TOKEN or the Prefect Secret 'hf-token')")
     _add_dataset_flags(publish)
@@ -318,17 +320,19 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
     return EXIT_OK
 
 
-def plan(dataset: dict, shards: str | None, source: str | None = None, subset: str | None = None) -> int:
+def plan(dataset: dict, shards: str | None, source: str | None = None, subset: str | None = None, text_column: str = "text", overlap: float = 0.1) -> int:
     """Run the plan flow and print its forecast."""
     if not dataset["name"] and not source:
         raise ConfigError("plan needs --name (a downloaded dataset) or --source (a Hub dataset not downloaded yet)")
-    hub = {"source": source, "subset": subset} if source else {}
-    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset, **hub)
+    if subset and not source:
+        raise ConfigError("--subset is for a Hub dataset given with --source")
+    chunking = {"source": source, "subset": subset, "text_column": text_column, "overlap": overlap}
+    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset, **chunking)
     _connect()
     from flows.outcome import outcome
     from flows.plan import plan as plan_flow
 
-    state = plan_flow(**dataset, **hub, shards=shards.split(",") if shards else None, return_state=True)
+    state = plan_flow(**dataset, **chunking, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
     if not state.is_completed():
         print(f"error: {rows}", file=sys.stderr)
@@ -445,7 +449,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "verify":
         return verify(dataset, args.shards)
     if args.command == "plan":
-        return plan(dataset, args.shards, args.source, args.subset)
+        return plan(dataset, args.shards, args.source, args.subset, args.text_column, args.overlap)
     if args.command == "publish":
         return publish(dataset, args.repo_id, args.dry_run, args.to, not args.public, args.allow_partial, args.shards)
     return run_pipeline(_run_kwargs(args))

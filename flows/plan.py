@@ -60,7 +60,8 @@ def plan(
         available = get_backend(backend).list_shards(run, "chunk")
         from_hub = not available and run.download is not None and run.download.source_kind == "hub"
         if not available and not from_hub:
-            raise ConfigError(f"no downloaded shards for {run.dataset.name}; run the download stage first (a Hub dataset can be planned before: pass its --source)")
+            before = "" if run.download is not None else " (a Hub dataset can be planned before: pass its --source)"
+            raise ConfigError(f"no downloaded shards for {run.dataset.name}; run the download stage first{before}")
         if from_hub and run.shards:
             raise ConfigError("--shards names downloaded shards; before the download a Hub dataset is planned whole")
         chosen = [] if from_hub else select_shards(available, run.shards)

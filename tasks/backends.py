@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -605,7 +606,7 @@ class ModalBackend:
         try:
             settings = self.deployed_settings()
         except Exception as exc:
-            if lost_modal_link(exc) or isinstance(exc, OSError):
+            if lost_modal_link(exc) or isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):  # not an OSError of the function's own
                 raise ConfigError(f"cannot reach Modal ({type(exc).__name__}: {exc}); nothing ran: check the network, then rerun") from None
             if type(exc).__name__ == "AuthError":
                 raise ConfigError(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)") from None

@@ -157,10 +157,12 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
 @pytest.fixture
 def folder_as_hub_repo(monkeypatch) -> None:
     """A local folder stands in for a Hub repo (no Hub here): `load_dataset` is given the folder's path itself, not
-    the `hf://datasets/...` path that makes it read the Hub only; the rest of the Hub path runs as it is."""
+    the `hf://datasets/...` path that makes it read the Hub only, and the Hub's access check (tested on its own
+    against `hub_api`) answers that it can be read; the rest of the Hub path runs as it is."""
     from fineweb_modal import download
 
     monkeypatch.setattr(download, "hub_load_path", lambda repo_id, remote_only: repo_id)
+    monkeypatch.setattr(download, "hub_access_problem", lambda repo_id: None)
 
 
 def _go_online(monkeypatch) -> None:

@@ -63,7 +63,7 @@ def test_a_hub_dataset_is_planned_before_its_download_from_its_row_count_and_fir
 
     run = run_config_for(demo_source)
     texts = [t for p in sorted(demo_source.glob("*.parquet")) for t in pq.read_table(p).column("text").to_pylist()]
-    assert planning.hub_rows(str(demo_source), None, "train") == len(texts) == 36
+    assert planning.hub_rows(str(demo_source), None, "train") == (len(texts), True) == (36, True)
     whole = planning.sample_hub(str(demo_source), None, "train", run.chunk, sample_docs=100)
     chunk_rows, _ = chunk_texts(texts, run.chunk)
     assert (whole.rows, whole.sampled, whole.est_chunks) == (36, 36, len(chunk_rows)), "a sample of everything is exact"
@@ -81,3 +81,22 @@ def test_a_hub_dataset_is_planned_before_its_download_from_its_row_count_and_fir
     (jsonl / "a.jsonl").write_text("\n".join(jsonlib.dumps({"text": t}) for t in texts[:5]))
     with pytest.raises(ConfigError, match="its rows cannot be counted without a download: run the download stage, then plan"):
         planning.hub_rows(str(jsonl), None, "train")
+    card = "---\ndataset_info:\n  splits:\n  - name: train\n    num_examples: 999\n---\n"
+    (jsonl / "README.md").write_text(card)
+    assert planning.hub_rows(str(jsonl), None, "train") == (999, False), "not parquet: the card's split size"
+    (demo_source / "README.md").write_text(card)
+    assert planning.hub_rows(str(demo_source), None, "train") == (36, True), "parquet: its footers, whatever a stale card says"
+
+
+def test_a_hub_id_is_planned_from_the_hub_even_where_a_local_folder_has_its_name(demo_source, run_config_for, tmp_path, monkeypatch):
+    """Without the stand-in: the suite is offline, so the Hub cannot be read, and the folder named `org/name` is not read instead."""
+    import shutil
+
+    from fineweb_modal.errors import ConfigError
+
+    shutil.copytree(demo_source, tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="cannot reach the Hub at "):
+        planning.sample_hub("org/name", None, "train", run_config_for(demo_source).chunk)
+    with pytest.raises(ConnectionError, match="Couldn't reach 'org/name' on the Hub"):
+        planning.hub_rows("org/name", None, "train")
