@@ -395,7 +395,7 @@ class ModalBackend:
         payload = job.model_copy(update=update).model_dump(mode="json")
         # A shard done on an earlier run is answered from the ledger: no GPU container starts to say so. Only
         # when no call is recorded for it: a recorded one is re-attached to (and forgotten) by _call.
-        if job.stage == "embed" and not self._calls.get(call_key(job)) and (earlier := self._function("done_result_fn").remote(payload)) is not None:
+        if job.stage == "embed" and not self._calls.get(call_key(job)) and (earlier := self._remote("done_result_fn", payload)) is not None:
             return ShardResult.model_validate(earlier)
         if job.stage == "embed" and job.run.embed.engine == "tei":
             target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
@@ -546,7 +546,7 @@ class ModalBackend:
 
     def list_shards(self, run: RunConfig, stage: str) -> list[str]:
         """The shards a stage can run on, as the Volume holds them."""
-        return self._function("list_shards").remote(self._on_volume(run).model_dump(mode="json"), stage)
+        return self._remote("list_shards", self._on_volume(run).model_dump(mode="json"), stage)
 
     def fetch(self, run: RunConfig, stage: str, shard: str, destination: Path) -> Path:
         """Download one output shard from the Volume to `destination`."""
@@ -559,23 +559,23 @@ class ModalBackend:
 
     def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Sample one shard on the Volume for the forecast."""
-        return self._function("plan_sample_fn").remote(self._on_volume(run).model_dump(mode="json"), shard)
+        return self._remote("plan_sample_fn", self._on_volume(run).model_dump(mode="json"), shard)
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs on the Volume."""
-        return self._function("verify_shard_fn").remote(self._on_volume(run).model_dump(mode="json"), shard)
+        return self._remote("verify_shard_fn", self._on_volume(run).model_dump(mode="json"), shard)
 
     def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
         """What the ledger on the Volume says (`data_dir` is the Volume's: the argument is not used)."""
-        return [StageStatus.from_dict(view) for view in self._remote_of_this_code("ledger_status_fn", MODAL_DATA_DIR, name)]
+        return [StageStatus.from_dict(view) for view in self._remote("ledger_status_fn", MODAL_DATA_DIR, name)]
 
     def shard_statuses(self, run: RunConfig, stage: str, shards: list[str]) -> dict[str, str]:
         """done / failed / missing per shard, from the ledger on the Volume."""
-        return self._function("shard_statuses_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, shards)
+        return self._remote("shard_statuses_fn", self._on_volume(run).model_dump(mode="json"), stage, shards)
 
     def chunk_input_schema(self, run: RunConfig, shards: list[str]) -> tuple[str, pa.Schema] | None:
         """The first readable chunk input's path and schema, as the Volume holds it (one small CPU call)."""
-        return _schema_of(self._function("chunk_input_schema_fn").remote(self._on_volume(run).model_dump(mode="json"), shards))
+        return _schema_of(self._remote("chunk_input_schema_fn", self._on_volume(run).model_dump(mode="json"), shards))
 
     def download_hub(self, run: RunConfig) -> list[ShardResult]:
         """Download a Hub dataset straight onto the Volume."""
@@ -592,7 +592,7 @@ class ModalBackend:
         An answer is reused for a minute (a run's checks come together); a worker that serves for days sees a redeploy.
         """
         if self._deployed is None or time.monotonic() - self._deployed[0] > DEPLOYED_SETTINGS_TTL_S:
-            self._deployed = (time.monotonic(), self._remote_of_this_code("deployed_settings"))
+            self._deployed = (time.monotonic(), self._remote("deployed_settings"))
         return self._deployed[1]
 
     def check_deployment(self, tei_model: str | None = None) -> None:
@@ -625,8 +625,8 @@ class ModalBackend:
                 f"redeploy with FINEWEB_MODAL_TEI_MODEL={tei_model} {MODAL_DEPLOY_COMMAND}"
             )
 
-    def _remote_of_this_code(self, name: str, *args: Any) -> Any:
-        """`.remote(*args)` of a function that older deployments lack: ConfigError saying to redeploy, not NotFoundError."""
+    def _remote(self, name: str, *args: Any) -> Any:
+        """`.remote(*args)` of a deployed function; one the deployment lacks (none, or an older one) is a ConfigError saying to deploy, not NotFoundError."""
         try:
             return self._function(name).remote(*args)
         except Exception as exc:
@@ -636,7 +636,7 @@ class ModalBackend:
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Dataset-wide step after a stage, on the Volume."""
-        return self._function("finalize_stage_fn").remote(self._on_volume(run).model_dump(mode="json"), stage, summaries)
+        return self._remote("finalize_stage_fn", self._on_volume(run).model_dump(mode="json"), stage, summaries)
 
 
 _backends: dict[str, Backend] = {}

@@ -426,6 +426,8 @@ def test_a_model_the_deployed_tei_does_not_serve_is_refused_before_any_gpu_start
         ModalBackend(modal_module=fake).deployed_settings()
     with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
         backend.ledger_status("./data", None)  # `status --backend modal` against an app deployed before it existed
+    with pytest.raises(ConfigError, match="not deployed, or is older than this code"):
+        backend.list_shards(run, "chunk")  # `plan`, `verify`, `fetch --backend modal` before a deploy
 
 
 def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redeploy_is_seen(downloaded, monkeypatch):
