@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+import fineweb_modal
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, put_dollars, reconcile_rates
 from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ShardBusyError, WorkerLostError
@@ -59,7 +60,6 @@ def code_version(app_file: str | Path | None = None) -> str:
     the app file (by default this checkout's `deployments/modal_app.py`), so a run can tell a stale deployment."""
     import importlib.util
 
-    import fineweb_modal
     import tasks
 
     digest = hashlib.sha256()
@@ -616,7 +616,7 @@ class ModalBackend:
             self._deployed = None
             raise ConfigError(
                 f"the deployed Modal app {MODAL_APP_NAME!r} runs other code than this checkout (deployed {deployed or 'before code versions'}, "
-                f"here {here}): redeploy it with `{MODAL_DEPLOY_COMMAND}`{gpu}"
+                f"here {here}, the code in {Path(fineweb_modal.__file__).parent.parent}): redeploy it from there with `{MODAL_DEPLOY_COMMAND}`{gpu}"
             )
         if tei_model is not None and (served := settings["tei_model"]) != tei_model:
             self._deployed = None

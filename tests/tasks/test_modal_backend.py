@@ -6,6 +6,7 @@ The double runs each "remote" call through the real Modal functions' `.local()` 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -451,12 +452,12 @@ def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redep
     monkeypatch.setattr(modal_app, "CODE_VERSION", "0123456789abcdef")  # as if deployed before a `git pull`
     stale = ModalBackend(modal_module=fake)
     monkeypatch.setitem(backends._backends, "modal", stale)
-    message = f"the deployed Modal app 'fineweb-modal' runs other code than this checkout (deployed 0123456789abcdef, here {backends.code_version()}): redeploy it with `modal deploy deployments/modal_app.py` (it was deployed for GPU {modal_app.GPU}: keep FINEWEB_MODAL_GPU={modal_app.GPU}"
+    message = f"the deployed Modal app 'fineweb-modal' runs other code than this checkout (deployed 0123456789abcdef, here {backends.code_version()}, the code in {Path(__file__).parents[2]}): redeploy it from there with `modal deploy deployments/modal_app.py` (it was deployed for GPU {modal_app.GPU}: keep FINEWEB_MODAL_GPU={modal_app.GPU}"
     with pytest.raises(ConfigError) as refused:
         check_before_work(run)
     assert str(refused.value).startswith(message)
     monkeypatch.setattr(modal_app, "deployed_settings", type("Older", (), {"local": staticmethod(lambda: {"gpu": "H100", "tei_model": "m", "tei_version": "1.9"})}))
-    with pytest.raises(ConfigError, match=r"\(deployed before code versions, here [0-9a-f]{16}\)"):
+    with pytest.raises(ConfigError, match=r"\(deployed before code versions, here [0-9a-f]{16}, the code in "):
         stale.check_deployment()
     monkeypatch.undo()  # redeployed from this checkout
     monkeypatch.setitem(backends._backends, "modal", stale)
