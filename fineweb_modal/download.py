@@ -10,6 +10,7 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,8 +177,25 @@ class HubProblem:
     settled: bool = True
 
 
+HUB_ANSWER_TTL_S = 60.0  # a run asks from the CLI, its pipeline and its download stage: one answer serves them
+_hub_answers: dict[tuple[str, str, str | None], tuple[float, "HubProblem | None"]] = {}
+
+
 def hub_access_problem(repo_id: str) -> HubProblem | None:
-    """Why the Hub dataset `repo_id` cannot be read from here (None when it can): its info, and for a gated one the access check."""
+    """Why the Hub dataset `repo_id` cannot be read from here (None when it can): its info, and for a gated one the
+    access check; an answer is reused for a minute (for the same Hub address and token)."""
+    from huggingface_hub import constants, get_token
+
+    asking = (constants.ENDPOINT, repo_id, get_token())
+    asked_at, answer = _hub_answers.get(asking, (0.0, None))
+    if time.monotonic() - asked_at < HUB_ANSWER_TTL_S:
+        return answer
+    answer = _ask_hub(repo_id)
+    _hub_answers[asking] = (time.monotonic(), answer)
+    return answer
+
+
+def _ask_hub(repo_id: str) -> HubProblem | None:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
@@ -201,9 +219,9 @@ def hub_access_problem(repo_id: str) -> HubProblem | None:
     return None
 
 
-def hub_load_path(repo_id: str, remote_only: bool) -> str:
-    """What `load_dataset` is given: `hf://datasets/<id>` reads the Hub even where a local folder has the id's name."""
-    return f"hf://datasets/{repo_id}" if remote_only else repo_id
+def hub_load_path(repo_id: str) -> str:
+    """What `load_dataset` is given for a Hub id: `hf://datasets/<id>` reads the Hub even where a local folder has the id's name."""
+    return f"hf://datasets/{repo_id}"
 
 
 @contextlib.contextmanager
@@ -214,35 +232,36 @@ def hub_config_errors(repo_id: str, subset: str | None) -> Iterator[None]:
 
     try:
         yield
+    except pa.ArrowException:  # a listed file that does not read (pyarrow's ArrowInvalid is a ValueError too): no verdict on the config
+        raise
     except (ValueError, RuntimeError, DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError) as exc:  # a bad split or subset; a script
         raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
 
 
 @functools.cache
-def hub_schema(repo_id: str, subset: str | None, split: str, remote_only: bool = True) -> pa.Schema | None:
+def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None:
     """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
 
     An unknown subset or split is a ConfigError naming the ones there are, as is a dataset only a script can
-    load (`datasets` no longer runs them). With `remote_only=False`, `repo_id` may also be a local folder,
-    which `load_dataset` reads the same way.
+    load (`datasets` no longer runs them).
     """
     from datasets import load_dataset
 
     with hub_config_errors(repo_id, subset):  # e.g. "Bad split: tran. Available splits: ['train']"
-        features = load_dataset(hub_load_path(repo_id, remote_only), subset, split=split, streaming=True).features
+        features = load_dataset(hub_load_path(repo_id), subset, split=split, streaming=True).features
     return features.arrow_schema if features is not None else None
 
 
-def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True, remote_only: bool = True) -> dict[str, int]:
+def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:
     """`load_dataset` + `save_to_disk` of a Hub dataset into `split_dir`; returns rows per shard file.
 
     Shard files an earlier save left that this one did not write (it split the data into fewer files) are
     removed. `keep_cache=False` deletes what `load_dataset` cached (the Hub's files, the Arrow cache) once the
-    shards are saved. `remote_only=False` lets `repo_id` be a local folder (as `load_dataset` reads one).
+    shards are saved.
     """
     from datasets import load_dataset
 
-    dataset = load_dataset(hub_load_path(repo_id, remote_only), subset, split=split, num_proc=num_proc)
+    dataset = load_dataset(hub_load_path(repo_id), subset, split=split, num_proc=num_proc)
     if not keep_cache:
         import huggingface_hub.constants
 

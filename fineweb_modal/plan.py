@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fineweb_modal import download
-from fineweb_modal.chunking import chunk_texts
+from fineweb_modal.chunking import check_columns, chunk_texts
 from fineweb_modal.config import ChunkConfig
 from fineweb_modal.costs import Resources, cost_usd, parse_gpu, stage_resources
-from fineweb_modal.errors import ConfigError
+from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.models import model_info, prefix_token_count
 from fineweb_modal.storage import sample_arrow_rows
 
@@ -59,9 +59,14 @@ def _scaled_up(shard: str, texts: list[str | None], rows: int, cfg: ChunkConfig,
     return ShardSample(shard, rows, len(texts), len(chunk_rows) * scale, stats.source_tokens * scale, embed_tokens * scale)
 
 
-def _readable_hub(repo_id: str) -> None:
-    """ConfigError when the Hub dataset cannot be read from here for good (not there, gated, no network); a
-    ConnectionError, which the task retries, when the Hub failed just now (429, 5xx)."""
+def _require_readable_hub(repo_id: str) -> None:
+    """ConfigError when the Hub dataset cannot be read from here for good (offline mode, not there, gated, no network);
+    a ConnectionError, which the task retries, when the Hub failed just now (429, 5xx)."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or datasets_config.HF_HUB_OFFLINE:
+        raise ConfigError("planning a Hub dataset before its download reads the Hub, and HF_HUB_OFFLINE is set: unset it, or download first and plan the downloaded shards")
     if problem := download.hub_access_problem(repo_id):
         raise ConfigError(problem.message) if problem.settled else ConnectionError(problem.message)
 
@@ -76,7 +81,7 @@ def hub_rows(repo_id: str, subset: str | None, split: str) -> tuple[int, bool]:
     from datasets import load_dataset_builder
 
     with download.hub_config_errors(repo_id, subset):
-        builder = load_dataset_builder(download.hub_load_path(repo_id, remote_only=True), subset)
+        builder = load_dataset_builder(download.hub_load_path(repo_id), subset)
     files, recorded = dict(builder.config.data_files or {}), builder.info.splits or {}
     if split not in files and split not in recorded:
         raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
@@ -99,13 +104,15 @@ def sample_hub(repo_id: str, subset: str | None, split: str, cfg: ChunkConfig, p
     downloaded whole (from parquet, the text column's first row group only)."""
     from datasets import load_dataset
 
-    _readable_hub(repo_id)
+    _require_readable_hub(repo_id)
     rows, parquet = hub_rows(repo_id, subset, split)
-    schema = download.hub_schema(repo_id, subset, split)
-    if schema is not None and cfg.text_column not in schema.names:
-        raise ConfigError(f"{repo_id}: no column {cfg.text_column!r}; it has {schema.names} (set --text-column)")
+    if (schema := download.hub_schema(repo_id, subset, split)) is not None:
+        try:
+            check_columns(schema, cfg, f"hf://datasets/{repo_id}")
+        except BadDataError as exc:
+            raise ConfigError(f"{exc} (set --text-column)") from None
     with download.hub_config_errors(repo_id, subset):
-        stream = load_dataset(download.hub_load_path(repo_id, remote_only=True), subset, split=split, streaming=True, **({"columns": [cfg.text_column]} if parquet else {}))
+        stream = load_dataset(download.hub_load_path(repo_id), subset, split=split, streaming=True, **({"columns": [cfg.text_column]} if parquet else {}))
         sample = list(stream.take(sample_docs))
     if sample and cfg.text_column not in sample[0]:
         raise ConfigError(f"{repo_id}: no column {cfg.text_column!r}; it has {list(sample[0])} (set --text-column)")

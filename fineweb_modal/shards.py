@@ -392,7 +392,7 @@ def _hub_fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(f"download|{run.download.fingerprint()}|hub".encode()).hexdigest()[:16]
 
 
-def hub_download_done(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult] | None:
+def earlier_hub_download(run: RunConfig, where: Literal["local", "modal"] = "local") -> list[ShardResult] | None:
     """The Hub download's results when every shard it knows (files and records) is done from this source; None when it must run."""
     layout = layout_for(run)
     ledger, fingerprint = Ledger(layout), _hub_fingerprint(run)
@@ -402,7 +402,7 @@ def hub_download_done(run: RunConfig, where: Literal["local", "modal"] = "local"
 
 
 def _download_hub_shards(run: RunConfig, where: Literal["local", "modal"], rates: dict[str, float] | None) -> list[ShardResult]:
-    if (earlier := hub_download_done(run, where)) is not None:
+    if (earlier := earlier_hub_download(run, where)) is not None:
         return earlier
     layout = layout_for(run)
     ledger, fingerprint = Ledger(layout), _hub_fingerprint(run)

@@ -88,18 +88,19 @@ def _check_embeddings(path: Path, chunks: pa.Table, expected_dims: int | None, o
     return problems
 
 
-# What changes the chunks or the vectors. Not the engine: TEI and the in-process engine agree to cos >= 0.999.
+# What changes the chunks or the vectors. Not the engine: TEI and the in-process engine agree to cos >= 0.999. Not
+# the model's revision either (recorded in each file): a commit to a model's repo may change only its card.
 _MADE_WITH = {
     "chunk": ("model", "tokenizer_sha256", "max_tokens", "overlap", "text_column", "keep_columns"),
-    "embed": ("model", "revision", "pooling", "prefix", "dims", "dtype"),
+    "embed": ("model", "pooling", "prefix", "dims", "dtype"),
 }
 
 
 # Settings that are no part of the run's config: the model's files say them (a Hub model updated between two runs).
-_NOT_CONFIG = {"revision", "pooling"}
-# Values that tell nothing to compare: a file from before the key was recorded, a model folder with no commit
-# (`local`), a TEI that does not report its model's revision or pooling (`unknown`).
-_UNTOLD = {repr("(unrecorded)"), repr("local"), repr("unknown")}
+_NOT_CONFIG = {"pooling"}
+# Values that tell nothing to compare: a file from before the key was recorded; a TEI that does not report its pooling.
+_UNTOLD = {("pooling", repr("unknown"))}
+_UNRECORDED = "(unrecorded)"
 
 
 def _recorded_settings(path: Path, stage: str) -> dict[str, Any]:
@@ -115,7 +116,7 @@ def made_with(layout: Layout, shard: str) -> dict[str, dict[str, Any]]:
     for stage, keys in _MADE_WITH.items():
         if (path := layout.output_path(stage, shard)).is_file():
             recorded = _recorded_settings(path, stage)
-            made[stage] = {key: recorded.get(key, "(unrecorded)") for key in keys}
+            made[stage] = {key: recorded.get(key, _UNRECORDED) for key in keys}
     return made
 
 
@@ -126,7 +127,7 @@ def mixed_settings(made: dict[str, dict[str, dict[str, Any]]]) -> str:
         for key in keys:
             by_value: dict[str, list[str]] = {}
             for shard, stages in sorted(made.items()):
-                if stage in stages and repr(value := stages[stage][key]) not in _UNTOLD:
+                if stage in stages and (value := stages[stage][key]) != _UNRECORDED and (key, repr(value)) not in _UNTOLD:
                     by_value.setdefault(repr(value), []).append(shard)
             if len(by_value) > 1:
                 groups = "; ".join(f"{value} for {listing(names, limit=5)}" for value, names in sorted(by_value.items(), key=lambda item: -len(item[1])))

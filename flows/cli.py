@@ -326,13 +326,13 @@ def plan(dataset: dict, shards: str | None, source: str | None = None, subset: s
         raise ConfigError("plan needs --name (a downloaded dataset) or --source (a Hub dataset not downloaded yet)")
     if subset and not source:
         raise ConfigError("--subset is for a Hub dataset given with --source")
-    chunking = {"source": source, "subset": subset, "text_column": text_column, "overlap": overlap}
-    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset, **chunking)
+    plan_params = {"source": source, "subset": subset, "text_column": text_column, "overlap": overlap}
+    _validated(stages=["chunk"], keep_columns=[], shards=shards, **dataset, **plan_params)
     _connect()
     from flows.outcome import outcome
     from flows.plan import plan as plan_flow
 
-    state = plan_flow(**dataset, **chunking, shards=shards.split(",") if shards else None, return_state=True)
+    state = plan_flow(**dataset, **plan_params, shards=shards.split(",") if shards else None, return_state=True)
     rows = outcome(state)
     if not state.is_completed():
         print(f"error: {rows}", file=sys.stderr)

@@ -22,7 +22,7 @@ from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_so
 from fineweb_modal.phrasing import listing
 from fineweb_modal.report import StageReport, group_digits, resume_command, shards_of, text_histogram
 from fineweb_modal.selection import select_shards
-from fineweb_modal.shards import hub_download_done, layout_for
+from fineweb_modal.shards import earlier_hub_download, layout_for
 from fineweb_modal.storage import first_readable_schema
 from fineweb_modal.tei import check_tei_server
 from flows.outcome import failed, refused
@@ -171,7 +171,7 @@ def check_hub_source(run: RunConfig) -> None:
 
     if constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE:
         return
-    if run.backend == "local" and hub_download_done(run) is not None:
+    if run.backend == "local" and earlier_hub_download(run) is not None:
         return
     repo_id, subset = run.download.source, run.download.subset
     if problem := hub_access_problem(repo_id):

@@ -154,6 +154,15 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def _no_hub_schema_between_tests():
+    """`hub_schema` is cached per process; a folder one test stood in for `org/x` must not answer for another."""
+    yield
+    from fineweb_modal import download
+
+    download.hub_schema.cache_clear()
+
+
 @pytest.fixture
 def folder_as_hub_repo(monkeypatch) -> None:
     """A local folder stands in for a Hub repo (no Hub here): `load_dataset` is given the folder's path itself, not
@@ -161,8 +170,9 @@ def folder_as_hub_repo(monkeypatch) -> None:
     against `hub_api`) answers that it can be read; the rest of the Hub path runs as it is."""
     from fineweb_modal import download
 
-    monkeypatch.setattr(download, "hub_load_path", lambda repo_id, remote_only: repo_id)
+    monkeypatch.setattr(download, "hub_load_path", lambda repo_id: repo_id)
     monkeypatch.setattr(download, "hub_access_problem", lambda repo_id: None)
+    _go_online(monkeypatch)  # as a Hub run is: the folder itself needs no network
 
 
 def _go_online(monkeypatch) -> None:
@@ -180,6 +190,8 @@ def hub_api(monkeypatch):
     yields the double's server (`.paths`: what was asked)."""
     import huggingface_hub.constants
 
+    from fineweb_modal import download
+
     double = ThreadingHTTPServer(("127.0.0.1", 0), _HubAPIDouble)
     double.paths = []
     threading.Thread(target=double.serve_forever, daemon=True).start()
@@ -187,6 +199,7 @@ def hub_api(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
     _go_online(monkeypatch)
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(download, "_hub_answers", {})  # no answer from another test's double
     yield double
     double.shutdown()
     double.server_close()

@@ -367,11 +367,10 @@ def test_a_hub_source_without_the_split_or_columns_is_refused_from_its_first_fil
     """`org/public` passes the Hub double's access check; a local folder stands in for its files (read by the same
     `load_dataset(..., streaming=True)` a Hub repo is)."""
     import fineweb_modal.download
-    import flows.stage
     from fineweb_modal.errors import ConfigError
     from flows.stage import check_before_work
 
-    monkeypatch.setattr(flows.stage, "hub_schema", lambda repo_id, subset, split: fineweb_modal.download.hub_schema(str(demo_source), subset, split, remote_only=False))
+    monkeypatch.setattr(fineweb_modal.download, "hub_load_path", lambda repo_id: str(demo_source))  # org/public's files
     check_before_work(_hub_run(tmp_path, "org/public"))
     with pytest.raises(ConfigError, match=r"^hf://datasets/org/public: column\(s\) \['body'\] not found; the shard has \['text', "):
         check_before_work(_hub_run(tmp_path, "org/public", text_column="body"))

@@ -137,7 +137,7 @@ def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo
 
 
 def test_only_settings_that_shape_the_vectors_and_are_told_are_compared():
-    """A shard embedded through TEI (which may not report its model's revision) beside in-process ones is not mixed."""
+    """A shard embedded through TEI (which may not report its model's revision or pooling) beside in-process ones is not mixed."""
     from fineweb_modal.verify import mixed_settings
 
     chunk = {"model": "m", "tokenizer_sha256": "t", "max_tokens": 256, "overlap": 0.1, "text_column": "text", "keep_columns": ["url", "score"]}
@@ -146,9 +146,18 @@ def test_only_settings_that_shape_the_vectors_and_are_told_are_compared():
         return {"chunk": chunk, "embed": {"model": "m", "revision": revision, "pooling": "mean", "prefix": "", "dims": dims, "dtype": "float32"}}
 
     assert mixed_settings({"a": made("0a1b"), "b": made("unknown"), "c": made("local"), "d": {"chunk": chunk}}) == ""
-    assert mixed_settings({"a": made("0a1b"), "b": made("2c3d")}) == (
-        "the shards' embed files differ in their revision: '0a1b' for a; '2c3d' for b; delete the embed files of the shards to make again, then rerun embed"
-    ), "the same config made both: a rerun alone would skip them"
+    assert mixed_settings({"a": made("0a1b"), "b": made("2c3d")}) == "", "a model commit may change only its card"
+    tei = made("unknown")
+    tei["embed"] = {**tei["embed"], "pooling": "unknown"}
+    assert mixed_settings({"a": made("r"), "b": tei}) == "", "a TEI that does not say its pooling"
+    cls = made("r")
+    cls["embed"] = {**cls["embed"], "pooling": "cls"}
+    assert mixed_settings({"a": made("r"), "b": cls}) == (
+        "the shards' embed files differ in their pooling: 'mean' for a; 'cls' for b; delete the embed files of the shards to make again, then rerun embed"
+    ), "the same config made both (the model changed under it): a rerun alone would skip them"
+    local_prefix = made("r")
+    local_prefix["embed"] = {**local_prefix["embed"], "prefix": "local"}
+    assert "differ in their prefix: '' for a; 'local' for b" in mixed_settings({"a": made("r"), "b": local_prefix}), "'local' is a value like any other there"
     assert "differ in their dims: '768' for a, b; '256' for c" in mixed_settings({"a": made("r"), "b": made("r"), "c": made("r", dims="256")})
     other_columns = {**chunk, "keep_columns": ["url"]}
     assert "chunk files differ in their keep_columns: ['url', 'score'] for a; ['url'] for b" in mixed_settings({"a": {"chunk": chunk}, "b": {"chunk": other_columns}})

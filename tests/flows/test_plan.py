@@ -60,5 +60,5 @@ def test_a_hub_dataset_is_planned_before_its_download(prefect_api, demo_source, 
     assert "before the download a Hub dataset is planned whole" in capsys.readouterr().err
     assert main(["plan", "--max-tokens", "64"]) == 2 and "plan needs --name (a downloaded dataset) or --source" in capsys.readouterr().err
     assert main(["plan", "--source", "hf://org/demo", "--text-column", "body"]) == 2
-    assert "org/demo: no column 'body'; it has ['text', " in capsys.readouterr().err, "refused, with the flag it names there to set"
+    assert "hf://datasets/org/demo: column(s) ['body'] not found; the shard has ['text', " in capsys.readouterr().err, "refused, naming a flag plan has"
     assert main(["plan", "--source", "hf://org/demo", "--split", "test"]) == 2 and "has no split 'test': it has train" in capsys.readouterr().err

@@ -485,8 +485,20 @@ def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_
     assert str(refused.value).startswith(said)
 
 
-def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path):
+def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path, monkeypatch):
+    import shutil
+
+    import fineweb_modal
     from tasks.backends import code_version
+
+    here = code_version()
+    copy = tmp_path / "fineweb_modal"
+    shutil.copytree(Path(fineweb_modal.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(fineweb_modal, "__file__", str(copy / "__init__.py"))  # the package as a container would find it
+    assert code_version() == here, "the same files, wherever they are"
+    (copy / "chunking.py").write_text((copy / "chunking.py").read_text() + "\n# an edit since the deploy\n")
+    assert code_version() != here, "a package file edited"
+    monkeypatch.undo()
 
     app_file = tmp_path / "modal_app.py"
     app_file.write_text("GPU = 'H100'\n")
