@@ -219,6 +219,19 @@ def _ask_hub(repo_id: str) -> HubProblem | None:
     return None
 
 
+def hub_name(repo_id: str, subset: str | None) -> str:
+    """A Hub dataset as messages name it: `hf://datasets/org/name (subset s)`."""
+    return f"hf://datasets/{repo_id}" + (f" (subset {subset})" if subset else "")
+
+
+def hub_offline() -> bool:
+    """Whether the Hub client or `datasets` is in offline mode (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE): nothing is asked of the Hub."""
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or datasets_config.HF_HUB_OFFLINE
+
+
 def hub_load_path(repo_id: str) -> str:
     """What `load_dataset` is given for a Hub id: `hf://datasets/<id>` reads the Hub even where a local folder has the id's name."""
     return f"hf://datasets/{repo_id}"
@@ -235,7 +248,7 @@ def hub_config_errors(repo_id: str, subset: str | None) -> Iterator[None]:
     except pa.ArrowException:  # a listed file that does not read (pyarrow's ArrowInvalid is a ValueError too): no verdict on the config
         raise
     except (ValueError, RuntimeError, DatasetNotFoundError, DataFilesNotFoundError, EmptyDatasetError) as exc:  # a bad split or subset; a script
-        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''}: {exc}") from None
+        raise ConfigError(f"{hub_name(repo_id, subset)}: {exc}") from None
 
 
 @functools.cache

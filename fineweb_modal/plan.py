@@ -62,10 +62,7 @@ def _scaled_up(shard: str, texts: list[str | None], rows: int, cfg: ChunkConfig,
 def _require_readable_hub(repo_id: str) -> None:
     """ConfigError when the Hub dataset cannot be read from here for good (offline mode, not there, gated, no network);
     a ConnectionError, which the task retries, when the Hub failed just now (429, 5xx)."""
-    from datasets import config as datasets_config
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode() or datasets_config.HF_HUB_OFFLINE:
+    if download.hub_offline():
         raise ConfigError("planning a Hub dataset before its download reads the Hub, and HF_HUB_OFFLINE is set: unset it, or download first and plan the downloaded shards")
     if problem := download.hub_access_problem(repo_id):
         raise ConfigError(problem.message) if problem.settled else ConnectionError(problem.message)
@@ -84,7 +81,7 @@ def hub_rows(repo_id: str, subset: str | None, split: str) -> tuple[int, bool]:
         builder = load_dataset_builder(download.hub_load_path(repo_id), subset)
     files, recorded = dict(builder.config.data_files or {}), builder.info.splits or {}
     if split not in files and split not in recorded:
-        raise ConfigError(f"{repo_id}{f' (subset {subset})' if subset else ''} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
+        raise ConfigError(f"{download.hub_name(repo_id, subset)} has no split {split!r}: it has {', '.join(map(str, files or recorded)) or 'none'}")
     urls = [str(url) for url in files.get(split, [])]
     if urls and all(url.endswith(".parquet") for url in urls):
 
@@ -108,7 +105,7 @@ def sample_hub(repo_id: str, subset: str | None, split: str, cfg: ChunkConfig, p
     rows, parquet = hub_rows(repo_id, subset, split)
     if (schema := download.hub_schema(repo_id, subset, split)) is not None:
         try:
-            check_columns(schema, cfg, f"hf://datasets/{repo_id}")
+            check_columns(schema, cfg, download.hub_name(repo_id, subset))
         except BadDataError as exc:
             raise ConfigError(f"{exc} (set --text-column)") from None
     with download.hub_config_errors(repo_id, subset):

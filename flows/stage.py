@@ -16,7 +16,7 @@ from fineweb_modal.chunking import check_columns
 from fineweb_modal.config import STAGES, RunConfig, build_run_config
 from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
 from fineweb_modal.diskspace import check_disk_space, human_bytes
-from fineweb_modal.download import hub_access_problem, hub_schema, source_schema
+from fineweb_modal.download import hub_access_problem, hub_name, hub_offline, hub_schema, source_schema
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.phrasing import listing
@@ -166,10 +166,7 @@ def check_hub_source(run: RunConfig) -> None:
     """
     if "download" not in run.stages or run.download is None or run.download.source_kind != "hub":
         return
-    import datasets.config
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE:
+    if hub_offline():
         return
     if run.backend == "local" and earlier_hub_download(run) is not None:
         return
@@ -187,7 +184,7 @@ def check_hub_source(run: RunConfig) -> None:
         _warn(f"download: could not read the columns of {repo_id} up front ({type(exc).__name__}: {exc}); they are checked once it is downloaded")
         return
     if schema is not None and "chunk" in run.stages:
-        _check_columns(schema, run, f"hf://datasets/{repo_id}" + (f" ({subset})" if subset else ""))
+        _check_columns(schema, run, hub_name(repo_id, subset))
 
 
 def _warn(message: str) -> None:
