@@ -1,4 +1,4 @@
-"""What the ledger says about a data dir: per dataset and stage, shards done, failed and missing, with totals."""
+"""What the ledger says about a data dir: per dataset and stage, shards done, failed, missing and stale, with totals, and whether the done ones were made alike."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger, ShardRecord, count_rows
 from fineweb_modal.storage import read_json
+from fineweb_modal.verify import made_with, mixed_settings
 
 _DERIVED = re.compile(r"^(?P<name>.+)-chunked-(?P<tokens>\d+)(?:-(?P<model>.+))?$")
 _INPUT_SUFFIX = {"download": None, "chunk": ".arrow", "embed": ".parquet", "summarize": ".parquet"}
@@ -25,6 +26,7 @@ class StageStatus:
     failed: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # done, but made from an input that has since been replaced
+    mixed: str = ""  # the done shards' files were made with different settings: which, and the shards of each value
     docs: int = 0
     chunks: int = 0
     tokens: int = 0
@@ -111,5 +113,7 @@ def ledger_status(data_dir: str | Path, name: str | None = None) -> list[StageSt
         if stage != "download" and (match := _DERIVED.match(dataset)):
             expected |= _source_shards(root, match["name"], split)  # a shard whose download failed has no input yet
         status.missing += sorted(expected - recorded)
+        if ledger is not None and stage in ("chunk", "embed"):
+            status.mixed = mixed_settings({shard: made_with(ledger.layout, shard, (stage,)) for shard in status.done})
         statuses.append(status)
     return statuses

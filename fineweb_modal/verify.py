@@ -110,11 +110,11 @@ def _recorded_settings(path: Path, stage: str) -> dict[str, Any]:
     return {k.decode().removeprefix("fineweb_modal."): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"fineweb_modal.")}
 
 
-def made_with(layout: Layout, shard: str) -> dict[str, dict[str, Any]]:
-    """Per stage (chunk, embed), the settings that shaped the shard's file there, as the file records them."""
+def made_with(layout: Layout, shard: str, stages: tuple[str, ...] = tuple(_MADE_WITH)) -> dict[str, dict[str, Any]]:
+    """Per stage (chunk, embed, or those of `stages`), the settings that shaped the shard's file there, as the file records them."""
     made: dict[str, dict[str, Any]] = {}
     for stage, keys in _MADE_WITH.items():
-        if (path := layout.output_path(stage, shard)).is_file():
+        if stage in stages and (path := layout.output_path(stage, shard)).is_file():
             recorded = _recorded_settings(path, stage)
             made[stage] = {key: recorded.get(key, _UNRECORDED) for key in keys}
     return made

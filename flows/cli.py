@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--public", action="store_true", help="create the repo public (default private)")
     publish.add_argument("--allow-partial", action="store_true", help="publish the embedded shards even if others are not (failed or not yet run); the card names them")
     publish.add_argument("--shards", help="shard indices or names among the chunked ones (default: every shard the dataset has)")
-    status = commands.add_parser("status", help="per dataset and stage: shards done, failed, missing and stale, from the ledger")
+    status = commands.add_parser("status", help="per dataset and stage: shards done, failed, missing and stale, from the ledger, and settings that differ between shards")
     status.add_argument("--data-dir", default="./data")
     status.add_argument("--name", help="only this dataset (and the ones derived from it)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -271,7 +271,8 @@ def _print_outcome(run: RunConfig, reports: dict) -> None:
 
 
 def print_status(data_dir: str, name: str | None, as_json: bool, backend: str = "local") -> int:
-    """Print the ledger's view of a data dir; exit 1 when any shard is failed, missing or stale, or nothing is found (a typo must not pass)."""
+    """Print the ledger's view of a data dir; exit 1 when any shard is failed, missing or stale, a stage's shards were made with
+    different settings, or nothing is found (a typo must not pass)."""
     import json
 
     from fineweb_modal.costs import format_usd
@@ -300,7 +301,9 @@ def print_status(data_dir: str, name: str | None, as_json: bool, backend: str = 
                 print(f"    missing {shard}")
             for shard in s.stale[:10]:
                 print(f"    stale   {shard}: made from an input that has changed since; rerun {s.stage}")
-    return EXIT_OK if statuses and all(not s.failed and not s.missing and not s.stale for s in statuses) else EXIT_FAILED_SHARDS
+            if s.mixed:
+                print(f"    mixed   {s.mixed}")
+    return EXIT_OK if statuses and all(not s.failed and not s.missing and not s.stale and not s.mixed for s in statuses) else EXIT_FAILED_SHARDS
 
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:

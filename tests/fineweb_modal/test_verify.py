@@ -116,6 +116,7 @@ def test_spans_are_checked_against_the_column_the_chunks_were_cut_from(tmp_path,
 
 def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo_source, run_config_for, tmp_path):
     """A partial rerun with another config leaves one dataset folder with vectors of two kinds: said, not loaded."""
+    from fineweb_modal.status import ledger_status
     from fineweb_modal.verify import made_with, mixed_settings
 
     run = run_config_for(demo_source)
@@ -123,6 +124,7 @@ def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo
     layout = layout_for(run)
     made = {shard: made_with(layout, shard) for shard in shards}
     assert mixed_settings(made) == "" and made[shards[0]]["embed"]["prefix"] == "" and made[shards[0]]["chunk"]["max_tokens"] == 64
+    assert {s.stage: s.mixed for s in ledger_status(tmp_path / "data", "demo")} == {"download": "", "chunk": "", "embed": ""}
     queried = run.model_copy(update={"embed": run.embed.model_copy(update={"prefix": "query: "})})
     assert run_shard(ShardJob(stage="embed", shard=shards[1], run=queried)).status == "done", "another config redoes the shard"
     made = {shard: made_with(layout, shard) for shard in shards}
@@ -132,6 +134,9 @@ def test_a_shard_embedded_again_with_another_prefix_makes_the_dataset_mixed(demo
     )
     with pytest.raises(ValueError, match="differ in their prefix"):
         load_embeddings(tmp_path / "data", "demo", 64, run.chunk.model)
+    statuses = {s.stage: s for s in ledger_status(tmp_path / "data", "demo")}
+    assert statuses["embed"].mixed == mixed_settings(made) and sorted(statuses["embed"].done) == sorted(shards), "status says so too, the shards still done"
+    assert statuses["chunk"].mixed == "", "the chunks were all cut alike"
     assert verify_outputs(run, shards[1])["made_with"] == made[shards[1]], "verify returns them, for the flow to compare"
     assert mixed_settings({shard: made[shard] for shard in (shards[0], shards[2])}) == "", "the shards chosen only"
 

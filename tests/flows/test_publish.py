@@ -53,6 +53,8 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     assert state.is_failed() and state.message.startswith(f"verify: {mixed}"), state.message
     assert main([*argv, "--dry-run", "--to", str(tmp_path / "mixed")]) == 2
     assert mixed in capsys.readouterr().err and not (tmp_path / "mixed").exists()
+    assert main(["status", "--data-dir", str(data_dir), "--name", "demo"]) == 1, "status fails on it too"
+    assert f"    mixed   {mixed}; rerun embed over all of them with one config" in capsys.readouterr().out
 
 
 def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
