@@ -187,6 +187,7 @@ class _ThreadWarnings(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Keep the message of a warning logged on this thread (the first 20)."""
         if record.thread == self.thread and len(self.messages) < 20:
             self.messages.append(record.getMessage())
 

@@ -120,12 +120,14 @@ class _InputPermits:
         self._changed = asyncio.Condition()
 
     async def acquire(self, count: int) -> None:
+        """Wait until `count` more inputs fit (a request larger than the limit goes alone), then take them."""
         async with self._changed:
             await self._changed.wait_for(lambda: self.in_use + count <= self.limit or self.in_use == 0)
             self.in_use += count
             self.peak = max(self.peak, self.in_use)
 
     async def release(self, count: int) -> None:
+        """Give back a finished request's inputs and wake the requests waiting for room."""
         async with self._changed:
             self.in_use -= count
             self._changed.notify_all()
