@@ -76,8 +76,8 @@ def _read_jsonl_lines(path: Path, text_column: str) -> tuple[pa.Table, tuple[lis
                 continue
             try:
                 row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                where = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # json's messages may end in "at": "Unterminated string starting at"
+                where = f"{exc.msg.removesuffix(' at')} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
                 raise BadDataError(f"{path}: line {number} is not valid JSON ({where})") from None
             if reason := _not_a_document(row, text_column):
                 left_out.append(number)

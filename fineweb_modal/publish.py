@@ -11,6 +11,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from fineweb_modal.costs import format_usd
+from fineweb_modal.download import HUB_TIMEOUT_S
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.layout import Layout
 from fineweb_modal.phrasing import listing
@@ -121,6 +122,29 @@ def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards:
     manifest = {"repo_id": repo_id, "rows": rows, "files": sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def hub_write_problem(repo_id: str, token: str) -> str | None:
+    """Why `token` cannot publish `repo_id` from here, as the Hub's whoami says (None when it can, or the Hub cannot say
+    just now): the Hub unreachable, the token refused or read-only, or `repo_id`'s owner neither its account nor one of its orgs."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    try:
+        response = get_session().get(f"{constants.ENDPOINT}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=HUB_TIMEOUT_S)
+    except Exception as exc:  # the network's own errors (DNS, refused, TLS, timeout)
+        return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}): check the network, then rerun"
+    if response.status_code == 401:
+        return "the Hub refused the token (HTTP 401: invalid credentials): set a valid HF_TOKEN or Prefect Secret block 'hf-token'"
+    if response.status_code != 200:  # rate-limited (whoami is strict) or a bad minute: the upload's retries take over
+        return None
+    account = response.json()
+    if account.get("auth", {}).get("accessToken", {}).get("role") == "read":
+        return f"the Hub token of {account.get('name')} is read-only: publishing needs a token with write access"
+    owners = [account.get("name"), *(org.get("name") for org in account.get("orgs", []))]
+    if (owner := repo_id.split("/")[0]) not in owners:
+        return f"the Hub token is {account.get('name')}'s, who cannot create datasets under {owner!r} (it can under: {listing([o for o in owners if o])})"
+    return None
 
 
 def upload_folder(folder: Path, repo_id: str, token: str, private: bool = True) -> str:

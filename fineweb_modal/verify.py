@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from fineweb_modal.layout import Layout
 from fineweb_modal.ledger import Ledger
 from fineweb_modal.phrasing import listing
-from fineweb_modal.storage import decoding, open_arrow_batches, recorded_chunk_config
+from fineweb_modal.storage import arrow_num_rows, decoding, open_arrow_batches, recorded_chunk_config
 
 NORM_TOLERANCE = 1e-2  # float16 storage rounds norms to about 1e-3
 
@@ -159,8 +159,10 @@ def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str
     return vectors, table.select(["id", "doc_index", "chunk_index", "shard"])
 
 
-def preview(path: str | Path, rows: int = 3) -> str:
-    """A few lines about an output shard: rows, columns, the first chunks or the first embeddings' norms."""
+def preview(path: str | Path, rows: int = 3, text_column: str = "text") -> str:
+    """A few lines about an output shard: rows, columns, the first documents, chunks or embeddings' norms."""
+    if Path(path).suffix == ".arrow":
+        return _preview_download(Path(path), rows, text_column)
     parquet = pq.ParquetFile(path)
     lines = [f"{path}: {parquet.metadata.num_rows} rows, {parquet.metadata.num_row_groups} row group(s)", f"columns: {', '.join(parquet.schema_arrow.names)}"]
     head = next(parquet.iter_batches(batch_size=rows), None)
@@ -175,4 +177,17 @@ def preview(path: str | Path, rows: int = 3) -> str:
         vectors = head.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(-1, dims).astype(np.float32)
         norms = ", ".join(f"{n:.4f}" for n in np.linalg.norm(vectors, axis=1))
         lines.append(f"  {dims} dims; first norms: {norms}; first values: {np.array2string(vectors[0, :4], precision=4)}")
+    return "\n".join(lines)
+
+
+def _preview_download(path: Path, rows: int, text_column: str) -> str:
+    """A downloaded shard's rows, columns and first documents (their start, and their length in characters)."""
+    schema, batches = open_arrow_batches(path, validate=True)
+    lines = [f"{path}: {arrow_num_rows(path)} rows", f"columns: {', '.join(schema.names)}"]
+    texts = [text_column] if text_column in schema.names else [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)][:1]
+    head = next((batch for batch in batches if batch.num_rows), None)
+    if head is not None and texts:
+        for row, text in enumerate(head.column(texts[0]).to_pylist()[:rows]):
+            shown = "(null)" if text is None else f"{len(text)} chars: {text[:100].replace(chr(10), ' ')}{'…' if len(text) > 100 else ''}"
+            lines.append(f"  [{row}] {shown}")
     return "\n".join(lines)

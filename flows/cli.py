@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_dataset_flags(fetch)
     fetch.add_argument("--stage", choices=["download", "chunk", "embed"], default="embed")
     fetch.add_argument("--shard", required=True, help="shard name or index")
-    fetch.add_argument("--to", default=".", help="folder or file to write")
+    fetch.add_argument("--to", default=".", help="folder or file to write (default: the current folder, as <shard>-embeddings.parquet, -chunks.parquet or .arrow)")
     plan = commands.add_parser("plan", help="forecast chunks, tokens, GPU hours and $ per engine and GPU from a sample of every shard")
     _add_dataset_flags(plan, name_required=False)
     plan.add_argument("--source", help="a Hub dataset not downloaded yet: plan from its first documents and its row count (--name defaults from it)")
@@ -135,7 +135,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "prefix": args.prefix,
         "text_column": args.text_column,
         "keep_columns": [c for c in args.keep_columns.split(",") if c],
-        "shards": args.shards.split(",") if args.shards else None,
+        "shards": args.shards.split(",") if args.shards else args.shards,  # an empty `--shards ""` stays a string, refused
         "engine": args.engine,
         "tei_url": args.tei_url,
         "tei_served_model": args.tei_served_model,
@@ -318,8 +318,7 @@ def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     print(f"fetched {path}")
-    if path.suffix == ".parquet":
-        print(preview(path))
+    print(preview(path, text_column=run.chunk.text_column))
     return EXIT_OK
 
 

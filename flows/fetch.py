@@ -50,6 +50,6 @@ def fetch(
     """Copy the shard (by name or index) to `to` (a folder or a file) and attach a preview; returns the local path."""
     run = build_run_config(name=name, data_dir=data_dir, split=split, stages=stages_for(stage), backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
     path = fetch_shard(run, stage, shard, Path(to))
-    text = preview(path) if path.suffix == ".parquet" else f"{path}"
+    text = preview(path, text_column=run.chunk.text_column)
     create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {path.stem}")
     return str(path)

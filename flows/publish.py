@@ -16,7 +16,7 @@ from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.phrasing import listing
-from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, upload_folder
+from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, hub_write_problem, upload_folder
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
@@ -73,8 +73,8 @@ def publish(
         embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
         not_embedded = [s for s in chosen if s not in embedded]
         check_repo_id(repo_id)
-        if not dry_run:
-            _hf_token()  # fail before any work when there is no token
+        if not dry_run and (problem := hub_write_problem(repo_id, _hf_token())):
+            raise ConfigError(problem)  # no token, or one that cannot publish there: before any work
         if not embedded:
             raise ConfigError(f"no embedded shards for {name} in {layout.shard_dir('embed')}")
         if not_embedded and not allow_partial:

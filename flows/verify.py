@@ -50,15 +50,15 @@ def verify(
         source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
         max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
     )  # fmt: skip
-    chunked = get_backend(backend).list_shards(run, "embed")
-    if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
-        return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")
     # All: every shard the dataset has, not only the chunked ones (one whose download or chunk failed is a problem
     # too). Chosen: by name or by index among the chunked ones, as `fetch` and `plan` count them.
     try:
+        chunked = get_backend(backend).list_shards(run, "embed")
+        if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
+            return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")
         chosen = select_shards(chunked, run.shards) if run.shards else sorted(set(chunked) | set(get_backend(backend).list_shards(run, "download")))
     except ConfigError as exc:
-        return refused("verify", exc)  # a shard that is not there: a message, not a traceback
+        return refused("verify", exc)  # a shard that is not there, Modal not reached: a message, not a traceback
     futures = [verify_task.submit(shard=shard, run=run) for shard in chosen]
     for future in futures:
         future.wait()  # sets each final state locally

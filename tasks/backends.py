@@ -279,6 +279,15 @@ def lost_modal_link(exc: BaseException) -> bool:
     return kind.__module__.split(".")[0] in ("modal", "grpclib") and kind.__name__ in MODAL_LINK_ERRORS
 
 
+def modal_refusal(exc: BaseException) -> ConfigError | None:
+    """The one-line ConfigError for a Modal that cannot be reached or refuses the token (None for any other failure)."""
+    if lost_modal_link(exc) or isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):  # not an OSError of the function's own
+        return ConfigError(f"cannot reach Modal ({type(exc).__name__}: {exc}): check the network, then rerun")
+    if type(exc).__name__ == "AuthError":
+        return ConfigError(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)")
+    return None
+
+
 def call_key(job: ShardJob) -> str:
     """The key of a shard job's Modal call record, which is also its lease on Modal: the local lease file's path.
 
@@ -395,7 +404,7 @@ class ModalBackend:
         payload = job.model_copy(update=update).model_dump(mode="json")
         # A shard done on an earlier run is answered from the ledger: no GPU container starts to say so. Only
         # when no call is recorded for it: a recorded one is re-attached to (and forgotten) by _call.
-        if job.stage == "embed" and not self._calls.get(call_key(job)) and (earlier := self._remote("done_result_fn", payload)) is not None:
+        if job.stage == "embed" and not self._calls.get(call_key(job)) and (earlier := self._remote("done_result_fn", payload, in_flight=True)) is not None:
             return ShardResult.model_validate(earlier)
         if job.stage == "embed" and job.run.embed.engine == "tei":
             target = self._modal.Cls.from_name(MODAL_APP_NAME, MODAL_TEI_CLASS)().embed_shard
@@ -552,9 +561,17 @@ class ModalBackend:
         """Download one output shard from the Volume to `destination`."""
         remote = layout_for(self._on_volume(run)).output_path(stage, shard).relative_to(MODAL_DATA_DIR)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        with open(destination, "wb") as handle:
-            for block in self._volume.read_file(str(remote)):
-                handle.write(block)
+        partial = destination.with_name(f".{destination.name}.partial")  # a failed read leaves no half file under the name
+        try:
+            with open(partial, "wb") as handle:
+                for block in self._volume.read_file(str(remote)):
+                    handle.write(block)
+        except Exception as exc:
+            partial.unlink(missing_ok=True)
+            if (refusal := modal_refusal(exc)) is None:
+                raise
+            raise refusal from None
+        partial.replace(destination)
         return destination
 
     def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
@@ -601,16 +618,9 @@ class ModalBackend:
         and, given `tei_model`, its TEI serves that model (else each embed shard would start a GPU to find out).
 
         A refusal is not reused: after a redeploy, the next check asks again. A Modal that cannot be reached, or that
-        refuses the token, is said here too: this is a run's first call to it.
+        refuses the token, is said here too (by `_remote`): this is a run's first call to it.
         """
-        try:
-            settings = self.deployed_settings()
-        except Exception as exc:
-            if lost_modal_link(exc) or isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):  # not an OSError of the function's own
-                raise ConfigError(f"cannot reach Modal ({type(exc).__name__}: {exc}); nothing ran: check the network, then rerun") from None
-            if type(exc).__name__ == "AuthError":
-                raise ConfigError(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)") from None
-            raise
+        settings = self.deployed_settings()
         if (deployed := settings.get("code")) != (here := code_version()):
             gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
             self._deployed = None
@@ -625,18 +635,22 @@ class ModalBackend:
                 f"redeploy with FINEWEB_MODAL_TEI_MODEL={tei_model} {MODAL_DEPLOY_COMMAND}"
             )
 
-    def _remote(self, name: str, *args: Any) -> Any:
-        """`.remote(*args)` of a deployed function; one the deployment lacks (none, or an older one) is a ConfigError saying to deploy, not NotFoundError."""
+    def _remote(self, name: str, *args: Any, in_flight: bool = False) -> Any:
+        """`.remote(*args)` of a deployed function. One the deployment lacks (none, or an older one) is a ConfigError
+        saying to deploy, not NotFoundError; a Modal that cannot be reached or refuses the token is a one-line
+        ConfigError too, unless `in_flight` (a call amid a run's shard work, where a lost link is retried)."""
         try:
             return self._function(name).remote(*args)
         except Exception as exc:
-            if type(exc).__name__ != "NotFoundError":
+            if type(exc).__name__ == "NotFoundError":
+                raise ConfigError(f"the Modal app {MODAL_APP_NAME!r} is not deployed, or is older than this code: run `{MODAL_DEPLOY_COMMAND}`") from None
+            if in_flight or (refusal := modal_refusal(exc)) is None:
                 raise
-            raise ConfigError(f"the Modal app {MODAL_APP_NAME!r} is not deployed, or is older than this code: run `{MODAL_DEPLOY_COMMAND}`") from None
+            raise refusal from None
 
     def finalize(self, run: RunConfig, stage: str, summaries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Dataset-wide step after a stage, on the Volume."""
-        return self._remote("finalize_stage_fn", self._on_volume(run).model_dump(mode="json"), stage, summaries)
+        return self._remote("finalize_stage_fn", self._on_volume(run).model_dump(mode="json"), stage, summaries, in_flight=True)
 
 
 _backends: dict[str, Backend] = {}

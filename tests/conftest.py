@@ -122,17 +122,21 @@ def demo_documents() -> list[dict]:
 
 
 class _HubAPIDouble(BaseHTTPRequestHandler):
-    """A test double of the Hugging Face Hub API calls the up-front check makes (a dataset's info, its access check),
-    not the Hub: `org/public` is there; `org/gated` is gated (its info answers, as the Hub's does; its access check
-    refuses); `org/busy` answers 503; anything else is not found; the token `hf_bad` is refused. `server.paths`
-    lists the paths asked for."""
+    """A test double of the Hugging Face Hub API calls the up-front checks make (a dataset's info, its access check,
+    whoami), not the Hub: `org/public` is there; `org/gated` is gated (its info answers, as the Hub's does; its access
+    check refuses); `org/busy` answers 503; anything else is not found; the token `hf_bad` is refused, `hf_read` is
+    read-only, any other is a write token of `me`, a member of `team`. `server.paths` lists the paths asked for."""
 
     def do_GET(self) -> None:
         self.server.paths.append(self.path)
         path = self.path.split("?")[0].removeprefix("/api/datasets/")
         repo_id = "/".join(path.split("/")[:2])
-        if self.headers.get("Authorization") == "Bearer hf_bad":
+        token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token == "hf_bad":
             self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        elif path == "/api/whoami-v2":
+            role = "read" if token == "hf_read" else "write"
+            self._answer(200, {}, {"type": "user", "name": "me", "orgs": [{"name": "team"}], "auth": {"type": "access_token", "accessToken": {"role": role}}})
         elif repo_id == "org/busy":
             self._answer(503, {})
         elif repo_id in ("org/public", "org/gated") and path.endswith("/auth-check"):

@@ -54,12 +54,18 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"max_cost": float("nan")}, "must be a number of dollars"),
         ({"backend": "modal", "engine": "tei", "tei_url": "http://127.0.0.1:8080"}, "--tei-url is for the local backend"),
         ({"engine": "tei", "backend": "modal", "tei_served_model": "/repository"}, "it needs --tei-url"),
+        ({"shards": ""}, "shards='' names no shard: leave it out to run every shard"),  # `--shards "$FAILED"`, nothing in it
+        ({"shards": " , "}, "names no shard"),
     ],
 )
 def test_bad_config_is_rejected_with_the_reason(overrides, message):
     params = {"name": "demo", "stages": "chunk"} | overrides
     with pytest.raises(ConfigError, match=message):
         build_run_config(**params)
+
+
+def test_no_shards_given_means_every_shard():
+    assert build_run_config(name="demo", stages="chunk").shards == build_run_config(name="demo", stages="chunk", shards=[]).shards == ()
 
 
 def test_a_tei_url_with_a_secret_in_it_is_refused_without_showing_it():

@@ -105,7 +105,7 @@ def test_jsonl_lines_that_are_no_document_are_left_out_and_counted(tmp_path):
         ("", r"holds no document \(an empty file\)"),
         ('{"text": 1}\n[2]\n', r"holds no document \(2 line\(s\) left out; line 1: 'text' is a number"),
         ('{"text": 1}\n{"text": 2.5}\n', r"holds no document \(2 line\(s\) left out; line 1: 'text' is a number"),
-        ('{"text": "a"}\n{"text": "b\n', "line 2 is not valid JSON"),
+        ('{"text": "a"}\n{"text": "b\n', r"line 2 is not valid JSON \(Invalid control character at column 12\)$"),
         ('{"text": "a", "n": 1}\n{"text": "b", "n": "x"}\n', r"Column\(/n\) changed from number to string\)$"),
     ],
 )

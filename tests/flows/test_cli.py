@@ -19,6 +19,8 @@ from flows.cli import main
         (["run", "--name", "d", "--stages", "chunk", "--max-tokens", "9999"], "at most 256"),
         (["run", "--name", "d", "--stages", "chunk", "--model", "/nowhere/model"], "unknown model"),
         (["run", "--stages", "download"], "download stage needs --source"),
+        (["run", "--name", "d", "--stages", "chunk", "--shards", ""], "shards='' names no shard: leave it out to run every shard"),
+        (["verify", "--name", "d", "--shards", ","], "names no shard"),
     ],
 )
 def test_bad_config_exits_2_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):

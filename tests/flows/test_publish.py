@@ -57,7 +57,7 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     assert f"    mixed   {mixed}; rerun embed over all of them with one config" in capsys.readouterr().out
 
 
-def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, demo_source, tmp_path, monkeypatch, capsys):
+def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_copy_behind(prefect_api, hub_api, demo_source, tmp_path, monkeypatch, capsys):
     from flows import publish as publish_module
     from flows.cli import main
     from flows.pipeline import pipeline
@@ -84,6 +84,9 @@ def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_cop
         return f"https://huggingface.co/datasets/{repo_id}"
 
     monkeypatch.setattr(publish_module, "upload_folder", upload_folder_double)
+    monkeypatch.setenv("HF_TOKEN", "hf_read")  # the Hub (its test double, hub_api) says the token cannot write
+    assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 2
+    assert "the Hub token of me is read-only: publishing needs a token with write access" in capsys.readouterr().err and not uploaded
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 0
     assert len(uploaded["files"]) == 3 and not uploaded["folder"].exists(), "the temp copy of the dataset is removed after the upload"

@@ -66,3 +66,6 @@ def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp
     assert "rows" in text and "[0:0]" in text
     copy = fetch(name="demo", shard="data-00000-of-00003", stage="download", to=str(tmp_path / "out"), data_dir=data_dir)  # no --source needed
     assert Path(copy).read_bytes() == (tmp_path / "data" / "demo" / "train" / "data-00000-of-00003.arrow").read_bytes()
+    first_doc = pq.read_table(sorted(demo_source.glob("*.parquet"))[0]).column("text")[0].as_py()
+    text = latest_artifact("fetch-demo-download").data
+    assert f"{copy}: 12 rows" in text and f"  [0] {len(first_doc)} chars: {first_doc[:100].replace(chr(10), ' ')}…" in text, text

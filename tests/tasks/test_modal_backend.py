@@ -468,21 +468,45 @@ def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redep
 @pytest.mark.parametrize(
     ("module", "name", "said"),
     [
-        ("grpclib.exceptions", "StreamTerminatedError", "cannot reach Modal (StreamTerminatedError: link down); nothing ran"),
-        ("builtins", "ConnectionRefusedError", "cannot reach Modal (ConnectionRefusedError: link down); nothing ran"),
+        ("grpclib.exceptions", "StreamTerminatedError", "cannot reach Modal (StreamTerminatedError: link down): check the network"),
+        ("modal.exception", "ConnectionError", "cannot reach Modal (ConnectionError: link down): check the network"),
+        ("builtins", "ConnectionRefusedError", "cannot reach Modal (ConnectionRefusedError: link down): check the network"),
         ("modal.exception", "AuthError", "Modal refused the token (link down): run `modal token new`"),
     ],
 )
-def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_any_shard(downloaded, monkeypatch, module, name, said):
+def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_any_shard(downloaded, monkeypatch, tmp_path, capsys, module, name, said):
+    """A run's first call says so in one line; so do `status`, `plan`, `verify` and `fetch --backend modal` (exit 2 on the CLI)."""
     from fineweb_modal.errors import ConfigError
+    from tasks import backends
 
-    _, _, fake = downloaded
+    run, shard, fake = downloaded
     base = ConnectionRefusedError if name == "ConnectionRefusedError" else Exception
     error = type(name, (base,), {"__module__": module})("link down")  # what modal's client raises, by module and name
     monkeypatch.setattr(fake, "_function", lambda name: type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(error))}))
-    with pytest.raises(ConfigError) as refused:
-        ModalBackend(modal_module=fake).check_deployment()
-    assert str(refused.value).startswith(said)
+    backend = ModalBackend(modal_module=fake)
+    backend._volume = type("Volume", (), {"read_file": lambda self, path: (_ for _ in ()).throw(error)})()
+    destination = tmp_path / "fetched" / "shard.parquet"
+    for first_call in (
+        backend.check_deployment,
+        lambda: backend.ledger_status("./data", None),
+        lambda: backend.list_shards(run, "chunk"),
+        lambda: backend.fetch(run, "chunk", shard, destination),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            first_call()
+        assert str(refused.value).startswith(said)
+    assert list(destination.parent.iterdir()) == [], "no half-fetched file is left"
+    with pytest.raises(type(error)):
+        backend._remote("done_result_fn", {}, in_flight=True)  # amid a run's shards: the error as it is, for the task's retries
+
+    from flows.cli import main
+
+    monkeypatch.setitem(backends._backends, "modal", backend)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    assert main(["status", "--backend", "modal"]) == 2, "not 1, which says the data has problems"
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {said}") and "Traceback" not in captured.out + captured.err
 
 
 def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path, monkeypatch):

@@ -1,0 +1,40 @@
+"""Before an upload: whether the Hub token can publish the repo from here (the joined files and card: tests/flows/test_publish.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fineweb_modal.publish import hub_write_problem
+
+
+@pytest.mark.parametrize(
+    ("repo_id", "token", "problem"),
+    [
+        ("me/embeddings", "hf_write", None),
+        ("team/embeddings", "hf_write", None),
+        ("someone-else/embeddings", "hf_write", "the Hub token is me's, who cannot create datasets under 'someone-else' (it can under: me, team)"),
+        ("me/embeddings", "hf_read", "the Hub token of me is read-only: publishing needs a token with write access"),
+        ("me/embeddings", "hf_bad", "the Hub refused the token (HTTP 401: invalid credentials)"),
+    ],
+)
+def test_the_token_is_asked_who_it_is_before_an_upload(hub_api, repo_id, token, problem):
+    said = hub_write_problem(repo_id, token)
+    assert said == problem if problem is None else said.startswith(problem)
+    assert hub_api.paths.count("/api/whoami-v2") == 1
+
+
+def test_an_unreachable_hub_is_said_in_a_line_at_once(hub_api, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    started = time.monotonic()
+    said = hub_write_problem("me/embeddings", "hf_write")
+    assert said.startswith(f"cannot reach the Hub at {endpoint} (ConnectError:") and said.endswith("check the network, then rerun")
+    assert time.monotonic() - started < 5, "no retries with backoff"
+    assert "hf_write" not in said
