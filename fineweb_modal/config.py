@@ -251,7 +251,7 @@ def build_run_config(
         raise ConfigError(f"overlap={overlap} is outside [0, 0.5] (a fraction of the window)")
     if not text_column:
         raise ConfigError("text_column must not be empty")
-    if isinstance(shards, str) and not split_list(shards):  # `--shards "$FAILED"` with nothing in it must not run every shard
+    if shards not in (None, [], ()) and not split_list(shards):  # `--shards "$FAILED"` with nothing in it must not run every shard
         raise ConfigError(f"shards={shards!r} names no shard: leave it out to run every shard")
     if not split or not _NAME.match(split) or not split.strip("."):
         raise ConfigError(f"split {split!r} must be a plain name (letters, digits, '.', '_', '-')")

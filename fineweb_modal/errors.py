@@ -9,6 +9,11 @@ class ConfigError(ValueError):
     """A parameter or parameter combination is invalid; raised before any shard runs."""
 
 
+class ServiceUnavailable(ConfigError):
+    """A service the run needs (Modal) cannot be reached or refuses the credentials: said before any work, and never
+    read as "nothing is there" by code that takes a ConfigError from a listing to mean an empty one."""
+
+
 class DiskSpaceError(ConfigError):
     """The data dir's disk clearly lacks the room for what a stage will write; raised before it starts."""
 

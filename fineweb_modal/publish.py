@@ -132,17 +132,26 @@ def hub_write_problem(repo_id: str, token: str) -> str | None:
 
     try:
         response = get_session().get(f"{constants.ENDPOINT}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=HUB_TIMEOUT_S)
-    except Exception as exc:  # the network's own errors (DNS, refused, TLS, timeout)
-        return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {exc}): check the network, then rerun"
+    except Exception as exc:
+        # By class names: the Hub client's HTTP library is httpx or its fork httpx2, and both name their errors alike.
+        if {kind.__name__ for kind in type(exc).__mro__} & {"NetworkError", "TimeoutException", "OfflineModeIsEnabled"}:  # DNS, refused, TLS, timeout
+            return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {str(exc).replace(token, '***')}): check the network, then rerun"
+        # Anything else, e.g. a token no HTTP header can carry: its text would show the token, so only the kind is said.
+        return f"the Hub token cannot be sent ({type(exc).__name__}): check HF_TOKEN or the Prefect Secret block 'hf-token'"
     if response.status_code == 401:
         return "the Hub refused the token (HTTP 401: invalid credentials): set a valid HF_TOKEN or Prefect Secret block 'hf-token'"
-    if response.status_code != 200:  # rate-limited (whoami is strict) or a bad minute: the upload's retries take over
+    try:
+        account = response.json() if response.status_code == 200 else None
+    except ValueError:
+        account = None
+    if not isinstance(account, dict):  # rate-limited (whoami is strict), a bad minute, a proxy's page: the upload will say
         return None
-    account = response.json()
-    if account.get("auth", {}).get("accessToken", {}).get("role") == "read":
+    if ((account.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
         return f"the Hub token of {account.get('name')} is read-only: publishing needs a token with write access"
-    owners = [account.get("name"), *(org.get("name") for org in account.get("orgs", []))]
-    if (owner := repo_id.split("/")[0]) not in owners:
+    if account.get("type") != "user":  # an app's or an org's token: whom it may write for is not checked here
+        return None
+    owners = [account.get("name"), *((org or {}).get("name") for org in account.get("orgs") or [])]
+    if (owner := repo_id.split("/")[0]).casefold() not in {str(o).casefold() for o in owners if o}:
         return f"the Hub token is {account.get('name')}'s, who cannot create datasets under {owner!r} (it can under: {listing([o for o in owners if o])})"
     return None
 

@@ -161,8 +161,9 @@ def load_embeddings(data_dir: str | Path, name: str, max_tokens: int, model: str
 
 def preview(path: str | Path, rows: int = 3, text_column: str = "text") -> str:
     """A few lines about an output shard: rows, columns, the first documents, chunks or embeddings' norms."""
-    if Path(path).suffix == ".arrow":
-        return _preview_download(Path(path), rows, text_column)
+    with open(path, "rb") as head:
+        if head.read(4) != b"PAR1":  # by its bytes, not its name (`fetch --to` names the copy): the download's Arrow file
+            return _preview_download(Path(path), rows, text_column)
     parquet = pq.ParquetFile(path)
     lines = [f"{path}: {parquet.metadata.num_rows} rows, {parquet.metadata.num_row_groups} row group(s)", f"columns: {', '.join(parquet.schema_arrow.names)}"]
     head = next(parquet.iter_batches(batch_size=rows), None)

@@ -135,7 +135,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict:
         "prefix": args.prefix,
         "text_column": args.text_column,
         "keep_columns": [c for c in args.keep_columns.split(",") if c],
-        "shards": args.shards.split(",") if args.shards else args.shards,  # an empty `--shards ""` stays a string, refused
+        "shards": args.shards,  # as given ("0,3"): one that names no shard (`--shards ""`) is refused, not read as every shard
         "engine": args.engine,
         "tei_url": args.tei_url,
         "tei_served_model": args.tei_served_model,

@@ -8,11 +8,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from fineweb_modal.config import BackendName, RunConfig, build_run_config
+from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.verify import preview
 from flows.hooks import dataset_run_name
+from flows.outcome import refused
 from tasks.backends import get_backend
 
 _LISTED_BY = {"download": "chunk", "chunk": "embed", "embed": "embed"}  # the stage whose inputs are these outputs
@@ -48,8 +50,11 @@ def fetch(
     prefix: str = "",
 ) -> str:
     """Copy the shard (by name or index) to `to` (a folder or a file) and attach a preview; returns the local path."""
-    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=stages_for(stage), backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
-    path = fetch_shard(run, stage, shard, Path(to))
+    try:
+        run = build_run_config(name=name, data_dir=data_dir, split=split, stages=stages_for(stage), backend=backend, max_tokens=max_tokens, model=model, prefix=prefix)
+        path = fetch_shard(run, stage, shard, Path(to))
+    except ConfigError as exc:
+        return refused("fetch", exc)  # a shard that is not there, Modal not reached: a message, not a traceback
     text = preview(path, text_column=run.chunk.text_column)
     create_markdown_artifact(f"```\n{text}\n```", key=artifact_key("fetch", name, stage), description=f"fetch · {stage} {path.stem}")
     return str(path)

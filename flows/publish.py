@@ -30,12 +30,12 @@ HF_TOKEN_BLOCK = "hf-token"
 
 def _hf_token() -> str:
     """The Hub token from `HF_TOKEN` or the Prefect Secret `hf-token`; never a parameter, never logged."""
-    if os.environ.get(HF_TOKEN_ENV):
-        return os.environ[HF_TOKEN_ENV]
+    if os.environ.get(HF_TOKEN_ENV, "").strip():
+        return os.environ[HF_TOKEN_ENV].strip()  # a token pasted with its newline still works
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(HF_TOKEN_BLOCK).get()
+        return str(Secret.load(HF_TOKEN_BLOCK).get()).strip()
     except ValueError:
         raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'") from None
 
@@ -65,10 +65,10 @@ def publish(
 
     A dataset with shards not embedded (failed or not yet run at any stage) is refused unless `allow_partial`.
     """
-    run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
-    layout = layout_for(run)
     # All: every shard the dataset has (one whose download failed too); chosen: among the chunked, as `fetch` counts them.
     try:
+        run = build_run_config(name=name, data_dir=data_dir, split=split, stages=["embed"], max_tokens=max_tokens, model=model, prefix=prefix, shards=shards)
+        layout = layout_for(run)
         chosen = select_shards(layout.list_shards("embed"), run.shards) if run.shards else layout.dataset_shards()
         embedded = [s for s in chosen if layout.output_path("embed", s).is_file()]
         not_embedded = [s for s in chosen if s not in embedded]

@@ -17,7 +17,7 @@ from fineweb_modal.config import STAGES, RunConfig, build_run_config
 from fineweb_modal.costs import FAILED_ATTEMPTS_ATTRIBUTE, billed_on
 from fineweb_modal.diskspace import check_disk_space, human_bytes
 from fineweb_modal.download import hub_access_problem, hub_name, hub_offline, hub_schema, source_schema
-from fineweb_modal.errors import BadDataError, ConfigError
+from fineweb_modal.errors import BadDataError, ConfigError, ServiceUnavailable
 from fineweb_modal.layout import SAVE_TO_DISK_METADATA, SOURCE_SUFFIXES, list_source_files
 from fineweb_modal.phrasing import listing
 from fineweb_modal.report import StageReport, group_digits, resume_command, shards_of, text_histogram
@@ -206,6 +206,8 @@ def failed_shards(run: RunConfig) -> list[str]:
     for stage in run.stages:
         try:
             candidates = set(_candidates(stage, run))
+        except ServiceUnavailable:
+            raise
         except ConfigError:  # nothing reached this stage yet
             candidates = set()
         if shards := sorted(candidates | known):
@@ -240,7 +242,9 @@ def without_input(run: RunConfig, stage: str, shards: list[str]) -> list[str]:
         return []
     try:
         available = set(_candidates(stage, run))
-    except ConfigError:
+    except ServiceUnavailable:
+        raise
+    except ConfigError:  # nothing reached this stage yet
         available = set()
     return [shard for shard in shards if shard not in available]
 

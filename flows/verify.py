@@ -46,13 +46,13 @@ def verify(
     shards: list[str | int] | str | int | None = None,
 ):
     """Row counts match, keys unique, spans exact, vectors finite and unit-norm with the right dims; a table artifact."""
-    run = build_run_config(
-        source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
-        max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
-    )  # fmt: skip
     # All: every shard the dataset has, not only the chunked ones (one whose download or chunk failed is a problem
     # too). Chosen: by name or by index among the chunked ones, as `fetch` and `plan` count them.
     try:
+        run = build_run_config(
+            source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
+            max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
+        )  # fmt: skip
         chunked = get_backend(backend).list_shards(run, "embed")
         if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
             return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")

@@ -25,7 +25,7 @@ import pyarrow as pa
 import fineweb_modal
 from fineweb_modal.config import RunConfig
 from fineweb_modal.costs import PRICE_TABLE_DATE, billed_on, put_dollars, reconcile_rates
-from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ShardBusyError, WorkerLostError
+from fineweb_modal.errors import MODAL_LINK_ERRORS, ConfigError, Interrupted, ServiceUnavailable, ShardBusyError, WorkerLostError
 from fineweb_modal.interrupt import interrupted, raise_if_stop_requested, stop_requested, stop_requested_within
 from fineweb_modal.ledger import LEASE_TTL_S
 from fineweb_modal.shards import (
@@ -279,12 +279,12 @@ def lost_modal_link(exc: BaseException) -> bool:
     return kind.__module__.split(".")[0] in ("modal", "grpclib") and kind.__name__ in MODAL_LINK_ERRORS
 
 
-def modal_refusal(exc: BaseException) -> ConfigError | None:
-    """The one-line ConfigError for a Modal that cannot be reached or refuses the token (None for any other failure)."""
+def modal_refusal(exc: BaseException) -> ServiceUnavailable | None:
+    """The one-line refusal for a Modal that cannot be reached or refuses the token (None for any other failure)."""
     if lost_modal_link(exc) or isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):  # not an OSError of the function's own
-        return ConfigError(f"cannot reach Modal ({type(exc).__name__}: {exc}): check the network, then rerun")
+        return ServiceUnavailable(f"cannot reach Modal ({type(exc).__name__}: {exc}): check the network, then rerun")
     if type(exc).__name__ == "AuthError":
-        return ConfigError(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)")
+        return ServiceUnavailable(f"Modal refused the token ({exc}): run `modal token new` (or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET)")
     return None
 
 
@@ -566,9 +566,9 @@ class ModalBackend:
             with open(partial, "wb") as handle:
                 for block in self._volume.read_file(str(remote)):
                     handle.write(block)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C too: no hidden half file stays behind
             partial.unlink(missing_ok=True)
-            if (refusal := modal_refusal(exc)) is None:
+            if not isinstance(exc, Exception) or (refusal := modal_refusal(exc)) is None:
                 raise
             raise refusal from None
         partial.replace(destination)
@@ -576,11 +576,11 @@ class ModalBackend:
 
     def plan_sample(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Sample one shard on the Volume for the forecast."""
-        return self._remote("plan_sample_fn", self._on_volume(run).model_dump(mode="json"), shard)
+        return self._remote("plan_sample_fn", self._on_volume(run).model_dump(mode="json"), shard, in_flight=True)  # in a task: retried
 
     def verify(self, run: RunConfig, shard: str) -> dict[str, Any]:
         """Check one shard's outputs on the Volume."""
-        return self._remote("verify_shard_fn", self._on_volume(run).model_dump(mode="json"), shard)
+        return self._remote("verify_shard_fn", self._on_volume(run).model_dump(mode="json"), shard, in_flight=True)  # in a task: retried
 
     def ledger_status(self, data_dir: str, name: str | None) -> list[StageStatus]:
         """What the ledger on the Volume says (`data_dir` is the Volume's: the argument is not used)."""
@@ -638,7 +638,7 @@ class ModalBackend:
     def _remote(self, name: str, *args: Any, in_flight: bool = False) -> Any:
         """`.remote(*args)` of a deployed function. One the deployment lacks (none, or an older one) is a ConfigError
         saying to deploy, not NotFoundError; a Modal that cannot be reached or refuses the token is a one-line
-        ConfigError too, unless `in_flight` (a call amid a run's shard work, where a lost link is retried)."""
+        ServiceUnavailable (a ConfigError) too, unless `in_flight` (a call in a task, whose retries take a lost link)."""
         try:
             return self._function(name).remote(*args)
         except Exception as exc:

@@ -121,6 +121,13 @@ def demo_documents() -> list[dict]:
     return build_documents(20, seed=1)
 
 
+# whoami answers of other shapes, by token: an app's token (its name is the app's), fields the Hub sends as null.
+WHOAMI_ODD_ANSWERS = {
+    "hf_app": {"type": "app", "name": "my-app", "scope": {"entities": [{"name": "me"}]}, "auth": {"type": "access_token", "accessToken": {"role": "fineGrained"}}},
+    "hf_nulls": {"type": "user", "name": "me", "orgs": None, "auth": None},
+}
+
+
 class _HubAPIDouble(BaseHTTPRequestHandler):
     """A test double of the Hugging Face Hub API calls the up-front checks make (a dataset's info, its access check,
     whoami), not the Hub: `org/public` is there; `org/gated` is gated (its info answers, as the Hub's does; its access
@@ -134,6 +141,10 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
         token = self.headers.get("Authorization", "").removeprefix("Bearer ")
         if token == "hf_bad":
             self._answer(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        elif path == "/api/whoami-v2" and token in WHOAMI_ODD_ANSWERS:
+            self._answer(200, {}, WHOAMI_ODD_ANSWERS[token])
+        elif path == "/api/whoami-v2" and token == "hf_proxy_page":
+            self._answer(200, {"Content-Type": "text/html"}, raw=b"<html>sign in to the proxy</html>")
         elif path == "/api/whoami-v2":
             role = "read" if token == "hf_read" else "write"
             self._answer(200, {}, {"type": "user", "name": "me", "orgs": [{"name": "team"}], "auth": {"type": "access_token", "accessToken": {"role": role}}})
@@ -146,10 +157,10 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
         else:
             self._answer(404, {"X-Error-Code": "RepoNotFound"})
 
-    def _answer(self, status: int, headers: dict[str, str], body: dict | None = None) -> None:
-        payload = json.dumps(body or {"error": "test double"}).encode()
+    def _answer(self, status: int, headers: dict[str, str], body: dict | None = None, raw: bytes | None = None) -> None:
+        payload = raw if raw is not None else json.dumps(body or {"error": "test double"}).encode()
         self.send_response(status)
-        for key, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(payload))}.items():
+        for key, value in {"Content-Type": "application/json", **headers, "Content-Length": str(len(payload))}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(payload)

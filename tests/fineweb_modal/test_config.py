@@ -56,6 +56,7 @@ def test_auto_max_tokens_is_the_models_limit_capped_at_500():
         ({"engine": "tei", "backend": "modal", "tei_served_model": "/repository"}, "it needs --tei-url"),
         ({"shards": ""}, "shards='' names no shard: leave it out to run every shard"),  # `--shards "$FAILED"`, nothing in it
         ({"shards": " , "}, "names no shard"),
+        ({"shards": [""]}, "names no shard"),  # a deployment's list with one blank item
     ],
 )
 def test_bad_config_is_rejected_with_the_reason(overrides, message):

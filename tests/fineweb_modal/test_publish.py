@@ -15,12 +15,29 @@ from fineweb_modal.publish import hub_write_problem
         ("someone-else/embeddings", "hf_write", "the Hub token is me's, who cannot create datasets under 'someone-else' (it can under: me, team)"),
         ("me/embeddings", "hf_read", "the Hub token of me is read-only: publishing needs a token with write access"),
         ("me/embeddings", "hf_bad", "the Hub refused the token (HTTP 401: invalid credentials)"),
+        ("Me/embeddings", "hf_write", None),  # owners compared as the Hub's create_repo would: not by case
+        ("me/embeddings", "hf_app", None),  # an app's token: whom it writes for is the Hub's to say
+        ("me/embeddings", "hf_nulls", None),  # null fields: read as absent, not a crash
+        ("other/embeddings", "hf_nulls", "the Hub token is me's, who cannot create datasets under 'other' (it can under: me)"),
+        ("me/embeddings", "hf_proxy_page", None),  # a 200 that is no JSON: the upload will say what is wrong
     ],
 )
 def test_the_token_is_asked_who_it_is_before_an_upload(hub_api, repo_id, token, problem):
     said = hub_write_problem(repo_id, token)
     assert said == problem if problem is None else said.startswith(problem)
     assert hub_api.paths.count("/api/whoami-v2") == 1
+
+
+def test_a_token_no_header_can_carry_is_said_without_showing_it(hub_api):
+    said = hub_write_problem("me/embeddings", "hf_SEC\nRET")
+    assert said == "the Hub token cannot be sent (LocalProtocolError): check HF_TOKEN or the Prefect Secret block 'hf-token'"
+
+
+def test_a_token_pasted_with_its_newline_is_used_without_it(monkeypatch):
+    from flows.publish import _hf_token
+
+    monkeypatch.setenv("HF_TOKEN", "hf_write\r\n")
+    assert _hf_token() == "hf_write"
 
 
 def test_an_unreachable_hub_is_said_in_a_line_at_once(hub_api, monkeypatch):

@@ -49,6 +49,8 @@ def test_verify_flow_passes_then_names_a_broken_shard(prefect_api, demo_source, 
     assert "None" not in out
     assert re.search(r"data-00002-of-00003 +PROBLEM chunks=\d+ embeddings=\d+ dims=384 .*not unit-norm", out), out
 
+    state = verify(name="demo", data_dir=data_dir, max_tokens=64, shards="", return_state=True)  # a deployment's form left blank
+    assert state.is_failed() and state.message == "verify: shards='' names no shard: leave it out to run every shard"
     state = verify(name="demo", data_dir=data_dir, return_state=True)  # the default max_tokens: none made with it
     assert state.is_failed() and "found demo-chunked-64-all-MiniLM-L6-v2: pass the --max-tokens and --model" in state.message
 
@@ -69,3 +71,7 @@ def test_fetch_flow_copies_a_shard_and_previews_it(prefect_api, demo_source, tmp
     first_doc = pq.read_table(sorted(demo_source.glob("*.parquet"))[0]).column("text")[0].as_py()
     text = latest_artifact("fetch-demo-download").data
     assert f"{copy}: 12 rows" in text and f"  [0] {len(first_doc)} chars: {first_doc[:100].replace(chr(10), ' ')}…" in text, text
+    renamed = fetch(name="demo", shard=0, stage="download", to=str(tmp_path / "out" / "copy.bin"), data_dir=data_dir)
+    assert f"{renamed}: 12 rows" in latest_artifact("fetch-demo-download").data, "read by its bytes, whatever its name"
+    state = fetch(name="demo", shard=7, stage="chunk", to=str(tmp_path / "out"), data_dir=data_dir, max_tokens=64, return_state=True)
+    assert state.is_failed() and "'7' is neither a shard name nor an index from 0 to 2" in state.message, "a message, not a traceback"

@@ -496,12 +496,19 @@ def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_
             first_call()
         assert str(refused.value).startswith(said)
     assert list(destination.parent.iterdir()) == [], "no half-fetched file is left"
-    with pytest.raises(type(error)):
-        backend._remote("done_result_fn", {}, in_flight=True)  # amid a run's shards: the error as it is, for the task's retries
+    for in_a_task in (lambda: backend._remote("done_result_fn", {}, in_flight=True), lambda: backend.verify(run, shard), lambda: backend.plan_sample(run, shard)):
+        with pytest.raises(type(error)):
+            in_a_task()  # a call in a task: the error as it is, for the task's retries
+
+    from flows.stage import without_input
+
+    monkeypatch.setitem(backends._backends, "modal", backend)
+    with pytest.raises(ConfigError) as refused:
+        without_input(run, "chunk", [shard])  # not read as "nothing reached this stage", which a ConfigError from a listing means
+    assert str(refused.value).startswith(said)
 
     from flows.cli import main
 
-    monkeypatch.setitem(backends._backends, "modal", backend)
     monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
     monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
     assert main(["status", "--backend", "modal"]) == 2, "not 1, which says the data has problems"
