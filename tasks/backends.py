@@ -281,6 +281,8 @@ def lost_modal_link(exc: BaseException) -> bool:
 
 def modal_refusal(exc: BaseException) -> ServiceUnavailable | None:
     """The one-line refusal for a Modal that cannot be reached or refuses the token (None for any other failure)."""
+    if lost_modal_link(exc) and type(exc).__name__ in ("InternalError", "ServiceError"):  # Modal answered, with a failure of its own
+        return ServiceUnavailable(f"Modal could not answer just now ({type(exc).__name__}: {exc}): rerun in a minute")
     if lost_modal_link(exc) or isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):  # not an OSError of the function's own
         return ServiceUnavailable(f"cannot reach Modal ({type(exc).__name__}: {exc}): check the network, then rerun")
     if type(exc).__name__ == "AuthError":

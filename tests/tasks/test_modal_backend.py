@@ -470,6 +470,7 @@ def test_an_app_deployed_from_other_code_is_refused_before_any_shard_and_a_redep
     [
         ("grpclib.exceptions", "StreamTerminatedError", "cannot reach Modal (StreamTerminatedError: link down): check the network"),
         ("modal.exception", "ConnectionError", "cannot reach Modal (ConnectionError: link down): check the network"),
+        ("modal.exception", "InternalError", "Modal could not answer just now (InternalError: link down): rerun in a minute"),
         ("builtins", "ConnectionRefusedError", "cannot reach Modal (ConnectionRefusedError: link down): check the network"),
         ("modal.exception", "AuthError", "Modal refused the token (link down): run `modal token new`"),
     ],
