@@ -64,6 +64,7 @@ def test_odd_documents_get_exact_chunks_or_a_counted_skip(odd_dataset):
     assert chunked == set(ODD_DOCUMENTS) - {"none", "empty", "whitespace"}
     huge = [c for c in chunks if c["id"] == "one-huge-word"]
     assert "".join(c["chunk_text"] for c in huge) == "x" * 100_000, "one 100 k-character word: kept whole (the tokenizer makes it [UNK])"
+    assert [c["chunk_token_count"] for c in huge] == [3], "one chunk: [CLS], the one [UNK] token, [SEP]"
     duplicates = [c for c in chunks if c["id"] == "dup"]
     assert {c["doc_index"] for c in duplicates} == {9, 10}, "duplicate ids are kept; doc_index tells them apart"
 
