@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from fineweb_modal.costs import format_usd
 from fineweb_modal.download import HUB_TIMEOUT_S
-from fineweb_modal.errors import ConfigError
+from fineweb_modal.errors import ConfigError, is_transient
 from fineweb_modal.layout import Layout
 from fineweb_modal.phrasing import listing
 from fineweb_modal.status import ledger_status
@@ -154,6 +154,15 @@ def hub_write_problem(repo_id: str, token: str) -> str | None:
     if (owner := repo_id.split("/")[0]).casefold() not in {str(o).casefold() for o in owners if o}:
         return f"the Hub token is {account.get('name')}'s, who cannot create datasets under {owner!r} (it can under: {listing([o for o in owners if o])})"
     return None
+
+
+def upload_may_pass_again(exc: BaseException) -> bool:
+    """Whether an upload that failed with `exc` may pass when tried again: the network, or the Hub's 429 and 5xx;
+    not a refusal (401, 403: a token without write access to that repo; 404, 409, 413…)."""
+    if is_transient(exc) or {kind.__name__ for kind in type(exc).__mro__} & {"NetworkError", "TimeoutException"}:
+        return True
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return isinstance(status, int) and (status == 429 or status >= 500)
 
 
 def upload_folder(folder: Path, repo_id: str, token: str, private: bool = True) -> str:

@@ -10,13 +10,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, Failed
 
 from fineweb_modal.config import build_run_config
 from fineweb_modal.errors import ConfigError
 from fineweb_modal.models import DEFAULT_MODEL
 from fineweb_modal.phrasing import listing
-from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, hub_write_problem, upload_folder
+from fineweb_modal.publish import build_folder, check_repo_id, clear_folder, hub_write_problem, upload_folder, upload_may_pass_again
 from fineweb_modal.report import artifact_key
 from fineweb_modal.selection import select_shards
 from fineweb_modal.shards import layout_for
@@ -40,7 +40,16 @@ def _hf_token() -> str:
         raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'") from None
 
 
-@task(name="upload", retries=3, retry_delay_seconds=[10, 60, 300], cache_policy=NO_CACHE)
+def _upload_may_pass_again(task, task_run, state) -> bool:
+    """Retry an upload that the network or a bad minute of the Hub failed; not one the Hub refused."""
+    try:
+        state.result()
+    except Exception as exc:  # the state's exception, re-raised here so it can be classified
+        return upload_may_pass_again(exc)
+    return False
+
+
+@task(name="upload", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=_upload_may_pass_again, cache_policy=NO_CACHE)
 def upload_task(folder: str, repo_id: str, private: bool) -> str:
     """Upload the prepared folder (retried: the Hub has bad minutes)."""
     return upload_folder(Path(folder), repo_id, _hf_token(), private)
@@ -101,7 +110,11 @@ def publish(
         )
         if dry_run:
             return Completed(message=f"dry run: {len(embedded)} shard(s) written to {folder}", data=str(folder))
-        url = upload_task(str(folder), repo_id, private)
+        try:
+            url = upload_task(str(folder), repo_id, private)
+        except Exception as exc:  # after its retries, or refused by the Hub: the run ends Failed saying so
+            said = f"the upload to {repo_id} failed ({type(exc).__name__}: {exc})"
+            return Failed(message=f"publish: {said}", data=RuntimeError(said))
     finally:
         if output_dir is None and not dry_run:
             shutil.rmtree(folder, ignore_errors=True)  # a full copy of the dataset: uploaded or not, it goes

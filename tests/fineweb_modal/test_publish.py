@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fineweb_modal.publish import hub_write_problem
+from fineweb_modal.publish import hub_write_problem, upload_may_pass_again
 
 
 @pytest.mark.parametrize(
@@ -55,3 +55,20 @@ def test_an_unreachable_hub_is_said_in_a_line_at_once(hub_api, monkeypatch):
     assert said.startswith(f"cannot reach the Hub at {endpoint} (ConnectError:") and said.endswith("check the network, then rerun")
     assert time.monotonic() - started < 5, "no retries with backoff"
     assert "hf_write" not in said
+
+
+class _HubAnswered(Exception):
+    """Stands in for huggingface_hub's HfHubHTTPError: an error carrying the Hub's response."""
+
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.response = type("Response", (), {"status_code": status})()
+
+
+def test_an_upload_is_tried_again_only_when_it_may_pass():
+    import httpx
+
+    assert upload_may_pass_again(_HubAnswered(429)) and upload_may_pass_again(_HubAnswered(503))
+    assert upload_may_pass_again(httpx.ConnectError("reset")) and upload_may_pass_again(ConnectionResetError())
+    for refused in (_HubAnswered(401), _HubAnswered(403), _HubAnswered(404), _HubAnswered(413), ValueError("bad folder")):
+        assert not upload_may_pass_again(refused), refused

@@ -89,4 +89,18 @@ def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_cop
     assert "the Hub token of me is read-only: publishing needs a token with write access" in capsys.readouterr().err and not uploaded
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 0
+
+    # The Hub refuses the upload itself (a fine-grained token without write access to this repo): said, not retried.
+    from tests.fineweb_modal.test_publish import _HubAnswered
+
+    tries = []
+
+    def refused_upload(folder, repo_id, token, private=True):
+        tries.append(folder)
+        raise _HubAnswered(403)
+
+    monkeypatch.setattr(publish_module, "upload_folder", refused_upload)
+    assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 1
+    assert "error: the upload to me/demo-embeddings failed (_HubAnswered: HTTP 403)" in capsys.readouterr().err
+    assert len(tries) == 1 and not tries[0].exists(), "not retried; the temp copy removed all the same"
     assert len(uploaded["files"]) == 3 and not uploaded["folder"].exists(), "the temp copy of the dataset is removed after the upload"
