@@ -23,6 +23,7 @@ from fineweb_modal.shards import layout_for
 from fineweb_modal.verify import made_with, mixed_settings
 from flows.hooks import dataset_run_name
 from flows.outcome import refused
+from tasks.shard_tasks import retry_when
 
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_TOKEN_BLOCK = "hf-token"
@@ -40,16 +41,8 @@ def _hf_token() -> str:
         raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'") from None
 
 
-def _upload_may_pass_again(task, task_run, state) -> bool:
-    """Retry an upload that the network or a bad minute of the Hub failed; not one the Hub refused."""
-    try:
-        state.result()
-    except Exception as exc:  # the state's exception, re-raised here so it can be classified
-        return upload_may_pass_again(exc)
-    return False
-
-
-@task(name="upload", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=_upload_may_pass_again, cache_policy=NO_CACHE)
+# Retried when the network or a bad minute of the Hub failed it; not when the Hub refused it.
+@task(name="upload", retries=3, retry_delay_seconds=[10, 60, 300], retry_condition_fn=retry_when(upload_may_pass_again), cache_policy=NO_CACHE)
 def upload_task(folder: str, repo_id: str, private: bool) -> str:
     """Upload the prepared folder (retried: the Hub has bad minutes)."""
     return upload_folder(Path(folder), repo_id, _hf_token(), private)

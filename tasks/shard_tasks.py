@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
@@ -21,13 +23,20 @@ from tasks.secrets import load_tei_api_key
 RETRIES = 3
 
 
-def retry_if_transient(task, task_run, state) -> bool:
-    """Retry I/O errors and timeouts; bad data and bad config fail at once."""
-    try:
-        state.result()
-    except Exception as exc:  # the state's exception, re-raised here so it can be classified
-        return is_transient(exc)
-    return False
+def retry_when(may_pass: Callable[[BaseException], bool]) -> Callable:
+    """A task's `retry_condition_fn`: retry an attempt whose exception `may_pass` says a retry can pass."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except Exception as exc:  # the state's exception, re-raised here so it can be classified
+            return may_pass(exc)
+        return False
+
+    return condition
+
+
+retry_if_transient = retry_when(is_transient)  # I/O errors and timeouts are retried; bad data and bad config fail at once
 
 
 def _emit(outcome: str, stage: str, shard: str, run: RunConfig, payload: dict) -> None:
