@@ -124,6 +124,12 @@ def build_folder(layout: Layout, repo_id: str, model: str, folder: Path, shards:
     return manifest
 
 
+def _network_failed(exc: BaseException) -> bool:
+    """Whether the Hub client's request failed in the network (DNS, refused, TLS, timeout); by class name, as its HTTP
+    library is httpx or its fork httpx2, which name their errors alike."""
+    return bool({kind.__name__ for kind in type(exc).__mro__} & {"NetworkError", "TimeoutException"})
+
+
 def hub_write_problem(repo_id: str, token: str) -> str | None:
     """Why `token` cannot publish `repo_id` from here, as the Hub's whoami says (None when it can, or the Hub cannot say
     just now): the Hub unreachable, the token refused or read-only, or `repo_id`'s owner neither its account nor one of its orgs."""
@@ -133,8 +139,7 @@ def hub_write_problem(repo_id: str, token: str) -> str | None:
     try:
         response = get_session().get(f"{constants.ENDPOINT}/api/whoami-v2", headers=build_hf_headers(token=token), timeout=HUB_TIMEOUT_S)
     except Exception as exc:
-        # By class names: the Hub client's HTTP library is httpx or its fork httpx2, and both name their errors alike.
-        if {kind.__name__ for kind in type(exc).__mro__} & {"NetworkError", "TimeoutException", "OfflineModeIsEnabled"}:  # DNS, refused, TLS, timeout
+        if _network_failed(exc) or type(exc).__name__ == "OfflineModeIsEnabled":
             return f"cannot reach the Hub at {constants.ENDPOINT} ({type(exc).__name__}: {str(exc).replace(token, '***')}): check the network, then rerun"
         # Anything else, e.g. a token no HTTP header can carry: its text would show the token, so only the kind is said.
         return f"the Hub token cannot be sent ({type(exc).__name__}): check HF_TOKEN or the Prefect Secret block 'hf-token'"
@@ -159,7 +164,7 @@ def hub_write_problem(repo_id: str, token: str) -> str | None:
 def upload_may_pass_again(exc: BaseException) -> bool:
     """Whether an upload that failed with `exc` may pass when tried again: the network, or the Hub's 429 and 5xx;
     not a refusal (401, 403: a token without write access to that repo; 404, 409, 413…)."""
-    if is_transient(exc) or {kind.__name__ for kind in type(exc).__mro__} & {"NetworkError", "TimeoutException"}:
+    if is_transient(exc) or _network_failed(exc):
         return True
     status = getattr(getattr(exc, "response", None), "status_code", None)
     return isinstance(status, int) and (status == 429 or status >= 500)

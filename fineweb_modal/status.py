@@ -34,6 +34,11 @@ class StageStatus:
     cost_usd: float = 0.0
     modal_estimate_usd: float = 0.0
 
+    @property
+    def clean(self) -> bool:
+        """Nothing failed, missing or stale, and the done shards made alike."""
+        return not (self.failed or self.missing or self.stale or self.mixed)
+
     def as_dict(self) -> dict:
         """A JSON-ready view (for `fineweb-modal status --json`)."""
         return {**self.__dict__, "counts": {"done": len(self.done), "failed": len(self.failed), "missing": len(self.missing), "stale": len(self.stale)}}

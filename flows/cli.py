@@ -303,7 +303,7 @@ def print_status(data_dir: str, name: str | None, as_json: bool, backend: str = 
                 print(f"    stale   {shard}: made from an input that has changed since; rerun {s.stage}")
             if s.mixed:
                 print(f"    mixed   {s.mixed}")
-    return EXIT_OK if statuses and all(not s.failed and not s.missing and not s.stale and not s.mixed for s in statuses) else EXIT_FAILED_SHARDS
+    return EXIT_OK if statuses and all(s.clean for s in statuses) else EXIT_FAILED_SHARDS
 
 
 def fetch(dataset: dict, stage: str, shard: str, to: Path) -> int:

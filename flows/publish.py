@@ -31,8 +31,8 @@ HF_TOKEN_BLOCK = "hf-token"
 
 def _hf_token() -> str:
     """The Hub token from `HF_TOKEN` or the Prefect Secret `hf-token`; never a parameter, never logged."""
-    if os.environ.get(HF_TOKEN_ENV, "").strip():
-        return os.environ[HF_TOKEN_ENV].strip()  # a token pasted with its newline still works
+    if token := os.environ.get(HF_TOKEN_ENV, "").strip():  # a token pasted with its newline still works
+        return token
     from prefect.blocks.system import Secret
 
     try:
