@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,22 +22,16 @@ from fineweb_modal.shards import layout_for
 from fineweb_modal.verify import made_with, mixed_settings
 from flows.hooks import dataset_run_name
 from flows.outcome import refused
+from tasks.secrets import HF_TOKEN_BLOCK, HF_TOKEN_ENV, secret_value
 from tasks.shard_tasks import retry_when
 
-HF_TOKEN_ENV = "HF_TOKEN"
-HF_TOKEN_BLOCK = "hf-token"
 
 
 def _hf_token() -> str:
     """The Hub token from `HF_TOKEN` or the Prefect Secret `hf-token`; never a parameter, never logged."""
-    if token := os.environ.get(HF_TOKEN_ENV, "").strip():  # a token pasted with its newline still works
+    if token := secret_value(HF_TOKEN_ENV, HF_TOKEN_BLOCK):
         return token
-    from prefect.blocks.system import Secret
-
-    try:
-        return str(Secret.load(HF_TOKEN_BLOCK).get()).strip()
-    except ValueError:
-        raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'") from None
+    raise ConfigError(f"publishing needs a Hub token: set {HF_TOKEN_ENV} or create the Prefect Secret block '{HF_TOKEN_BLOCK}'")
 
 
 # Retried when the network or a bad minute of the Hub failed it; not when the Hub refused it.

@@ -6,6 +6,24 @@ import os
 
 TEI_API_KEY_ENV = "TEI_API_KEY"
 TEI_API_KEY_BLOCK = "tei-api-key"
+HF_TOKEN_ENV = "HF_TOKEN"
+HF_TOKEN_BLOCK = "hf-token"
+
+
+def secret_value(env: str, block: str) -> str | None:
+    """The credential in the environment variable `env`, else in the Prefect Secret block `block`, else None.
+
+    Stripped: a token pasted from a file keeps its newline, which no HTTP header can carry.
+    """
+    if value := os.environ.get(env, "").strip():
+        return value
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block).get()
+    except ValueError:  # no such block
+        return None
+    return str(value).strip() or None
 
 
 def load_tei_api_key() -> bool:
@@ -13,13 +31,7 @@ def load_tei_api_key() -> bool:
 
     Returns whether a key is available. The key goes into this process's environment only, never a log.
     """
-    if os.environ.get(TEI_API_KEY_ENV):
-        return True
-    from prefect.blocks.system import Secret
-
-    try:
-        secret = Secret.load(TEI_API_KEY_BLOCK)
-    except ValueError:  # no such block: the server needs no key
-        return False
-    os.environ[TEI_API_KEY_ENV] = secret.get()
-    return True
+    key = secret_value(TEI_API_KEY_ENV, TEI_API_KEY_BLOCK)
+    if key is not None:
+        os.environ[TEI_API_KEY_ENV] = key
+    return key is not None

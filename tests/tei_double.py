@@ -6,8 +6,9 @@ length), 422 for an input the tokenizer rejects, 401 on `/info` and `/embed` wit
 stays open). Where TEI makes a batch request wait for concurrency permits, the double answers 429 when
 more inputs would be in flight than allowed: stricter, so a client that overshoots is seen. It computes
 real embeddings with the in-process engine, records what it saw (peak inputs and tokens in flight, largest
-request), and injects faults on demand: 429 and 503 answers, connections reset mid-response, answers slower
-than the client's timeout, and going down and coming back. `honors_dimensions=False` plays a TEI that
+request), and injects faults on demand: 429 and 503 answers as TEI gives them, 500, 502 and 504 as a proxy
+in front of it does, connections reset mid-response, answers slower than the client's timeout, and going down
+and coming back. `refusal_status=403` plays a proxy that refuses a request without the key. `honors_dimensions=False` plays a TEI that
 ignores `dimensions`. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
 """
 
@@ -30,6 +31,16 @@ from starlette.routing import Route
 
 from fineweb_modal.embedding import TransformersEngine
 from fineweb_modal.models import DEFAULT_MODEL
+
+
+# TEI's own answers (overloaded, unhealthy), then the plain-text ones of a proxy in front of a TEI that restarts.
+FAULT_ANSWERS = {
+    "429": lambda: JSONResponse({"error": "Model is overloaded", "error_type": "Overloaded"}, status_code=429),
+    "503": lambda: JSONResponse({"error": "unhealthy", "error_type": "Unhealthy"}, status_code=503),
+    "500": lambda: PlainTextResponse("Internal Server Error", status_code=500),
+    "502": lambda: PlainTextResponse("502 Bad Gateway", status_code=502),
+    "504": lambda: PlainTextResponse("504 Gateway Time-out", status_code=504),
+}
 
 
 @dataclass
@@ -64,6 +75,7 @@ class TEITestDouble:
         api_key: str | None = None,
         compute_delay_s: float = 0.0,
         honors_dimensions: bool = True,
+        refusal_status: int = 401,
     ):
         self.engine = TransformersEngine(model_id)
         self.served_model_id = served_model_id or model_id
@@ -75,9 +87,10 @@ class TEITestDouble:
         }
         self.payload_limit = payload_limit
         self.api_key = api_key
+        self.refusal_status = refusal_status
         self.compute_delay_s = compute_delay_s
         self.honors_dimensions = honors_dimensions
-        self.faults: list[str] = []  # consumed one per /embed request: "429", "503", "reset", "slow"
+        self.faults: list[str] = []  # consumed one per /embed request: an HTTP status of FAULT_ANSWERS, "reset", "slow"
         self.poison: str | None = None  # any request with an input containing this text gets a 422 (the tokenizer's error)
         self.reject_every_embed: str | None = None  # every /embed gets a 413 with this message (a request TEI refuses whole)
         self.slow_s = 2.0
@@ -143,7 +156,7 @@ class TEITestDouble:
         self.metrics.auth_headers.append(header)
         if header == f"Bearer {self.api_key}":
             return None
-        return self._status(Response(status_code=401))  # TEI's auth layer answers with an empty body
+        return self._status(Response(status_code=self.refusal_status))  # TEI's auth layer answers with an empty body
 
     async def _info(self, request: Request) -> Response:
         if refused := self._refused(request):
@@ -175,9 +188,8 @@ class TEITestDouble:
         if self.reject_every_embed:
             return self._status(JSONResponse({"error": self.reject_every_embed, "error_type": "Validation"}, status_code=413))
         fault = self.faults.pop(0) if self.faults else None
-        if fault in ("429", "503"):
-            message = "Model is overloaded" if fault == "429" else "unhealthy"
-            return self._status(JSONResponse({"error": message, "error_type": "Overloaded"}, status_code=int(fault)))
+        if fault in FAULT_ANSWERS:
+            return self._status(FAULT_ANSWERS[fault]())
         if fault == "slow":
             await asyncio.sleep(self.slow_s)
         if self.poison and any(self.poison in text for text in inputs):

@@ -245,13 +245,16 @@ def test_jsonl_lines_that_are_no_document_are_a_counted_skip_in_the_shard_result
 
     source = tmp_path / "source" / "lines"
     source.mkdir(parents=True)
-    (source / "s0.jsonl").write_text('{"text": "good"}\n{"text": 7}\n{"text": "also good"}\n')
+    lines = ['{"text": "good"}', '{"text": 7}', '{"text": "also good"}', '{"text": ["a", "list"]}', '["not", "an object"]']
+    (source / "s0.jsonl").write_text("\n".join(lines) + "\n")
     run = run_config_for(source, keep_columns="", max_tokens=64)
     result = run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
-    assert (result.rows_in, result.rows_out, result.docs) == (3, 2, 2) and result.extra["left_out_lines"] == [2]
-    assert state_message(result).startswith("2 docs (1 line(s) left out)")
+    assert (result.rows_in, result.rows_out, result.docs) == (5, 2, 2) and result.extra["left_out_lines"] == [2, 4, 5]
+    assert state_message(result).startswith("2 docs (3 line(s) left out)")
+    _, kept, _ = sample_arrow_rows(layout_for(run).output_path("download", "s0"), 10)
+    assert kept.column("text").to_pylist() == ["good", "also good"]
     again = run_shard(ShardJob(stage="download", shard="s0", run=run, source_file=str(source / "s0.jsonl")))
-    assert again.status == "skipped" and state_message(again) == "skipped: done earlier (2 docs (1 line(s) left out))"
+    assert again.status == "skipped" and state_message(again) == "skipped: done earlier (2 docs (3 line(s) left out))"
 
     # Which lines are documents depends on the text column: the same file read for another one is redone.
     (source / "s1.jsonl").write_text('{"text": "good"}\n{"text": "also", "body": 5}\n{"text": "\\ud800"}\n')

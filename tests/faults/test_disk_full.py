@@ -68,6 +68,17 @@ def test_a_stage_that_will_not_fit_is_refused_with_the_numbers(downloaded, monke
     assert diskspace.check_disk_space(run, layout_for(run), "chunk", {}) == 0, "nothing to run, nothing to check"
 
 
+def test_a_tenth_more_than_the_estimate_is_asked_for(downloaded, monkeypatch):
+    """The estimate comes from a sample: 5 % more room than it is refused, 10 % more is enough."""
+    run, shards = downloaded
+    layout = layout_for(run)
+    estimate = diskspace.estimate_stage_bytes(run, layout, "chunk", shards)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: int(estimate * 1.05))
+    with pytest.raises(DiskSpaceError, match="10% headroom"):
+        diskspace.check_disk_space(run, layout, "chunk", shards)
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: int(estimate * 1.1) + 1)
+    assert diskspace.check_disk_space(run, layout, "chunk", shards) == int(estimate * 1.1)
+
 def test_the_flow_refuses_before_any_shard_runs(prefect_api, downloaded, monkeypatch):
     from flows.cli import main
 

@@ -97,6 +97,16 @@ def test_429_503_resets_and_slow_answers_are_survived(double, reference):
     assert double.metrics.statuses[429] >= 5 and double.metrics.statuses[503] >= 4
 
 
+def test_a_tei_restarting_behind_a_proxy_500_502_504_is_survived(double, reference):
+    """A proxy's plain-text 500/502/504 while TEI restarts are retried like TEI's own 503: no row lost or doubled."""
+    double.faults = ["500", "502", "504"] * 2
+    engine = fast_engine(double.url, max_retries=20)
+    vectors = engine.embed(TEXTS)
+    assert_same_rows(vectors, reference)
+    assert double.faults == [] and double.metrics.embedded_inputs == len(TEXTS), "each text embedded once"
+    assert all(engine.client.stats.statuses[status] == 2 for status in (500, 502, 504))
+    assert "HTTP 500 ×2, HTTP 502 ×2, HTTP 504 ×2" in engine.client.stats.retried()
+
 def test_a_server_that_dies_mid_shard_and_comes_back(double, reference):
     engine = fast_engine(double.url, max_retries=25)
     engine.client.backoff_cap_s = 0.5
@@ -183,6 +193,25 @@ def test_api_key_is_sent_as_bearer_and_never_shown(reference, monkeypatch, caplo
     finally:
         server.stop()
 
+
+def test_a_403_refusal_and_a_key_that_stops_working_mid_run_are_not_retried(reference, monkeypatch):
+    """A proxy answering 403 is a refused key as TEI's 401 is; a key revoked between requests fails at once."""
+    server = TEITestDouble(api_key="key-one-SECRET", refusal_status=403).start()
+    try:
+        monkeypatch.setenv("TEI_API_KEY", "key-two-SECRET")
+        with pytest.raises(TEIAuthError, match="HTTP 403: the API key was refused") as failure:
+            TEIEngine(server.url, DEFAULT_MODEL)
+        assert "SECRET" not in str(failure.value)
+        monkeypatch.setenv("TEI_API_KEY", "key-one-SECRET")
+        engine = fast_engine(server.url, api_key="key-one-SECRET", max_retries=20)
+        assert_same_rows(engine.embed(TEXTS[:10]), reference[:10])
+        server.api_key = "key-rotated-SECRET"
+        with pytest.raises(TEIAuthError, match="HTTP 403: the API key was refused") as failure:
+            engine.embed(TEXTS)
+        assert not is_transient(failure.value) and "SECRET" not in str(failure.value)
+        assert engine.client.stats.retries == 0, "no request retried"
+    finally:
+        server.stop()
 
 def test_a_key_no_header_can_carry_is_refused_without_showing_it():
     with pytest.raises(ConfigError, match="cannot carry") as failure:
