@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -251,7 +250,11 @@ def hub_config_errors(repo_id: str, subset: str | None) -> Iterator[None]:
         raise ConfigError(f"{hub_name(repo_id, subset)}: {exc}") from None
 
 
-@functools.cache
+# Reused for a minute, as the Hub's answers are: a long-lived `serve` process asks again for a later run, whose
+# dataset may have gained the column an earlier run was refused for.
+_hub_schemas: dict[tuple[str, str | None, str], tuple[float, pa.Schema | None]] = {}
+
+
 def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None:
     """The columns of a Hub dataset's split, from its first file's header (nothing downloaded); None when its format does not say.
 
@@ -260,9 +263,15 @@ def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None
     """
     from datasets import load_dataset
 
+    asking = (hub_load_path(repo_id), subset, split)
+    asked_at, schema = _hub_schemas.get(asking, (0.0, None))
+    if time.monotonic() - asked_at < HUB_ANSWER_TTL_S:
+        return schema
     with hub_config_errors(repo_id, subset):  # e.g. "Bad split: tran. Available splits: ['train']"
-        features = load_dataset(hub_load_path(repo_id), subset, split=split, streaming=True).features
-    return features.arrow_schema if features is not None else None
+        features = load_dataset(asking[0], subset, split=split, streaming=True).features
+    schema = features.arrow_schema if features is not None else None
+    _hub_schemas[asking] = (time.monotonic(), schema)
+    return schema
 
 
 def download_hub(repo_id: str, subset: str | None, split: str, split_dir: Path, num_proc: int, keep_cache: bool = True) -> dict[str, int]:

@@ -171,11 +171,11 @@ class _HubAPIDouble(BaseHTTPRequestHandler):
 
 @pytest.fixture(autouse=True)
 def _no_hub_schema_between_tests():
-    """`hub_schema` is cached per process; a folder one test stood in for `org/x` must not answer for another."""
+    """`hub_schema`'s answers are reused for a minute; a folder one test stood in for `org/x` must not answer for another."""
     yield
     from fineweb_modal import download
 
-    download.hub_schema.cache_clear()
+    download._hub_schemas.clear()
 
 
 @pytest.fixture

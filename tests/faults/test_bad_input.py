@@ -384,6 +384,37 @@ def test_a_hub_source_without_the_split_or_columns_is_refused_from_its_first_fil
     assert not (tmp_path / "data").exists()
 
 
+def test_the_cli_refuses_a_hub_source_it_cannot_use_in_one_line_with_exit_2(prefect_api, hub_api, demo_source, tmp_path, monkeypatch, capsys):
+    """Each Hub refusal of the failure table, through the CLI: the Hub's API is its test double (`hub_api`), and
+    `org/public`'s files are local folders (a plain one, then one only a dataset script could load)."""
+    import fineweb_modal.download
+    from flows.cli import main
+
+    scripted = tmp_path / "scripted"
+    scripted.mkdir()
+    (scripted / "scripted.py").write_text("import datasets\n")
+    files_of = {"org/public": demo_source}
+    monkeypatch.setattr(fineweb_modal.download, "hub_load_path", lambda repo_id: str(files_of[repo_id]))
+    data = tmp_path / "data"
+
+    def refusal(source: str, *options: str) -> str:
+        assert main(["run", "--source", source, "--data-dir", str(data), "--max-tokens", "64", *options]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+        return err
+
+    assert "the Hub has no dataset org/nope (or it is private" in refusal("org/nope")
+    assert "the Hub dataset org/gated is gated" in refusal("org/gated")
+    monkeypatch.setenv("HF_TOKEN", "hf_bad")
+    assert "the Hub refused the token here (HTTP 401" in refusal("org/public")
+    monkeypatch.delenv("HF_TOKEN")
+    assert "BuilderConfig 'nope' not found. Available: ['default']" in refusal("org/public", "--subset", "nope")
+    assert "Bad split: validation. Available splits: ['train']" in refusal("org/public", "--split", "validation")
+    assert "column(s) ['body'] not found" in refusal("org/public", "--text-column", "body")
+    files_of["org/public"] = scripted
+    assert "Dataset scripts are no longer supported, but found scripted.py" in refusal("org/public")
+    assert not data.exists(), "nothing downloaded"
+
 def test_an_unreachable_hub_is_refused_by_the_cli_in_one_line(prefect_api, tmp_path, monkeypatch, capsys):
     import huggingface_hub.constants
 

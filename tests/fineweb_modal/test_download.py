@@ -184,6 +184,19 @@ def test_hub_schema_reads_the_columns_and_names_the_splits(demo_source, folder_a
         hub_schema(str(demo_source), "nosuch", "train")
 
 
+def test_a_hub_schema_is_asked_again_after_a_minute(tmp_path, folder_as_hub_repo, monkeypatch):
+    """A `serve` process lives for days: a dataset that gained the column an earlier run was refused for is seen."""
+    from fineweb_modal import download
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pq.write_table(pa.table({"body": ["hello"]}), repo / "s0.parquet")
+    assert download.hub_schema(str(repo), None, "train").names == ["body"]
+    pq.write_table(pa.table({"body": ["hello"], "text": ["hello"]}), repo / "s0.parquet")
+    assert download.hub_schema(str(repo), None, "train").names == ["body"], "one run's checks share one answer"
+    monkeypatch.setattr(download, "HUB_ANSWER_TTL_S", 0.0)  # the minute has passed
+    assert download.hub_schema(str(repo), None, "train").names == ["body", "text"]
+
 def test_a_hub_id_is_read_from_the_hub_even_where_a_local_folder_has_its_name(demo_source, tmp_path, monkeypatch):
     """`hf://org/name` exists for that case: `load_dataset("org/name")` would read the folder instead."""
     import shutil

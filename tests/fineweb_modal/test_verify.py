@@ -63,7 +63,7 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
     from fineweb_modal.publish import join_shard
     from fineweb_modal.shards import shard_status
     from fineweb_modal.status import ledger_status
-    from flows.cli import print_status
+    from flows.cli import main
 
     source = tmp_path / "source" / "edited"
     source.mkdir(parents=True)
@@ -89,7 +89,7 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
     assert shard_status(run, "embed", "s0") == "stale" and shard_status(run, "chunk", "s0") == "done"
     (embed_status,) = [s for s in ledger_status(tmp_path / "data", "edited") if s.stage == "embed"]
     assert embed_status.stale == ["s0"] and embed_status.done == []
-    assert print_status(str(tmp_path / "data"), "edited", as_json=False) == 1, "`status` exits 1 on it"
+    assert main(["status", "--data-dir", str(tmp_path / "data"), "--name", "edited"]) == 1, "`status` exits 1 on it"
     assert verify_outputs(run, "s0")["problems"] == ["the embed output was made from a chunk output since replaced: rerun embed"]
     with pytest.raises(ValueError, match="since replaced; rerun the embed stage"):
         join_shard(layout, "s0", tmp_path / "published" / "s0.parquet")
@@ -98,7 +98,7 @@ def test_embeddings_of_replaced_chunks_are_stale_until_the_embed_stage_reruns(tm
 
     assert run_shard(ShardJob(stage="embed", shard="s0", run=run)).status == "done", "a rerun of embed redoes it"
     assert shard_status(run, "embed", "s0") == "done" and verify_outputs(run, "s0")["problems"] == []
-    assert print_status(str(tmp_path / "data"), "edited", as_json=False) == 0
+    assert main(["status", "--data-dir", str(tmp_path / "data"), "--name", "edited"]) == 0
     assert join_shard(layout, "s0", tmp_path / "published" / "s0.parquet") == 2
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fineweb_modal.models import DEFAULT_MODEL, resolve_model_path
 from flows import server
 from flows.cli import main
 
@@ -21,13 +22,28 @@ from flows.cli import main
         (["run", "--stages", "download"], "download stage needs --source"),
         (["run", "--name", "d", "--stages", "chunk", "--shards", ""], "shards='' names no shard: leave it out to run every shard"),
         (["verify", "--name", "d", "--shards", ","], "names no shard"),
+        (["run", "--name", "d", "--stages", "embed", "--engine", "tei", "--tei-url", "https://me:s3cr3t@tei.example:8080"], "must carry no credentials"),
+        (["run", "--name", "d", "--stages", "embed", "--engine", "tei", "--tei-url", "https://tei.example/?key=s3cr3t"], "must carry no credentials"),
+        (["run", "--name", "d", "--stages", "chunk", "--backend", "modal", "--model", str(resolve_model_path(DEFAULT_MODEL))], "which Modal's containers do not have"),
     ],
 )
 def test_bad_config_exits_2_before_anything_runs(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "s3cr3t" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_mistyped_local_folder_or_a_file_as_data_dir_exits_2_at_once(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src").mkdir()
+    assert main(["run", "--source", "src/nope", "--stages", "download"]) == 2
+    assert "for the Hub dataset write hf://src/nope" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["run", "--name", "d", "--stages", "chunk", "--data-dir", "afile"]) == 2
+    assert "data_dir 'afile' is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "src"], "nothing written"
 
 
 def test_modal_backend_without_token_exits_2(capsys, monkeypatch, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pyarrow.parquet as pq
 
 
@@ -51,6 +53,8 @@ def test_dry_run_writes_joined_shards_and_a_card(prefect_api, demo_source, tmp_p
     mixed = "the shards' embed files differ in their prefix: '' for data-00000-of-00003, data-00002-of-00003; 'query: ' for data-00001-of-00003"
     state = verify(name="demo", data_dir=data_dir, max_tokens=64, return_state=True)
     assert state.is_failed() and state.message.startswith(f"verify: {mixed}"), state.message
+    assert main(["verify", "--name", "demo", "--data-dir", data_dir, "--max-tokens", "64"]) == 1
+    assert mixed in "".join(capsys.readouterr())
     assert main([*argv, "--dry-run", "--to", str(tmp_path / "mixed")]) == 2
     assert mixed in capsys.readouterr().err and not (tmp_path / "mixed").exists()
     assert main(["status", "--data-dir", str(data_dir), "--name", "demo"]) == 1, "status fails on it too"
@@ -84,11 +88,24 @@ def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_cop
         return f"https://huggingface.co/datasets/{repo_id}"
 
     monkeypatch.setattr(publish_module, "upload_folder", upload_folder_double)
+    upload = [a for a in argv if a != "--dry-run"] + ["--allow-partial"]
     monkeypatch.setenv("HF_TOKEN", "hf_read")  # the Hub (its test double, hub_api) says the token cannot write
-    assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 2
+    assert main(upload) == 2
     assert "the Hub token of me is read-only: publishing needs a token with write access" in capsys.readouterr().err and not uploaded
+    monkeypatch.setenv("HF_TOKEN", "hf_bad")
+    assert main(upload) == 2 and "the Hub refused the token (HTTP 401" in capsys.readouterr().err and not uploaded
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    assert main([a for a in argv if a != "--dry-run"] + ["--allow-partial"]) == 0
+    assert main([*upload[:-2], "someone-else/demo-embeddings", "--allow-partial"]) == 2
+    assert "someone-else" in capsys.readouterr().err and not uploaded
+    import huggingface_hub.constants
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with monkeypatch.context() as offline:
+        offline.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        assert main(upload) == 2 and f"cannot reach the Hub at {endpoint}" in capsys.readouterr().err and not uploaded
+    assert main(upload) == 0
 
     # The Hub refuses the upload itself (a fine-grained token without write access to this repo): said, not retried.
     from tests.fineweb_modal.test_publish import _HubAnswered
