@@ -127,6 +127,14 @@ def test_a_dataset_without_its_text_column_is_refused_before_any_work(prefect_ap
     assert "column(s) ['text'] not found" in captured.err and "--text-column" in captured.err
     assert "Traceback" not in captured.out + captured.err, "refused by the CLI before a flow run exists"
     assert not list(data.rglob("*.arrow")) and not list(data.rglob("*.parquet")), "nothing was downloaded or chunked"
+    (tmp_path / "source" / "nourl").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), tmp_path / "source" / "nourl" / "s0.parquet")
+    assert main(["run", "--source", str(tmp_path / "source" / "nourl"), "--data-dir", str(data), "--keep-columns", "id,url"]) == 2
+    assert "column(s) ['url'] not found; the shard has ['id', 'text'] (set --text-column / --keep-columns)" in capsys.readouterr().err
+    (tmp_path / "source" / "empty").mkdir()
+    assert main(["run", "--source", str(tmp_path / "source" / "empty"), "--data-dir", str(data)]) == 2
+    assert "no shard files (.parquet, .arrow, .jsonl, .json) in" in capsys.readouterr().err
+    assert not list(data.rglob("*.arrow")) and not list(data.rglob("*.parquet"))
 
     # Through a deployment (no CLI in front): the pipeline ends Failed holding the ConfigError, without raising.
     from fineweb_modal.errors import ConfigError

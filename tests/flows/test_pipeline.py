@@ -108,6 +108,9 @@ def test_a_corrupt_shard_fails_alone_and_a_rerun_runs_only_it(pipeline_flow, dem
     assert record["attempts"] == 1 and record["error_type"] == "UnreadableFileError", "bad data is not retried"
     downstream = {s.stage: s.missing for s in ledger_status(data_dir, "demo") if s.stage != "download"}
     assert downstream == {"chunk": ["data-00001-of-00003"], "embed": ["data-00001-of-00003"], "summarize": ["data-00001-of-00003"]}, "its later stages lack it too"
+    from flows.cli import main
+
+    assert main(["run", "--source", str(demo_source), "--data-dir", str(data_dir), "--max-tokens", "64", "--only", "failed"]) == 1, "still corrupt"
 
     shutil.copy(backup, good)
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, only="failed")
@@ -172,6 +175,9 @@ def test_only_failed_finds_a_failed_shard_whose_input_was_deleted_since(pipeline
 
     state, _ = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["chunk"], only="failed")
     assert state.is_failed() and f"{shard} have no chunk input any more" in state.message and "(download)" in state.message
+    from flows.cli import main
+
+    assert main(["run", "--source", str(demo_source), "--data-dir", str(data_dir), "--max-tokens", "64", "--stages", "chunk", "--only", "failed"]) == 2, "refused: a config matter"
     state, reports = run_pipeline(pipeline_flow, demo_source, data_dir, stages=["download", "chunk"], only="failed")
     assert state.is_completed(), state.message
     assert [r.shard for r in reports["download"].results] == [shard] == [r.shard for r in reports["chunk"].results]

@@ -515,6 +515,27 @@ def test_a_modal_that_cannot_be_reached_or_refuses_the_token_is_one_line_before_
     assert main(["status", "--backend", "modal"]) == 2, "not 1, which says the data has problems"
     captured = capsys.readouterr()
     assert captured.err.startswith(f"error: {said}") and "Traceback" not in captured.out + captured.err
+    assert main(["fetch", "--backend", "modal", "--name", run.dataset.name, "--max-tokens", "64", "--stage", "chunk", "--shard", shard, "--to", str(destination)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"error: {said}") and "Traceback" not in captured.out + captured.err
+    assert list(destination.parent.iterdir()) == []
+
+
+def test_the_cli_refuses_a_modal_run_on_an_app_deployed_from_other_code_with_exit_2(prefect_api, downloaded, monkeypatch, capsys):
+    from deployments import modal_app
+    from flows.cli import main
+    from tasks import backends
+
+    run, _, fake = downloaded
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    monkeypatch.setattr(modal_app, "CODE_VERSION", "0123456789abcdef")  # as if deployed before a `git pull`
+    monkeypatch.setitem(backends._backends, "modal", ModalBackend(modal_module=fake))
+    argv = ["run", "--name", run.dataset.name, "--data-dir", str(run.dataset.data_dir), "--max-tokens", "64", "--stages", "chunk", "--backend", "modal"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "runs other code than this checkout (deployed 0123456789abcdef" in captured.err and "Traceback" not in captured.out + captured.err
+    assert fake.spawned == [], "no shard call was made"
 
 
 def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path, monkeypatch):
