@@ -623,19 +623,26 @@ class ModalBackend:
         refuses the token, is said here too (by `_remote`): this is a run's first call to it.
         """
         settings = self.deployed_settings()
-        if (deployed := settings.get("code")) != (here := code_version()):
-            gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
-            self._deployed = None
-            raise ConfigError(
-                f"the deployed Modal app {MODAL_APP_NAME!r} runs other code than this checkout (deployed {deployed or 'before code versions'}, "
-                f"here {here}, the code in {Path(fineweb_modal.__file__).parent.parent}): redeploy it from there with `{MODAL_DEPLOY_COMMAND}`{gpu}"
-            )
+        if other_code := self.other_code(settings):
+            raise ConfigError(other_code)
         if tei_model is not None and (served := settings["tei_model"]) != tei_model:
             self._deployed = None
             raise ConfigError(
                 f"the deployed Modal app's TEI serves {served}, not --model {tei_model}: pass --model {served}, or "
                 f"redeploy with FINEWEB_MODAL_TEI_MODEL={tei_model} {MODAL_DEPLOY_COMMAND}"
             )
+
+    def other_code(self, settings: dict[str, Any] | None = None) -> str | None:
+        """What to do when the deployed app runs other code than this checkout (a `git pull` without a redeploy), else None."""
+        settings = settings or self.deployed_settings()
+        if (deployed := settings.get("code")) == (here := code_version()):
+            return None
+        self._deployed = None  # not reused: after a redeploy, the next check asks again
+        gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
+        return (
+            f"the deployed Modal app {MODAL_APP_NAME!r} runs other code than this checkout (deployed {deployed or 'before code versions'}, "
+            f"here {here}, the code in {Path(fineweb_modal.__file__).parent.parent}): redeploy it from there with `{MODAL_DEPLOY_COMMAND}`{gpu}"
+        )
 
     def _remote(self, name: str, *args: Any, in_flight: bool = False) -> Any:
         """`.remote(*args)` of a deployed function. One the deployment lacks (none, or an older one) is a ConfigError

@@ -536,6 +536,14 @@ def test_the_cli_refuses_a_modal_run_on_an_app_deployed_from_other_code_with_exi
     captured = capsys.readouterr()
     assert "runs other code than this checkout (deployed 0123456789abcdef" in captured.err and "Traceback" not in captured.out + captured.err
     assert fake.spawned == [], "no shard call was made"
+    # `status` still answers, from the deployed code's ledger reader, saying that it is the older code's view.
+    assert main(["status", "--backend", "modal", "--name", run.dataset.name]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: the deployed Modal app 'fineweb-modal' runs other code than this checkout (deployed 0123456789abcdef")
+    assert captured.err.rstrip().endswith("until then this status is the deployed code's view")
+    assert f"{run.dataset.name}" in captured.out and "download" in captured.out
+    assert main(["verify", "--backend", "modal", "--name", run.dataset.name, "--max-tokens", "64"]) == 1, "nothing embedded yet"
+    assert "runs other code than this checkout (deployed 0123456789abcdef" in capsys.readouterr().err, "verify warns too"
 
 
 def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path, monkeypatch):
