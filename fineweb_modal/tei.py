@@ -8,7 +8,8 @@ flight while the inputs in flight stay within `max_concurrent_requests` (TEI cou
 429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter.
 413 (TEI's answer both to a payload over its limit and to a failed validation) and 422 (its tokenizer's)
 bisect the request down to the chunk that caused it, reported by row. 401/403 are configuration errors,
-never retried.
+never retried. Any other answer (TEI's 424: its model failed) fails the shard as transient, for its task's
+retries; the shard's other requests in flight are then cancelled.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fineweb_modal.errors import BadDataError, ConfigError
+from fineweb_modal.errors import BadDataError, ConfigError, is_transient
 
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # TEI's --payload-limit default, in bytes
 RETRY_STATUSES = {429, 500, 502, 503, 504}  # overloaded, or a server going down or coming up
@@ -274,7 +275,7 @@ class TEIClient:
             if response.status_code in (413, 422) and len(indices) > 1:
                 self.stats.splits += 1  # too big, or one bad input: halve until the culprit stands alone
                 half = len(indices) // 2
-                await asyncio.gather(run(client, indices[:half]), run(client, indices[half:]))
+                await _together([run(client, indices[:half]), run(client, indices[half:])])
                 return
             if response.status_code != 200:
                 name = row_names[indices[0]] if row_names else f"row {indices[0]}"
@@ -304,11 +305,25 @@ class TEIClient:
             filled[indices] = True
 
         async with self._client() as client:
-            await asyncio.gather(*(run(client, r) for r in requests))
+            await _together([run(client, r) for r in requests])
         self.stats.max_inputs_in_flight = max(self.stats.max_inputs_in_flight, permits.peak)
         if out is None or not filled.all():
             raise TEIUnavailable(f"{int((~filled).sum())} rows came back without a vector")
         return out
+
+
+async def _together(requests: list) -> None:
+    """Await the requests together; on the first failure cancel the others and raise it.
+
+    With `gather` the others would run on (against a client being closed, retrying into its errors) until the
+    event loop ends. Of failures at the same moment, one that a retry cannot pass is raised: it decides the shard.
+    """
+    try:
+        async with asyncio.TaskGroup() as group:
+            for request in requests:
+                group.create_task(request)
+    except ExceptionGroup as failed:
+        raise min(failed.exceptions, key=is_transient) from None
 
 
 def check_served_model(info: TEIInfo, model_id: str, served_as: str | None = None) -> None:

@@ -107,6 +107,16 @@ def test_a_tei_restarting_behind_a_proxy_500_502_504_is_survived(double, referen
     assert all(engine.client.stats.statuses[status] == 2 for status in (500, 502, 504))
     assert "HTTP 500 ×2, HTTP 502 ×2, HTTP 504 ×2" in engine.client.stats.retried()
 
+def test_a_failure_of_teis_model_fails_the_shard_as_transient_at_once(double, reference):
+    """TEI's 424 (its backend failed on a batch, e.g. out of GPU memory) is not retried request by request: the
+    shard fails as transient, so Prefect retries it (from its last part) rather than each request 9 times."""
+    double.faults = ["424"]
+    engine = fast_engine(double.url)
+    with pytest.raises(TEIUnavailable, match="TEI answered HTTP 424 for .* chunks: .*CUDA out of memory") as failure:
+        engine.embed(TEXTS)
+    assert is_transient(failure.value) and engine.client.stats.retries == 0
+    assert_same_rows(engine.embed(TEXTS), reference)
+
 def test_a_server_that_dies_mid_shard_and_comes_back(double, reference):
     engine = fast_engine(double.url, max_retries=25)
     engine.client.backoff_cap_s = 0.5
