@@ -92,7 +92,7 @@ def free_bytes(path: Path | str) -> int:
 
 
 def check_disk_space(run: RunConfig, layout: Layout, stage: str, shards: dict[str, dict]) -> int:
-    """Raise DiskSpaceError, with the numbers, when the shards about to run clearly will not fit; return the estimate."""
+    """Raise DiskSpaceError, with the numbers, when the shards about to run clearly will not fit; return the bytes asked for (the estimate + 10 %)."""
     if not shards or stage == "summarize":
         return 0
     needed = int(estimate_stage_bytes(run, layout, stage, shards) * HEADROOM)

@@ -186,9 +186,8 @@ def hub_access_problem(repo_id: str) -> HubProblem | None:
     from huggingface_hub import constants, get_token
 
     asking = (constants.ENDPOINT, repo_id, get_token())
-    asked_at, answer = _hub_answers.get(asking, (0.0, None))
-    if time.monotonic() - asked_at < HUB_ANSWER_TTL_S:
-        return answer
+    if (hit := _hub_answers.get(asking)) and time.monotonic() - hit[0] < HUB_ANSWER_TTL_S:
+        return hit[1]
     answer = _ask_hub(repo_id)
     _hub_answers[asking] = (time.monotonic(), answer)
     return answer
@@ -264,9 +263,8 @@ def hub_schema(repo_id: str, subset: str | None, split: str) -> pa.Schema | None
     from datasets import load_dataset
 
     asking = (hub_load_path(repo_id), subset, split)
-    asked_at, schema = _hub_schemas.get(asking, (0.0, None))
-    if time.monotonic() - asked_at < HUB_ANSWER_TTL_S:
-        return schema
+    if (hit := _hub_schemas.get(asking)) and time.monotonic() - hit[0] < HUB_ANSWER_TTL_S:
+        return hit[1]
     with hub_config_errors(repo_id, subset):  # e.g. "Bad split: tran. Available splits: ['train']"
         features = load_dataset(asking[0], subset, split=split, streaming=True).features
     schema = features.arrow_schema if features is not None else None

@@ -8,8 +8,9 @@ flight while the inputs in flight stay within `max_concurrent_requests` (TEI cou
 429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter.
 413 (TEI's answer both to a payload over its limit and to a failed validation) and 422 (its tokenizer's)
 bisect the request down to the chunk that caused it, reported by row. 401/403 are configuration errors,
-never retried. Any other answer (TEI's 424: its model failed) fails the shard as transient, for its task's
-retries; the shard's other requests in flight are then cancelled.
+never retried, as is any other 4xx (a request a retry cannot pass), except 408 and TEI's 424 (its model failed
+on a batch), which fail the shard as transient, for its task's retries, as do other 5xx. On a failure the
+shard's other requests in flight are cancelled.
 """
 
 from __future__ import annotations
@@ -286,6 +287,8 @@ class TEIClient:
                     if probe.status_code != 200:
                         raise ConfigError(f"TEI rejects every /embed request of this run, not one chunk: HTTP {response.status_code} {detail}")
                     raise TEIRequestError(f"TEI rejected chunk {name} ({token_counts[indices[0]]} tokens): HTTP {response.status_code} {detail}")
+                if 400 <= response.status_code < 500 and response.status_code not in (408, 424):  # the request is wrong: a retry cannot pass
+                    raise ConfigError(f"TEI at {self.url} answered HTTP {response.status_code} to POST /embed: {detail}")
                 raise TEIUnavailable(f"TEI answered HTTP {response.status_code} for {len(indices)} chunks: {detail}")
             vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)
             if vectors.ndim != 2 or vectors.shape[0] != len(indices):
@@ -322,8 +325,12 @@ async def _together(requests: list) -> None:
         async with asyncio.TaskGroup() as group:
             for request in requests:
                 group.create_task(request)
-    except ExceptionGroup as failed:
-        raise min(failed.exceptions, key=is_transient) from None
+    except BaseExceptionGroup as failed:
+        # (Nothing cancels this from outside: it runs in `asyncio.run` of its own. Python 3.11's TaskGroup leaves
+        # `cancelling()` set after a child's failure, so that could not tell an outside cancel apart anyway.)
+        # A BaseException that is no Exception first, then one a retry cannot pass: it decides the shard.
+        chosen = min(failed.exceptions, key=lambda exc: (isinstance(exc, Exception), is_transient(exc)))
+        raise chosen from chosen.__cause__  # its own traceback and cause; the group is left out
 
 
 def check_served_model(info: TEIInfo, model_id: str, served_as: str | None = None) -> None:

@@ -279,9 +279,8 @@ def print_status(data_dir: str, name: str | None, as_json: bool, backend: str = 
     from fineweb_modal.report import group_digits
     from tasks.backends import MODAL_DATA_DIR, get_backend
 
-    if backend == "modal" and (other_code := get_backend("modal").other_code()):
-        # Its ledger is read by the deployed code: one older than this checkout may not see what this one would.
-        print(f"warning: {other_code}; until then this status is the deployed code's view", file=sys.stderr)
+    if backend == "modal" and (warning := get_backend("modal").reader_warning("status")):
+        print(f"warning: {warning}", file=sys.stderr)
     statuses = get_backend(backend).ledger_status(data_dir, name)
     where = f"the Modal Volume ({MODAL_DATA_DIR})" if backend == "modal" else data_dir
     if as_json:

@@ -53,8 +53,8 @@ def verify(
             source=source, subset=subset, split=split, name=name, data_dir=data_dir, stages=["embed"], backend=backend,
             max_tokens=max_tokens, model=model, prefix=prefix, text_column=text_column, dimensions=dimensions, shards=shards,
         )  # fmt: skip
-        if backend == "modal" and (other_code := get_backend("modal").other_code()):
-            get_run_logger().warning("%s; until then this check is the deployed code's", other_code)  # it may miss what this code finds
+        if backend == "modal" and (warning := get_backend("modal").reader_warning("check")):
+            get_run_logger().warning(warning)
         chunked = get_backend(backend).list_shards(run, "embed")
         if not chunked:  # a misspelt name, data dir or chunk size must not pass as "0 shard(s) ok"
             return Failed(message=f"verify: no embedded shards of {run.dataset.name} under {run.dataset.data_dir}{_other_embeddings(run)}")

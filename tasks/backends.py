@@ -624,6 +624,7 @@ class ModalBackend:
         """
         settings = self.deployed_settings()
         if other_code := self.other_code(settings):
+            self._deployed = None
             raise ConfigError(other_code)
         if tei_model is not None and (served := settings["tei_model"]) != tei_model:
             self._deployed = None
@@ -634,15 +635,26 @@ class ModalBackend:
 
     def other_code(self, settings: dict[str, Any] | None = None) -> str | None:
         """What to do when the deployed app runs other code than this checkout (a `git pull` without a redeploy), else None."""
-        settings = settings or self.deployed_settings()
+        if settings is None:
+            settings = self.deployed_settings()
         if (deployed := settings.get("code")) == (here := code_version()):
             return None
-        self._deployed = None  # not reused: after a redeploy, the next check asks again
         gpu = f" (it was deployed for GPU {settings['gpu']}: keep FINEWEB_MODAL_GPU={settings['gpu']} and the other FINEWEB_MODAL_* settings you deployed with)" if settings.get("gpu") else ""
         return (
             f"the deployed Modal app {MODAL_APP_NAME!r} runs other code than this checkout (deployed {deployed or 'before code versions'}, "
             f"here {here}, the code in {Path(fineweb_modal.__file__).parent.parent}): redeploy it from there with `{MODAL_DEPLOY_COMMAND}`{gpu}"
         )
+
+    def reader_warning(self, command: str) -> str | None:
+        """For `status` and `verify`, which only read and run anyway: a warning when the deployed code, which does the
+        reading, is not this checkout's (an older one may not report what this code would, such as mixed settings)."""
+        try:
+            other_code = self.other_code()
+        except ServiceUnavailable:
+            raise
+        except ConfigError as exc:  # an app deployed before `deployed_settings` existed, or none
+            other_code = f"cannot tell which code the deployed Modal app runs ({exc})"
+        return f"{other_code}; until then this {command} is the deployed code's view" if other_code else None
 
     def _remote(self, name: str, *args: Any, in_flight: bool = False) -> Any:
         """`.remote(*args)` of a deployed function. One the deployment lacks (none, or an older one) is a ConfigError

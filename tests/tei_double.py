@@ -41,6 +41,7 @@ FAULT_ANSWERS = {
     "500": lambda: PlainTextResponse("Internal Server Error", status_code=500),
     "502": lambda: PlainTextResponse("502 Bad Gateway", status_code=502),
     "504": lambda: PlainTextResponse("504 Gateway Time-out", status_code=504),
+    "404": lambda: PlainTextResponse("404 Not Found", status_code=404),  # a proxy whose route to TEI was removed
 }
 
 
@@ -157,7 +158,7 @@ class TEITestDouble:
         self.metrics.auth_headers.append(header)
         if header == f"Bearer {self.api_key}":
             return None
-        return self._status(Response(status_code=self.refusal_status))  # TEI's auth layer answers with an empty body
+        return self._status(Response(status_code=self.refusal_status))  # an empty body, as TEI's auth layer (or the proxy) answers
 
     async def _info(self, request: Request) -> Response:
         if refused := self._refused(request):

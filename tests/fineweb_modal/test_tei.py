@@ -110,12 +110,25 @@ def test_a_tei_restarting_behind_a_proxy_500_502_504_is_survived(double, referen
 def test_a_failure_of_teis_model_fails_the_shard_as_transient_at_once(double, reference):
     """TEI's 424 (its backend failed on a batch, e.g. out of GPU memory) is not retried request by request: the
     shard fails as transient, so Prefect retries it (from its last part) rather than each request 9 times."""
-    double.faults = ["424"]
     engine = fast_engine(double.url)
+    engine.embed(TEXTS[:4])  # a warm engine: the requests below start together
+    double.faults = ["424"]
+    double.compute_delay_s = 0.5  # the other requests are still in TEI's hands when the 424 comes back
     with pytest.raises(TEIUnavailable, match="TEI answered HTTP 424 for .* chunks: .*CUDA out of memory") as failure:
         engine.embed(TEXTS)
-    assert is_transient(failure.value) and engine.client.stats.retries == 0
+    assert is_transient(failure.value)
+    stats = engine.client.stats
+    assert stats.requests > 2 and stats.retries == 0 and stats.transport_errors == 0, "the others cancelled, not cut off by the closed client and retried"
+    double.compute_delay_s = 0.02
     assert_same_rows(engine.embed(TEXTS), reference)
+
+
+def test_a_request_a_retry_cannot_pass_is_a_configuration_error(double):
+    """Any other 4xx (here a proxy's 404 on /embed) is not TEI being busy: said at once, not retried by Prefect."""
+    double.faults = ["404"]
+    with pytest.raises(ConfigError, match=r"TEI at http://127\.0\.0\.1:\d+ answered HTTP 404 to POST /embed: 404 Not Found") as failure:
+        fast_engine(double.url).embed(TEXTS[:10])
+    assert not is_transient(failure.value)
 
 def test_a_server_that_dies_mid_shard_and_comes_back(double, reference):
     engine = fast_engine(double.url, max_retries=25)
@@ -205,7 +218,8 @@ def test_api_key_is_sent_as_bearer_and_never_shown(reference, monkeypatch, caplo
 
 
 def test_a_403_refusal_and_a_key_that_stops_working_mid_run_are_not_retried(reference, monkeypatch):
-    """A proxy answering 403 is a refused key as TEI's 401 is; a key revoked between requests fails at once."""
+    """A proxy answering 403 is a refused key as TEI's 401 is; a key revoked during a run (between two embed
+    calls: two shards, or two blocks of one) fails at once, not retried."""
     server = TEITestDouble(api_key="key-one-SECRET", refusal_status=403).start()
     try:
         monkeypatch.setenv("TEI_API_KEY", "key-two-SECRET")

@@ -96,7 +96,7 @@ def test_a_partial_dataset_is_refused_unless_allowed_and_an_upload_leaves_no_cop
     assert main(upload) == 2 and "the Hub refused the token (HTTP 401" in capsys.readouterr().err and not uploaded
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
     assert main([*upload[:-2], "someone-else/demo-embeddings", "--allow-partial"]) == 2
-    assert "someone-else" in capsys.readouterr().err and not uploaded
+    assert "who cannot create datasets under 'someone-else'" in capsys.readouterr().err and not uploaded
     import huggingface_hub.constants
 
     with socket.socket() as closed:  # a port nothing listens on

@@ -6,6 +6,7 @@ The double runs each "remote" call through the real Modal functions' `.local()` 
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -542,8 +543,30 @@ def test_the_cli_refuses_a_modal_run_on_an_app_deployed_from_other_code_with_exi
     assert captured.err.startswith("warning: the deployed Modal app 'fineweb-modal' runs other code than this checkout (deployed 0123456789abcdef")
     assert captured.err.rstrip().endswith("until then this status is the deployed code's view")
     assert f"{run.dataset.name}" in captured.out and "download" in captured.out
+    assert main(["status", "--backend", "modal", "--name", run.dataset.name, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["dataset"] == run.dataset.name and captured.err.startswith("warning: "), "stdout stays JSON"
     assert main(["verify", "--backend", "modal", "--name", run.dataset.name, "--max-tokens", "64"]) == 1, "nothing embedded yet"
     assert "runs other code than this checkout (deployed 0123456789abcdef" in capsys.readouterr().err, "verify warns too"
+
+    # An app deployed before it could say which code it runs: said too, and status answers all the same.
+    class Missing(Exception):
+        pass
+
+    Missing.__name__ = "NotFoundError"  # what modal raises for a function the deployed app lacks
+    answers = fake._function
+
+    def older_app(name):
+        if name == "deployed_settings":
+            return type("F", (), {"remote": staticmethod(lambda *a: (_ for _ in ()).throw(Missing("no such function")))})
+        return answers(name)
+
+    monkeypatch.setattr(fake, "_function", older_app)
+    monkeypatch.setitem(backends._backends, "modal", ModalBackend(modal_module=fake))
+    assert main(["status", "--backend", "modal", "--name", run.dataset.name]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.startswith("warning: cannot tell which code the deployed Modal app runs (the Modal app 'fineweb-modal' is not deployed, or is older")
+    assert run.dataset.name in captured.out
 
 
 def test_the_code_version_follows_the_app_file_and_the_packages(tmp_path, monkeypatch):
