@@ -5,11 +5,11 @@ are unpadded), so the client packs requests by real token counts (chunk + prefix
 count (≤ `max_client_batch_size`) and by JSON size (≤ the payload limit), and keeps several requests in
 flight while the inputs in flight stay within `max_concurrent_requests` (TEI counts permits per input).
 
-429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter.
+408/429/500/502/503/504, connection resets and timeouts are retried with exponential backoff and full jitter.
 413 (TEI's answer both to a payload over its limit and to a failed validation) and 422 (its tokenizer's)
 bisect the request down to the chunk that caused it, reported by row. 401/403 are configuration errors,
-never retried, as is any other 4xx (a request a retry cannot pass), except 408 and TEI's 424 (its model failed
-on a batch), which fail the shard as transient, for its task's retries, as do other 5xx. On a failure the
+never retried, as is any other 4xx (a request a retry cannot pass) but TEI's 424 (its model failed on a
+batch), which fails the shard as transient, for its task's retries, as do other 5xx. On a failure the
 shard's other requests in flight are cancelled.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 from fineweb_modal.errors import BadDataError, ConfigError, is_transient
 
 DEFAULT_PAYLOAD_LIMIT = 2_000_000  # TEI's --payload-limit default, in bytes
-RETRY_STATUSES = {429, 500, 502, 503, 504}  # overloaded, or a server going down or coming up
+RETRY_STATUSES = {408, 429, 500, 502, 503, 504}  # a proxy's timeout, overloaded, or a server going down or coming up
 # TEI refuses an input of more than max_input_length × 250 characters (before tokenizing, unless told to
 # truncate, which would cut the text): a chunk of few tokens can pass that with one huge `[UNK]` word.
 TEI_CHARS_PER_TOKEN = 250
@@ -287,7 +287,7 @@ class TEIClient:
                     if probe.status_code != 200:
                         raise ConfigError(f"TEI rejects every /embed request of this run, not one chunk: HTTP {response.status_code} {detail}")
                     raise TEIRequestError(f"TEI rejected chunk {name} ({token_counts[indices[0]]} tokens): HTTP {response.status_code} {detail}")
-                if 400 <= response.status_code < 500 and response.status_code not in (408, 424):  # the request is wrong: a retry cannot pass
+                if 400 <= response.status_code < 500 and response.status_code != 424:  # the request is wrong: a retry cannot pass
                     raise ConfigError(f"TEI at {self.url} answered HTTP {response.status_code} to POST /embed: {detail}")
                 raise TEIUnavailable(f"TEI answered HTTP {response.status_code} for {len(indices)} chunks: {detail}")
             vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)

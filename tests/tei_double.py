@@ -6,10 +6,10 @@ length), 422 for an input the tokenizer rejects, 401 on `/info` and `/embed` wit
 stays open). Where TEI makes a batch request wait for concurrency permits, the double answers 429 when
 more inputs would be in flight than allowed: stricter, so a client that overshoots is seen. It computes
 real embeddings with the in-process engine, records what it saw (peak inputs and tokens in flight, largest
-request), and injects faults on demand: 429, 503 and 424 (its model failed) answers as TEI gives them, 500, 502 and 504 as a proxy
-in front of it does, connections reset mid-response, answers slower than the client's timeout, and going down
-and coming back. `refusal_status=403` plays a proxy that refuses a request without the key. `honors_dimensions=False` plays a TEI that
-ignores `dimensions`. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
+request), and injects faults on demand: 429, 503 and 424 (its model failed) answers as TEI gives them; 404,
+408, 500, 502 and 504 as a proxy in front of it does; connections reset mid-response, answers slower than the
+client's timeout, and going down and coming back. `refusal_status=403` plays a proxy that refuses a request
+without the key. `honors_dimensions=False` plays a TEI that ignores `dimensions`. TEI itself needs Docker and a GPU or its Rust binary, neither of which this machine has.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ FAULT_ANSWERS = {
     "500": lambda: PlainTextResponse("Internal Server Error", status_code=500),
     "502": lambda: PlainTextResponse("502 Bad Gateway", status_code=502),
     "504": lambda: PlainTextResponse("504 Gateway Time-out", status_code=504),
+    "408": lambda: PlainTextResponse("408 Request Time-out", status_code=408),
     "404": lambda: PlainTextResponse("404 Not Found", status_code=404),  # a proxy whose route to TEI was removed
 }
 

@@ -98,14 +98,14 @@ def test_429_503_resets_and_slow_answers_are_survived(double, reference):
 
 
 def test_a_tei_restarting_behind_a_proxy_500_502_504_is_survived(double, reference):
-    """A proxy's plain-text 500/502/504 while TEI restarts are retried like TEI's own 503: no row lost or doubled."""
-    double.faults = ["500", "502", "504"] * 2
+    """A proxy's plain-text 500/502/504 while TEI restarts (and its 408) are retried like TEI's own 503: no row lost or doubled."""
+    double.faults = ["500", "502", "504", "408"] * 2
     engine = fast_engine(double.url, max_retries=20)
     vectors = engine.embed(TEXTS)
     assert_same_rows(vectors, reference)
     assert double.faults == [] and double.metrics.embedded_inputs == len(TEXTS), "each text embedded once"
-    assert all(engine.client.stats.statuses[status] == 2 for status in (500, 502, 504))
-    assert "HTTP 500 ×2, HTTP 502 ×2, HTTP 504 ×2" in engine.client.stats.retried()
+    assert all(engine.client.stats.statuses[status] == 2 for status in (408, 500, 502, 504))
+    assert "HTTP 408 ×2, HTTP 500 ×2, HTTP 502 ×2, HTTP 504 ×2" in engine.client.stats.retried()
 
 def test_a_failure_of_teis_model_fails_the_shard_as_transient_at_once(double, reference):
     """TEI's 424 (its backend failed on a batch, e.g. out of GPU memory) is not retried request by request: the
