@@ -257,3 +257,29 @@ class _CutOffResponse(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.body[: len(self.body) // 2], "more_body": True})
         raise ConnectionResetError("test double: connection reset mid-response")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the test double in the foreground, to try `--engine tei` by hand (it is not TEI: see the module's docstring)."""
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(prog="python -m tests.tei_double", description="A test double of TEI's HTTP API on 127.0.0.1 (not TEI)")
+    parser.add_argument("--port", type=int, default=8089, help="0 for any free port")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model it embeds with and reports in /info")
+    parser.add_argument("--api-key-env", metavar="VAR", help="require the key held in this environment variable (e.g. TEI_API_KEY)")
+    args = parser.parse_args(argv)
+    api_key = os.environ[args.api_key_env] if args.api_key_env else None
+    double = TEITestDouble(model_id=args.model, api_key=api_key).start(args.port)
+    print(f"TEI test double (not TEI) serving {args.model} on {double.url}; Ctrl-C stops it", flush=True)
+    try:
+        while double._thread.is_alive():
+            double._thread.join(timeout=1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        double.stop()
+
+
+if __name__ == "__main__":
+    main()

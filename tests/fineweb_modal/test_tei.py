@@ -372,3 +372,26 @@ def test_a_shards_retries_are_counted_and_logged_for_its_task(double, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="fineweb_modal"):
         calm = embed_shard(tmp_path / "c.parquet", tmp_path / "e2.parquet", cfg, tmp_path / "parts2", engine=engine)
     assert calm.tei_requests["retries"] == 0 and not [r for r in caplog.records if "TEI at" in r.getMessage()]
+
+
+def test_the_double_can_be_served_by_hand_to_try_the_tei_engine():
+    """`python -m tests.tei_double` (README: trying `--engine tei` without TEI) answers /info and stops on Ctrl-C."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import httpx
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.tei_double", "--port", "0"], cwd=Path(__file__).parents[2], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        said = process.stdout.readline()
+        url = re.search(r"\(not TEI\) serving .* on (http://127\.0\.0\.1:\d+); Ctrl-C stops it", said).group(1)
+        assert httpx.get(f"{url}/info", timeout=10).json()["model_id"] == DEFAULT_MODEL
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
