@@ -108,10 +108,13 @@ class TransformersEngine:
 
     `freeze` compiles with inductor's freezing: weights become constants; on CUDA q/k/v and SwiGLU's
     gate/up then each run as one matmul, on the CPU weights are prepacked for oneDNN (there 1.03× eager in
-    bf16, 1.9× in fp32). Default: when compiling on the CPU; on CUDA not yet measured, so off unless asked.
-    `fused_swiglu` (off by default, for `benchmarks/embed.py` to compare on a GPU) runs each SwiGLU
-    feed-forward's gate and up projections in one Triton kernel (`fineweb_modal.kernels`; CUDA, or
-    Triton's interpreter in tests). It changes `model` in place.
+    bf16, 1.9× in fp32). Default: when compiling on the CPU; off on CUDA, where it measured 1.003× the
+    unfrozen compiled model on an H200 (within noise: cuBLAS runs the separate matmuls as fast).
+    `fused_swiglu` (off by default; for `benchmarks/embed.py`) runs each SwiGLU feed-forward's gate and up
+    projections in one Triton kernel (`fineweb_modal.kernels`; CUDA, or Triton's interpreter in tests); it
+    measured 0.97× on an H200: Triton's matmul is slower than cuBLAS's by more than the pass it saves. It
+    changes `model` in place. `compile_mode` is torch.compile's `mode` (`max-autotune-no-cudagraphs`, which
+    tries Triton matmul templates against cuBLAS, measured 1.00× on an H200: cuBLAS won every shape).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class TransformersEngine:
         dtype=None,
         freeze: bool | None = None,
         fused_swiglu: bool = False,
+        compile_mode: str | None = None,
     ):
         import torch
 
@@ -143,6 +147,7 @@ class TransformersEngine:
         self.freeze = compiled and (freeze if freeze is not None else not on_gpu)
         kernels = self._kernels_for_fused_swiglu() if fused_swiglu else None  # before the weights load
         self.compiled = False  # until the end: the start-up checks run the model eagerly
+        self.compile_mode = compile_mode
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
@@ -185,7 +190,7 @@ class TransformersEngine:
                 raise ConfigError(f"fused_swiglu: {model_id} has no SwiGLU feed-forward (gate_proj, up_proj, down_proj, SiLU, no biases)")
         self.compiled = compiled  # False again if compiling fails
         if compiled:
-            self.forward = torch.compile(self.model)
+            self.forward = torch.compile(self.model, mode=compile_mode)
 
     def _kernels_for_fused_swiglu(self) -> ModuleType:
         """fineweb_modal.kernels, where it can run: triton installed, and a CUDA device (or Triton's interpreter)."""
@@ -417,7 +422,7 @@ class TransformersEngine:
         else:
             self.model.float()
         # A compiled engine stays compiled: `--compile on` measured ~2× eager in fp32 on the CPU.
-        self.forward = torch.compile(self.model) if self.compiled else self.model
+        self.forward = torch.compile(self.model, mode=self.compile_mode) if self.compiled else self.model
         self.dtype = torch.float32
 
     def _check_packing(self) -> None:

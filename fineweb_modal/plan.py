@@ -22,11 +22,12 @@ from fineweb_modal.storage import sample_arrow_rows
 
 SAMPLE_DOCS = 200
 HUB_SAMPLE_DOCS = 1000  # streamed from the start of a Hub dataset: its first file's first documents
-# Estimates for nomic-embed-text-v1.5's shape: the engine measured 1.29 M tokens/s end to end on an H200
-# (benchmarks/results/embed-gpu.json; the H100 has the same matmul rate, slower memory); the seed's TEI on
-# A10G did 24-65 k tokens/s; other GPUs scaled by their bf16 throughput.
+# Estimates for nomic-embed-text-v1.5's shape: the engine measured 1.68 M tokens/s end to end on an H200
+# (benchmarks/results/embed-gpu.json). The H100 has the same matmul rate and 0.7x the memory bandwidth; the
+# memory-bound kernels took a quarter of the H200's time (benchmarks/results/model-profile-gpu.json), so
+# ~0.9x. The seed's TEI on A10G did 24-65 k tokens/s; other GPUs scaled by their bf16 throughput.
 DEFAULT_TOKENS_PER_S = {
-    "transformers": {"H100": 1.2e6, "H200": 1.29e6, "A100-80GB": 0.8e6, "L40S": 0.5e6, "A10G": 0.2e6, "L4": 0.15e6},
+    "transformers": {"H100": 1.5e6, "H200": 1.68e6, "A100-80GB": 0.8e6, "L40S": 0.5e6, "A10G": 0.2e6, "L4": 0.15e6},
     "tei": {"H100": 1.2e6, "H200": 1.4e6, "A100-80GB": 0.6e6, "L40S": 0.35e6, "A10G": 0.065e6, "L4": 0.05e6},
 }
 BENCHMARK_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "latest.json"

@@ -133,3 +133,58 @@ def test_the_best_engine_is_the_fastest_that_keeps_the_vectors():
     assert best_engine(rates, agreement | {"engine_fused": 0.9995}) == "engine_fused"
     assert best_engine({"engine_fused": 1.6e6, "seed_style": 0.7e6}, {"engine_fused": 0.99}) == "engine_fused", "nothing accurate: the fastest, to be failed"
     assert best_engine({"seed_style": 0.7e6}, {}) == "seed_style"
+
+
+# What the GPU machine's image lacks (it has torch, transformers, tokenizers, triton and pyarrow).
+ABSENT_ON_GPU_IMAGE = ("pydantic", "prefect", "datasets", "modal", "sentence_transformers")
+_RUN_WITHOUT = """
+import importlib.abc, json, sys
+from pathlib import Path
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {absent!r}:
+            raise ImportError(f"{{name}} is not on the GPU image")
+
+sys.meta_path.insert(0, Absent())
+from benchmarks.model_profile import run
+tiny = {{"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}}
+run(Path({inputs!r}), ["frozen", "frozen_131k"], 1, Path({output!r}), device="cpu", model_config=tiny)
+import fineweb_modal
+assert "fineweb_modal.ledger" not in sys.modules and "fineweb_modal.config" not in sys.modules
+"""
+
+
+def test_model_profile_runs_on_the_gpu_images_packages_alone(tmp_path):
+    """benchmarks.model_profile (and the engine, embed_shard's module and benchmarks.embed it imports) without pydantic,
+    prefect, datasets, modal or sentence-transformers, as the GPU machine runs it: a baseline, a candidate, a profile."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.embed import prepare_gpu_inputs
+
+    prepare_gpu_inputs(tmp_path, 20_000)
+    output = tmp_path / "profile.json"
+    script = _RUN_WITHOUT.format(absent=set(ABSENT_ON_GPU_IMAGE), inputs=str(tmp_path), output=str(output))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(output.read_text())
+    baseline, candidate = results["variants"]["frozen"], results["variants"]["frozen_131k"]
+    assert baseline["tokens_per_s"] > 0 and baseline["vs_baseline"] == 1.0 and "error" not in candidate
+    assert candidate["options"]["batch_tokens"] == 131_072 and candidate["min_cos_vs_baseline"] > 0.999
+    shares = baseline["profile"]["share"]
+    assert abs(sum(shares.values()) - 1) < 0.01 and shares["matmul"] > 0.2, shares
+    assert all(k["kind"] == "matmul" for k in baseline["profile"]["top_kernels"] if k["name"] in ("aten::mm", "aten::addmm"))
+
+
+def test_kernel_kinds_from_gpu_kernel_names():
+    """Names as the H200's profile showed them: cuBLAS's nvjet, flash attention, inductor's Triton kernels and templates."""
+    from benchmarks.model_profile import kernel_kind
+
+    assert kernel_kind("nvjet_sm90_tst_192x208_64x4_1x2_h_bz_coopB_NNT") == "matmul"
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 128, 4>>") == "attention"
+    assert kernel_kind("triton_poi_fused__unsafe_view_mul_silu_split_5") == "fused elementwise"
+    assert kernel_kind("triton_tem_fused_mm_3") == "matmul"
+    assert kernel_kind("Memcpy HtoD (Pinned -> Device)") == "copy"
+    assert kernel_kind("void at::native::indexFuncLargeIndex<float>") == "other"

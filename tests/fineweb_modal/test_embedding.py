@@ -512,6 +512,25 @@ def test_falling_back_to_fp32_keeps_a_compiled_engine_compiled(compiled):
         assert engine.forward is engine.model
 
 
+def test_the_compile_mode_reaches_torch_compile_and_survives_the_fp32_fallback(monkeypatch):
+    """`compile_mode` (benchmarks/model_profile.py tries max-autotune) is torch.compile's `mode`, also after a reload in fp32."""
+    import torch
+
+    modes = []
+    real_compile = torch.compile
+
+    def recording_compile(model, mode=None, **options):
+        modes.append(mode)
+        return real_compile(model, mode=mode, **options)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    engine = TransformersEngine(DEFAULT_MODEL, device="cpu", dtype=torch.bfloat16, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    engine._use_float32()
+    assert modes == ["max-autotune-no-cudagraphs"] * 2 and engine.compiled
+    default = TransformersEngine(DEFAULT_MODEL, device="cpu", compile=True)
+    assert modes[-1] is None and default.compile_mode is None
+
+
 def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tmp_path, monkeypatch):
     """Their token counts and fit are another model's: embedding them with --model B alone must say so, not embed them."""
     import json
