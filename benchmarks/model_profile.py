@@ -29,6 +29,7 @@ CANDIDATES: dict[str, dict] = {
     BASELINE: {"freeze": True},
     "frozen_131k": {"freeze": True, "batch_tokens": 131_072},  # half the launches per token
     "frozen_autotuned": {"freeze": True, "compile_mode": "max-autotune-no-cudagraphs"},  # Triton matmul templates, epilogues fused
+    "frozen_computed_rotary": {"freeze": True, "rotary_table": False},  # cos/sin computed per call, as transformers does
 }
 # Kernel names by kind, first match wins: flash attention; cuBLAS/CUTLASS and Triton matmul templates; the
 # rest of inductor's Triton kernels (rotary, SwiGLU's gate × up, residual + layer norm); copies.

@@ -65,3 +65,50 @@ def supports_packing(model) -> bool:
     if not hasattr(model, "set_attn_implementation"):
         return False
     return "position_ids" in inspect.signature(model.forward).parameters
+
+
+@functools.cache
+def _rotary_table_class():
+    import torch
+
+    class RotaryTable(torch.nn.Module):
+        """A rotary embedding's cos/sin for every position, computed once; each call looks its positions up."""
+
+        def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+            super().__init__()
+            self.register_buffer("cos", cos, persistent=False)
+            self.register_buffer("sin", sin, persistent=False)
+
+        def forward(self, x, position_ids):
+            return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
+
+    return RotaryTable
+
+
+def tabulate_rotary(model, positions: int) -> int:
+    """Replace each default rotary embedding (transformers' `*RotaryEmbedding`, rope_type "default") by a table of its
+    own outputs for positions 0..positions-1; returns how many were replaced.
+
+    Compiled, the model otherwise computes cos and sin of position × frequency inside every layer's rotary kernel
+    (inductor recomputes cheap pointwise work rather than storing it): 48 transcendental calls per token and
+    dimension across nomic's 12 layers, where a lookup is a load from a table that stays in cache.
+    """
+    import torch
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not (type(module).__name__.endswith("RotaryEmbedding") and getattr(module, "rope_type", None) == "default" and hasattr(module, "inv_freq")):
+            continue
+        device = module.inv_freq.device
+        try:
+            with torch.no_grad():  # the module's own forward, so the table holds exactly what it would return
+                ids = torch.arange(positions, device=device).unsqueeze(0)
+                cos, sin = module(torch.empty(0, device=device, dtype=torch.float32), ids)
+        except (TypeError, ValueError, RuntimeError):  # another signature or shape than transformers' usual: left as it is
+            continue
+        if cos.shape != sin.shape or cos.shape[:2] != (1, positions):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, _rotary_table_class()(cos[0], sin[0]))
+        replaced += 1
+    return replaced

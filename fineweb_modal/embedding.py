@@ -115,6 +115,8 @@ class TransformersEngine:
     measured 0.97× on an H200: Triton's matmul is slower than cuBLAS's by more than the pass it saves. It
     changes `model` in place. `compile_mode` is torch.compile's `mode` (`max-autotune-no-cudagraphs`, which
     tries Triton matmul templates against cuBLAS, measured 1.00× on an H200: cuBLAS won every shape).
+    `rotary_table` (on) looks a rotary model's cos/sin up in a table computed once (`attention.tabulate_rotary`;
+    nomic's shape compiled on an H200: 1.043× the model computing them per call).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class TransformersEngine:
         freeze: bool | None = None,
         fused_swiglu: bool = False,
         compile_mode: str | None = None,
+        rotary_table: bool = True,
     ):
         import torch
 
@@ -148,10 +151,12 @@ class TransformersEngine:
         kernels = self._kernels_for_fused_swiglu() if fused_swiglu else None  # before the weights load
         self.compiled = False  # until the end: the start-up checks run the model eagerly
         self.compile_mode = compile_mode
+        self.rotary_table = rotary_table
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
         self.model = self._load_model(self.dtype) if model is None else model.to(self.device).eval()
+        self._tabulate_rotary()
         hidden = int(self.model.config.hidden_size)
         check_dimensions(model_id, dimensions, hidden)
         self.dims = dimensions or hidden
@@ -381,6 +386,14 @@ class TransformersEngine:
 
         return AutoModel.from_pretrained(self.info.path, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
 
+    def _tabulate_rotary(self) -> None:
+        """Rotary models (nomic): cos/sin looked up in a table of every position the model's limit allows (`rotary_table`)."""
+        from fineweb_modal import attention as packed
+
+        if self.rotary_table:
+            positions = max(int(getattr(self.model.config, "max_position_embeddings", 0) or 0), self.info.sequence_limit)
+            packed.tabulate_rotary(self.model, positions)
+
     def _set_attention(self, attention: str) -> None:
         """Switch between packed (varlen) and padded batches; the model's attention implementation follows."""
         self.attention = attention
@@ -418,6 +431,7 @@ class TransformersEngine:
 
         if self.weights_from_path:
             self.model = self._load_model(torch.float32)
+            self._tabulate_rotary()
             self._set_attention(self.attention)
         else:
             self.model.float()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import logging
 import re
@@ -529,6 +531,46 @@ def test_the_compile_mode_reaches_torch_compile_and_survives_the_fp32_fallback(m
     assert modes == ["max-autotune-no-cudagraphs"] * 2 and engine.compiled
     default = TransformersEngine(DEFAULT_MODEL, device="cpu", compile=True)
     assert modes[-1] is None and default.compile_mode is None
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_a_rotary_model_looks_cos_and_sin_up_in_a_table_with_the_same_vectors(dtype_name):
+    """nomic's rotary embedding becomes a table of its own outputs (computed once, not in every layer): same vectors,
+    padded and packed, and the table covers every position the model's limit allows."""
+    import torch
+    from transformers import NomicBertConfig, NomicBertModel
+
+    from fineweb_modal.attention import tabulate_rotary
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    config = NomicBertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2, max_position_embeddings=512)
+    model = NomicBertModel(config).eval().to(dtype)
+    for attention in ("padded", "packed"):
+        computed = TransformersEngine(DEFAULT_MODEL, model=copy.deepcopy(model), attention=attention, compile=False, device="cpu", dtype=dtype, rotary_table=False)
+        assert type(computed.model.rotary_emb).__name__ == "NomicBertRotaryEmbedding"
+        tabled = TransformersEngine(DEFAULT_MODEL, model=copy.deepcopy(model), attention=attention, compile=False, device="cpu", dtype=dtype)
+        table = tabled.model.rotary_emb
+        assert type(table).__name__ == "RotaryTable" and table.cos.shape == (512, 32)
+        assert np.abs(tabled.embed(TEXTS) - computed.embed(TEXTS)).max() < 1e-6
+    ids = torch.tensor([[0, 7, 511]])
+    x = torch.empty(0, dtype=dtype)
+    expected = computed.model.rotary_emb(x, ids)  # the module the table replaced, with the same (cast) frequencies
+    assert all(torch.equal(a, b) for a, b in zip(table(x, ids), expected))
+    assert tabulate_rotary(torch.nn.Linear(2, 2), 16) == 0  # no rotary embedding: nothing replaced
+
+    class OddRotaryEmbedding(torch.nn.Module):  # another signature than transformers' (x, position_ids): left alone
+        rope_type = "default"
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("inv_freq", torch.ones(4))
+
+        def forward(self, seq_len: int):
+            return torch.zeros(seq_len, 8)
+
+    holder = torch.nn.Sequential(OddRotaryEmbedding())
+    assert tabulate_rotary(holder, 16) == 0 and type(holder[0]).__name__ == "OddRotaryEmbedding"
 
 
 def test_chunks_cut_with_another_tokenizer_are_refused_before_the_model_loads(tmp_path, monkeypatch):
