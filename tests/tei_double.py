@@ -99,6 +99,9 @@ class TEITestDouble:
         self.slow_s = 2.0
         self.metrics = DoubleMetrics()
         self._compute = threading.Lock()
+        self._computing = 0  # worker threads inside _vectors (they outlive a stopped server's event loop)
+        self._computing_lock = threading.Lock()
+        self._stopping = False
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -113,6 +116,7 @@ class TEITestDouble:
         """Serve in a background thread (on `port`, or a free one) and wait until it accepts connections."""
         config = uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
         self._server = uvicorn.Server(config)
+        self._stopping = False
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 20
@@ -126,10 +130,16 @@ class TEITestDouble:
     def stop(self) -> None:
         """Stop serving (connections in flight are dropped)."""
         if self._server is not None:
+            self._stopping = True
             self._server.should_exit = True
             self._server.force_exit = True
             self._thread.join(timeout=10)
             self._server = None
+            # A computation of a dropped request goes on in its worker thread: wait for it, so no thread is inside
+            # torch when the process exits (C++ thread pools then abort it: "terminate called without an active exception").
+            deadline = time.monotonic() + 30
+            while self._computing and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def restart_after(self, seconds: float) -> threading.Thread:
         """Go down now and come back on the same port after `seconds` (a server dying mid-shard)."""
@@ -233,10 +243,18 @@ class TEITestDouble:
         return self._status(Response(content, media_type="application/json"))
 
     def _vectors(self, inputs: list[str], dimensions: int | None, normalize: bool) -> np.ndarray:
-        if self.compute_delay_s:
-            time.sleep(self.compute_delay_s)  # lets requests overlap, as on a busy GPU
-        with self._compute:
-            vectors = self.engine.embed(inputs)
+        with self._computing_lock:
+            self._computing += 1
+        try:
+            if self.compute_delay_s:
+                time.sleep(self.compute_delay_s)  # lets requests overlap, as on a busy GPU
+            if self._stopping:
+                raise RuntimeError("the TEI test double is stopping")
+            with self._compute:
+                vectors = self.engine.embed(inputs)
+        finally:
+            with self._computing_lock:
+                self._computing -= 1
         if dimensions and dimensions > vectors.shape[1]:
             raise _DimensionsTooLarge()
         if dimensions:
