@@ -17,3 +17,8 @@ def __getattr__(name: str) -> Any:
 
         return load_embeddings
     raise AttributeError(f"module 'fineweb_modal' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazy one included."""
+    return sorted([*globals(), *__all__])

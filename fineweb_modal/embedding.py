@@ -115,8 +115,8 @@ class TransformersEngine:
     measured 0.97× on an H200: Triton's matmul is slower than cuBLAS's by more than the pass it saves. It
     changes `model` in place. `compile_mode` is torch.compile's `mode` (`max-autotune-no-cudagraphs`, which
     tries Triton matmul templates against cuBLAS, measured 1.00× on an H200: cuBLAS won every shape).
-    `rotary_table` (on) looks a rotary model's cos/sin up in a table computed once (`attention.tabulate_rotary`;
-    nomic's shape compiled on an H200: 1.043× the model computing them per call).
+    `rotary_table` (on) looks a rotary model's cos/sin up in a table computed once (`fineweb_modal.rotary`;
+    nomic's shape compiled on an H200: 1.043× the model computing them per call); it too changes `model` in place.
     """
 
     def __init__(
@@ -388,11 +388,12 @@ class TransformersEngine:
 
     def _tabulate_rotary(self) -> None:
         """Rotary models (nomic): cos/sin looked up in a table of every position the model's limit allows (`rotary_table`)."""
-        from fineweb_modal import attention as packed
+        from fineweb_modal.rotary import tabulate_rotary
 
         if self.rotary_table:
             positions = max(int(getattr(self.model.config, "max_position_embeddings", 0) or 0), self.info.sequence_limit)
-            packed.tabulate_rotary(self.model, positions)
+            if replaced := tabulate_rotary(self.model, positions):
+                log.info("%s: %d rotary embedding(s) now looked up in a table of %d positions", self.info.model_id, replaced, positions)
 
     def _set_attention(self, attention: str) -> None:
         """Switch between packed (varlen) and padded batches; the model's attention implementation follows."""

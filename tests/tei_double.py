@@ -128,7 +128,7 @@ class TEITestDouble:
         return self
 
     def stop(self) -> None:
-        """Stop serving (connections in flight are dropped)."""
+        """Stop serving (connections in flight are dropped), then wait for computations already started."""
         if self._server is not None:
             self._stopping = True
             self._server.should_exit = True
@@ -230,6 +230,8 @@ class TEITestDouble:
         try:
             dimensions = payload.get("dimensions") if self.honors_dimensions else None
             vectors = await run_in_threadpool(self._vectors, inputs, dimensions, payload.get("normalize", True))
+        except _Stopping:  # as TEI answers while it shuts down (if the answer still gets out)
+            return self._status(JSONResponse({"error": "shutting down", "error_type": "Unhealthy"}, status_code=503))
         except _DimensionsTooLarge:  # as TEI >= 1.8: checked after the model ran
             error = "`dimensions` should be smaller than the maximum embedding dimension."
             return self._status(JSONResponse({"error": error, "error_type": "Validation"}, status_code=413))
@@ -249,7 +251,7 @@ class TEITestDouble:
             if self.compute_delay_s:
                 time.sleep(self.compute_delay_s)  # lets requests overlap, as on a busy GPU
             if self._stopping:
-                raise RuntimeError("the TEI test double is stopping")
+                raise _Stopping()
             with self._compute:
                 vectors = self.engine.embed(inputs)
         finally:
@@ -265,6 +267,10 @@ class TEITestDouble:
 
 
 class _DimensionsTooLarge(Exception):
+    pass
+
+
+class _Stopping(Exception):
     pass
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
+import io
 import logging
 import re
 
@@ -540,7 +540,7 @@ def test_a_rotary_model_looks_cos_and_sin_up_in_a_table_with_the_same_vectors(dt
     import torch
     from transformers import NomicBertConfig, NomicBertModel
 
-    from fineweb_modal.attention import tabulate_rotary
+    from fineweb_modal.rotary import tabulate_rotary
 
     dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
@@ -558,6 +558,12 @@ def test_a_rotary_model_looks_cos_and_sin_up_in_a_table_with_the_same_vectors(dt
     expected = computed.model.rotary_emb(x, ids)  # the module the table replaced, with the same (cast) frequencies
     assert all(torch.equal(a, b) for a, b in zip(table(x, ids), expected))
     assert tabulate_rotary(torch.nn.Linear(2, 2), 16) == 0  # no rotary embedding: nothing replaced
+    torch.save(tabled.model, io.BytesIO())  # a tabled model still pickles
+
+    shared = NomicBertModel(config).eval()
+    shared.layers[0].rotary_alias = shared.rotary_emb  # one module under two names: one table, both names replaced
+    assert tabulate_rotary(shared, 64) == 1 and shared.layers[0].rotary_alias is shared.rotary_emb
+    assert type(shared.rotary_emb).__name__ == "RotaryTable"
 
     class OddRotaryEmbedding(torch.nn.Module):  # another signature than transformers' (x, position_ids): left alone
         rope_type = "default"
