@@ -48,7 +48,7 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(key in lower for key in keys)), "other")
 
 
-def profile_block(engine: TransformersEngine, block, tokens: int) -> dict:
+def profile_block(engine: TransformersEngine, block) -> dict:
     """Device time of one block by kernel kind: shares, picoseconds per token and layer, and the largest kernels."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -75,7 +75,7 @@ def profile_block(engine: TransformersEngine, block, tokens: int) -> dict:
     return {
         "device_seconds": round(total / 1e6, 4),
         "share": {kind: round(micros / total, 4) for kind, micros in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "ps_per_token_and_layer": {kind: round(micros * 1e6 / tokens / layers, 1) for kind, micros in by_kind.items()},
+        "ps_per_token_and_layer": {kind: round(micros * 1e6 / block.tokens / layers, 1) for kind, micros in by_kind.items()},
         "top_kernels": [
             {"name": name[:120], "kind": kernel_kind(name), "share": round(micros / total, 4), "calls": count}
             for micros, name, count in sorted(kernels, reverse=True)[:15]
@@ -156,7 +156,7 @@ def run(
             log(f"{name}: {entry}")
             save()
             if profile and name == BASELINE:
-                entry["profile"] = profile_block(engine, blocks[0], blocks[0].tokens)
+                entry["profile"] = profile_block(engine, blocks[0])
                 log(f"{name} profile: {entry['profile']['share']} {entry['profile']['ps_per_token_and_layer']}")
         except Exception as exc:  # reported; the next candidate still runs
             entry["error"] = f"{type(exc).__name__}: {exc}"[:400]

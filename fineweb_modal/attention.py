@@ -65,4 +65,3 @@ def supports_packing(model) -> bool:
     if not hasattr(model, "set_attn_implementation"):
         return False
     return "position_ids" in inspect.signature(model.forward).parameters
-
