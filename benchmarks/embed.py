@@ -6,8 +6,9 @@ model (all-MiniLM-L6-v2).
 
 GPU (when CUDA is there): end to end, chunk parquet in → embedding parquet out (`embed_shard`), on
 nomic-embed-text-v1.5's architecture (transformers' NomicBertModel, random weights, its
-`search_document: ` prefix): the engine (bf16, packed varlen attention), the same compiled, two
-compiled candidates (inductor freezing; freezing plus the Triton SwiGLU kernel), a padded bf16 SDPA
+`search_document: ` prefix): the engine (bf16, packed varlen attention), the same compiled, three
+compiled candidates (inductor freezing; freezing plus the Triton SwiGLU kernel; cuDNN's ragged attention
+instead of FlashAttention-2), a padded bf16 SDPA
 variant, and the seed-style baseline (sorted, padded 512×1024-token budget, fp16, eager attention), plus
 the fastest packed variant's model-only rate on pre-tokenized blocks. The best engine is the fastest
 whose vectors keep cos ≥ 0.999 against fp32. Tokens are real tokens (prefix and
@@ -196,11 +197,12 @@ def cpu_entry(n_chunks: int, repeats: int, compiled: bool = True) -> dict:
     }
 
 
-# Compiled variants of the packed engine: the CUDA default, then two candidates (H200, 2026-12-04: 1.003× and 0.97× it).
+# Compiled variants of the packed engine: the CUDA default, then candidates (H200, 2026-12-04: frozen 1.003×, fused 0.97× it; cudnn not yet timed).
 COMPILED_VARIANTS = {
     "engine_compiled": {},
     "engine_frozen": {"freeze": True},  # inductor freezing: q/k/v and gate/up each one matmul
     "engine_fused": {"freeze": True, "fused_swiglu": True},  # and SwiGLU's gate/up + gate in one Triton kernel
+    "engine_cudnn": {"attention_kernel": "cudnn"},  # cuDNN's ragged attention instead of FlashAttention-2
 }
 GPU_VARIANTS = ("engine", "padded_bf16", "seed_style", *COMPILED_VARIANTS)
 MIN_COSINE = 0.999  # a variant below this against fp32 cannot be the best engine, however fast

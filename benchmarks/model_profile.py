@@ -30,11 +30,12 @@ CANDIDATES: dict[str, dict] = {
     "frozen_131k": {"freeze": True, "batch_tokens": 131_072},  # half the launches per token
     "frozen_autotuned": {"freeze": True, "compile_mode": "max-autotune-no-cudagraphs"},  # Triton matmul templates, epilogues fused
     "frozen_computed_rotary": {"freeze": True, "rotary_table": False},  # cos/sin computed per call, as transformers does
+    "frozen_cudnn": {"freeze": True, "attention_kernel": "cudnn"},  # cuDNN's ragged attention instead of FlashAttention-2
 }
 # Kernel names by kind, first match wins: flash attention; cuBLAS/CUTLASS and Triton matmul templates; the
 # rest of inductor's Triton kernels (rotary, SwiGLU's gate × up, residual + layer norm); copies.
 KINDS = (
-    ("attention", ("flash", "fmha", "attention")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "triton_tem", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear",
                 "mkldnn::_linear")),
     ("fused elementwise", ("triton",)),

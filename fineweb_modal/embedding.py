@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fineweb_modal.attention import PACKED_ATTENTION
+from fineweb_modal.attention import PACKED_KERNELS
 from fineweb_modal.errors import BadDataError, ConfigError
 from fineweb_modal.heap import pin_mmap_threshold
 from fineweb_modal.interrupt import raise_if_stop_requested
@@ -117,6 +117,8 @@ class TransformersEngine:
     tries Triton matmul templates against cuBLAS, measured 1.00× on an H200: cuBLAS won every shape).
     `rotary_table` (on) looks a rotary model's cos/sin up in a table computed once (`fineweb_modal.rotary`;
     nomic's shape compiled on an H200: 1.043× the model computing them per call); it too changes `model` in place.
+    `attention_kernel` picks packed attention's CUDA kernel: `flash` (torch's `varlen_attn`, FlashAttention-2)
+    or `cudnn` (cuDNN's fused attention on ragged sequences; `fineweb_modal.attention`).
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class TransformersEngine:
         fused_swiglu: bool = False,
         compile_mode: str | None = None,
         rotary_table: bool = True,
+        attention_kernel: str = "flash",
     ):
         import torch
 
@@ -152,6 +155,11 @@ class TransformersEngine:
         self.compiled = False  # until the end: the start-up checks run the model eagerly
         self.compile_mode = compile_mode
         self.rotary_table = rotary_table
+        if attention_kernel not in PACKED_KERNELS:
+            raise ConfigError(f"attention_kernel must be one of {', '.join(PACKED_KERNELS)}, got {attention_kernel!r}")
+        self.attention_kernel = attention_kernel
+        if attention_kernel == "cudnn" and on_gpu and not packed.cudnn_attention_available():
+            raise ConfigError("attention_kernel='cudnn' needs torch built with cuDNN's attention (torch.ops.aten._cudnn_attention_forward)")
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS)
         self.dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
         self.weights_from_path = model is None
@@ -166,7 +174,7 @@ class TransformersEngine:
         if attention not in ("packed", "padded"):
             raise ConfigError(f"attention must be auto, packed or padded, got {attention!r}")
         current = self.model.config._attn_implementation
-        self.padded_attention = "sdpa" if current == PACKED_ATTENTION else current  # a model shared with a packed engine
+        self.padded_attention = "sdpa" if current in PACKED_KERNELS.values() else current  # a model shared with a packed engine
         if attention == "packed":
             packed.register()
         self._set_attention(attention)
@@ -398,7 +406,7 @@ class TransformersEngine:
     def _set_attention(self, attention: str) -> None:
         """Switch between packed (varlen) and padded batches; the model's attention implementation follows."""
         self.attention = attention
-        self.model.set_attn_implementation(PACKED_ATTENTION if attention == "packed" else self.padded_attention)
+        self.model.set_attn_implementation(PACKED_KERNELS[self.attention_kernel] if attention == "packed" else self.padded_attention)
 
     def _agreement(self, switch: Callable[[], None]) -> float:
         """The lowest cosine between a few texts' vectors before and after `switch()` changes how the engine runs."""

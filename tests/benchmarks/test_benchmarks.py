@@ -148,6 +148,7 @@ class Absent(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Absent())
 from benchmarks.model_profile import run
+import benchmarks.attention  # the attention kernels' benchmark runs there too
 tiny = {{"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2}}
 run(Path({inputs!r}), ["frozen", "frozen_131k"], 1, Path({output!r}), device="cpu", model_config=tiny)
 import fineweb_modal
@@ -188,3 +189,26 @@ def test_kernel_kinds_from_gpu_kernel_names():
     assert kernel_kind("triton_tem_fused_mm_3") == "matmul"
     assert kernel_kind("Memcpy HtoD (Pinned -> Device)") == "copy"
     assert kernel_kind("void at::native::indexFuncLargeIndex<float>") == "other"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0") == "attention"
+
+
+def test_attention_kernels_compare_on_the_engines_packed_batches(tmp_path):
+    """benchmarks.attention on a CPU: the engine's own packing, both kernels timed over the same batches, outputs
+    compared (here both run the exact per-sequence fallback, so they agree to the bit)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from benchmarks.attention import run
+    from benchmarks.embed import prepare_gpu_inputs
+
+    prepare_gpu_inputs(tmp_path, 20_000)
+    output = tmp_path / "attention.json"
+    results = run(tmp_path, repeats=1, output=output, device="cpu", chunks=24, batch_tokens=2_048)
+    assert json.loads(output.read_text()) == results
+    lengths = pq.read_table(tmp_path / "chunks.parquet", columns=["chunk_token_count"]).column("chunk_token_count").to_pylist()[:24]
+    assert results["batches"] >= 3 and results["tokens"] >= sum(lengths)  # the prefix and special tokens come on top
+    for kernel in ("flash", "cudnn"):
+        entry = results["kernels"][kernel]
+        assert "error" not in entry and entry["seconds_per_pass"] > 0 and entry["ns_per_token_and_layer"] > 0
+    assert results["max_abs_difference"] == 0.0

@@ -491,6 +491,35 @@ def test_freeze_compiles_q_k_v_and_gate_up_as_one_matmul_each():
     assert set(matmuls_per_graph) == {4}, "q/k/v, o, gate/up, down: 4 matmuls where 7 run unfrozen"
 
 
+def test_the_cudnn_attention_kernel_runs_compiled_as_one_op_and_gives_the_same_vectors():
+    """`attention_kernel="cudnn"` goes through our custom op, which torch.compile must trace as one call with a known
+    output; on a CPU the op computes each sequence exactly, so the compiled cuDNN path equals the flash path here.
+    (cuDNN's own kernel runs on a GPU only: `benchmarks/attention.py` compares the two kernels there.)"""
+    import torch
+    import torch._inductor.config as inductor
+    from transformers import NomicBertConfig, NomicBertModel
+
+    torch.manual_seed(0)
+    model = NomicBertModel(NomicBertConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=2)).eval()
+    flash = TransformersEngine(DEFAULT_MODEL, model=copy.deepcopy(model), attention="packed", compile=False, device="cpu", batch_tokens=128)
+    cudnn = TransformersEngine(
+        DEFAULT_MODEL, model=copy.deepcopy(model), attention="packed", compile=True, device="cpu", batch_tokens=128, attention_kernel="cudnn"
+    )
+    assert cudnn.model.config._attn_implementation == "fineweb_packed_cudnn" and flash.model.config._attn_implementation == "fineweb_packed"
+    ops_per_graph = []
+
+    def count_attention_ops(graph):
+        ops_per_graph.append(sum(1 for node in graph.nodes if "cudnn_packed_attention" in str(node.target)))
+
+    with inductor.patch(post_grad_custom_post_pass=count_attention_ops):
+        vectors = cudnn.embed(TEXTS)
+    assert cudnn.compiled, "the compiled model fell back to eager"
+    assert ops_per_graph and set(ops_per_graph) == {2}, "one opaque attention call per layer in every compiled graph"
+    assert np.abs(vectors - flash.embed(TEXTS)).max() < 1e-5
+    with pytest.raises(ConfigError, match="attention_kernel must be one of flash, cudnn"):
+        TransformersEngine(DEFAULT_MODEL, model=copy.deepcopy(model), attention="packed", compile=False, device="cpu", attention_kernel="fa3")
+
+
 @pytest.mark.parametrize(("choice", "compiled"), [("auto", False), ("on", True), ("off", False)])
 def test_the_compile_choice_reaches_the_engine(choice, compiled):
     """`--compile on` compiles on the CPU too, with freezing (weights prepacked: 1.1–2× eager there); auto compiles on CUDA only."""
