@@ -48,20 +48,20 @@ def packed_attention(
         # Only the arguments every torch release with varlen_attn takes; its default scale is 1/sqrt(dim).
         out = varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q)
         return out.unsqueeze(0), None
-    return _attention_per_sequence(q, k, v, cu_seq_lens_q, scaling).unsqueeze(0), None
+    return _attention_per_sequence(query, key, value, cu_seq_lens_q, scaling), None
 
 
-def _attention_per_sequence(q, k, v, cu_seq_lens, scale):
-    """(tokens, heads, dim) packed q/k/v → (tokens, heads, dim), each sequence through SDPA on its own."""
+def _attention_per_sequence(query, key, value, cu_seq_lens, scale):
+    """(1, heads, tokens, dim) packed q/k/v → (1, tokens, heads, dim), each sequence through SDPA on its own."""
     import torch
 
     pieces = [
         torch.nn.functional.scaled_dot_product_attention(
-            *(t[start:end].transpose(0, 1) for t in (q, k, v)), scale=scale
-        ).transpose(0, 1)
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scale=scale
+        )
         for start, end in itertools.pairwise(cu_seq_lens.tolist())
     ]
-    return torch.cat(pieces).contiguous()
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous()
 
 
 @functools.cache
@@ -79,7 +79,12 @@ def define_cudnn_packed_attention():
     @torch.library.custom_op("fineweb_modal::cudnn_packed_attention", mutates_args=(), schema=schema)
     def cudnn_packed_attention(q, k, v, cu_seq_lens, max_length, scale):
         if not q.is_cuda:
-            return _attention_per_sequence(q, k, v, cu_seq_lens, scale)
+            # Rows past the last sequence (a batch's padded tail) stay zero: no sequence attends to them.
+            out = torch.zeros_like(q)
+            end = int(cu_seq_lens[-1])
+            head_first = (t[:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            out[:end] = _attention_per_sequence(*head_first, cu_seq_lens, scale)[0]
+            return out
         outputs = torch.ops.aten._cudnn_attention_forward(
             q, k, v, None, cu_seq_lens, cu_seq_lens, max_length, max_length, False, 0.0, False, False, scale=scale
         )
@@ -93,10 +98,13 @@ def define_cudnn_packed_attention():
 
 
 def cudnn_attention_available() -> bool:
-    """True where a CUDA device and torch's cuDNN attention op (ragged sequences) are there."""
+    """True where a CUDA device of compute capability 8.0+, cuDNN 9 and torch's cuDNN attention op are there."""
     import torch
 
-    return torch.cuda.is_available() and torch.backends.cudnn.is_available() and hasattr(torch.ops.aten, "_cudnn_attention_forward")
+    if not (torch.cuda.is_available() and torch.backends.cudnn.is_available() and hasattr(torch.ops.aten, "_cudnn_attention_forward")):
+        return False
+    # cuDNN's fused attention: Ampere or newer, cuDNN 9 (ragged sequences).
+    return torch.cuda.get_device_capability() >= (8, 0) and (torch.backends.cudnn.version() or 0) >= 90000
 
 
 @functools.cache

@@ -118,7 +118,8 @@ class TransformersEngine:
     `rotary_table` (on) looks a rotary model's cos/sin up in a table computed once (`fineweb_modal.rotary`;
     nomic's shape compiled on an H200: 1.043× the model computing them per call); it too changes `model` in place.
     `attention_kernel` picks packed attention's CUDA kernel: `flash` (torch's `varlen_attn`, FlashAttention-2)
-    or `cudnn` (cuDNN's fused attention on ragged sequences; `fineweb_modal.attention`).
+    or `cudnn` (cuDNN's fused attention on ragged sequences; `fineweb_modal.attention`; each packed batch is
+    then padded to the budget's width, since cuDNN's plans are cached per shape). Not yet timed on a GPU.
     """
 
     def __init__(
@@ -261,9 +262,10 @@ class TransformersEngine:
                 inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 segments = inputs.pop("segments", None)
                 lengths = inputs.pop("lengths", None)
+                tokens = inputs.pop("tokens", None)
                 hidden = self._forward(inputs).last_hidden_state
                 if self.attention == "packed":
-                    pooled.append(self._pool_packed(hidden[0], inputs["cu_seq_lens_q"], segments, lengths))
+                    pooled.append(self._pool_packed(hidden[0, :tokens], inputs["cu_seq_lens_q"], segments, lengths))
                 else:
                     pooled.append(self._pool(hidden, inputs["attention_mask"]))
             # One device→host copy per block, not one per batch: the GPU never waits for the host.
@@ -336,18 +338,27 @@ class TransformersEngine:
             positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seq_lengths)
             ids = flat[token : token + total]
             longest = -(-int(seq_lengths.max()) // 64) * 64  # an upper bound is enough; few distinct values, few recompiles
+            width = total
+            if self.attention_kernel == "cudnn":
+                # cuDNN caches an execution plan per q/k/v shape: every batch gets the same token count (a tail
+                # of padding outside every sequence: not attended, not pooled), so the plans are per number of
+                # sequences and longest length only. Batches fill their budget to within a sequence: little waste.
+                width = -(-total // self.batch_tokens) * self.batch_tokens
+                ids = np.concatenate([ids, np.full(width - total, self.pad_id, dtype=np.int64)])
+                positions = np.concatenate([positions, np.zeros(width - total, dtype=np.int64)])
             cu_tensor = torch.from_numpy(cu)
             batches.append(
                 {
                     "input_ids": torch.from_numpy(ids).unsqueeze(0),
                     "position_ids": torch.from_numpy(positions).unsqueeze(0),
-                    "token_type_ids": torch.zeros((1, total), dtype=torch.int64),
+                    "token_type_ids": torch.zeros((1, width), dtype=torch.int64),
                     "cu_seq_lens_q": cu_tensor,
                     "cu_seq_lens_k": cu_tensor,
                     "max_length_q": longest,
                     "max_length_k": longest,
                     "segments": torch.from_numpy(np.repeat(np.arange(len(seq_lengths)), seq_lengths)),
                     "lengths": torch.from_numpy(seq_lengths),
+                    "tokens": total,
                 }
             )
             row, token = stop, token + total

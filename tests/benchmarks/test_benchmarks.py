@@ -204,11 +204,13 @@ def test_attention_kernels_compare_on_the_engines_packed_batches(tmp_path):
 
     prepare_gpu_inputs(tmp_path, 20_000)
     output = tmp_path / "attention.json"
-    results = run(tmp_path, repeats=1, output=output, device="cpu", chunks=24, batch_tokens=2_048)
+    results = run(tmp_path, repeats=1, output=output, device="cpu", chunks=12, batch_tokens=2_048)
     assert json.loads(output.read_text()) == results
-    lengths = pq.read_table(tmp_path / "chunks.parquet", columns=["chunk_token_count"]).column("chunk_token_count").to_pylist()[:24]
-    assert results["batches"] >= 3 and results["tokens"] >= sum(lengths)  # the prefix and special tokens come on top
+    lengths = pq.read_table(tmp_path / "chunks.parquet", columns=["chunk_token_count"]).column("chunk_token_count").to_pylist()[:12]
+    assert results["batches"] >= 2 and results["tokens"] >= sum(lengths)  # the prefix and special tokens come on top
+    assert results["padded_width"] == 2_048 and results["plan_shapes_in_both_blocks"] >= 1
     for kernel in ("flash", "cudnn"):
         entry = results["kernels"][kernel]
         assert "error" not in entry and entry["seconds_per_pass"] > 0 and entry["ns_per_token_and_layer"] > 0
-    assert results["max_abs_difference"] == 0.0
+        assert entry["first_pass_seconds_block_a"] > 0 and entry["first_pass_seconds_block_b"] > 0
+    assert results["max_abs_difference"] == 0.0 and results["outputs_agree"]

@@ -506,6 +506,11 @@ def test_the_cudnn_attention_kernel_runs_compiled_as_one_op_and_gives_the_same_v
         DEFAULT_MODEL, model=copy.deepcopy(model), attention="packed", compile=True, device="cpu", batch_tokens=128, attention_kernel="cudnn"
     )
     assert cudnn.model.config._attn_implementation == "fineweb_packed_cudnn" and flash.model.config._attn_implementation == "fineweb_packed"
+    # Every cuDNN batch is padded to the budget's width (one q/k/v shape: cuDNN plans are cached per shape); flash's are not.
+    widths = {batch["input_ids"].shape[1] for batch in cudnn.prepare(TEXTS).batches}
+    real = [batch["tokens"] for batch in cudnn.prepare(TEXTS).batches]
+    assert widths == {128} and min(real) < 128 and sum(real) == cudnn.prepare(TEXTS).tokens
+    assert [batch["input_ids"].shape[1] for batch in flash.prepare(TEXTS).batches] == real
     ops_per_graph = []
 
     def count_attention_ops(graph):
